@@ -1,0 +1,45 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch's CPU wheel where there is no GPU; on a machine whose default index serves CUDA builds,
+# point pip at a CPU index, e.g. make demo TORCH_PIP_ARGS="--index-url <your CPU wheel index>".
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/pathalign_ray/torch_extensions
+
+export RAY_USAGE_STATS_ENABLED := 0
+export TORCH_EXTENSIONS_DIR
+export PYTHONUNBUFFERED := 1
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
+ifneq ($(HAS_GPU),yes)
+export DS_ACCELERATOR := cpu
+endif
+
+.PHONY: demo test install bench clean
+
+demo: $(VENV)/.deepspeed-ops
+	$(PY) jobs/demo.py --config configs/demo.yaml
+
+test: $(VENV)/.deepspeed-ops
+	$(PY) -m pytest
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip show torch >/dev/null 2>&1 || $(PY) -m pip install --quiet $(TORCH_SPEC) $(TORCH_PIP_ARGS)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# DeepSpeed compiles its shared-memory communication op on first use (35-50 s); do it once, here.
+$(VENV)/.deepspeed-ops: $(VENV)/.installed
+	$(PY) -c "from deepspeed.accelerator import get_accelerator as g; g().create_op_builder('ShareMemCommBuilder').load()" 2>&1 | tail -n 1
+	touch $@
+
+bench: $(VENV)/.deepspeed-ops
+	$(PY) bench/train_throughput.py
+
+clean:
+	rm -rf runs .pytest_cache

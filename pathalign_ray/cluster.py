@@ -1,0 +1,102 @@
+"""How jobs reach Ray and how Ray Train workers set up DeepSpeed: the settings every distributed job shares."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pathalign_ray.config import config_dataclass
+
+RAY_TEMP_DIR = "/tmp/pathalign_ray"  # Ray's sockets and logs; short, since unix socket paths are limited to 107 bytes
+TORCH_EXTENSIONS_DIR = str(Path.home() / ".cache" / "pathalign_ray" / "torch_extensions")
+
+
+@config_dataclass
+class ScaleConfig:
+    num_workers: int = 2  # Ray Train workers (one DeepSpeed rank each)
+    threads_per_worker: int = 1  # torch intra-op threads and Ray CPUs reserved per worker
+    device: Literal["cpu", "cuda"] = "cpu"  # cuda: one GPU per worker, nccl; cpu: gloo
+    zero_stage: int = 2  # DeepSpeed ZeRO stage: 0 (plain DDP) to 2 (optimizer state and gradients sharded)
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 runs on CPU and GPU; fp16 is not supported on CPU
+    max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1 or self.threads_per_worker < 1:
+            raise ValueError("num_workers and threads_per_worker must be >= 1")
+        if self.zero_stage not in (0, 1, 2):
+            raise ValueError(
+                f"zero_stage must be 0, 1 or 2, got {self.zero_stage}: stage 3 shards the parameters, "
+                "and the EMA and reward-weighted terms here need them whole on every rank"
+            )
+
+
+def job_env(device: str = "cpu") -> dict[str, str]:
+    """Environment for the driver and every Ray worker of a job."""
+    env = {
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", TORCH_EXTENSIONS_DIR),
+        "PYTHONUNBUFFERED": "1",
+    }
+    if device == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+def init_ray(address: str | None = None, device: str = "cpu", num_cpus: int | None = None) -> None:
+    """Connect to the cluster a job was submitted to, or start a local one.
+
+    `ray job submit` sets RAY_ADDRESS, so jobs join the cluster; run by hand they start a local
+    cluster whose temp files stay under RAY_TEMP_DIR.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = job_env(device)
+    os.environ.update(env)
+    address = address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": env}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env)
+    else:
+        ray.init(num_cpus=num_cpus, _temp_dir=RAY_TEMP_DIR, include_dashboard=False, runtime_env=runtime_env)
+
+
+def deepspeed_config(scale: ScaleConfig, micro_batch_size: int, grad_clip: float) -> dict:
+    """The DeepSpeed config of one Ray Train worker; the optimizer is a torch one, passed in."""
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": {"stage": scale.zero_stage},
+        "bf16": {"enabled": scale.precision == "bf16"},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def trainer_settings(scale: ScaleConfig, run_name: str, storage_path: str | Path, keep_checkpoints: int) -> dict:
+    """ScalingConfig, TorchConfig and RunConfig for a TorchTrainer, as keyword arguments.
+
+    A rerun with the same run_name and storage_path resumes from that run's latest checkpoint.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig
+
+    use_gpu = scale.device == "cuda"
+    return dict(
+        scaling_config=ScalingConfig(
+            num_workers=scale.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": scale.threads_per_worker, **({"GPU": 1} if use_gpu else {})},
+        ),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(Path(storage_path).resolve()),
+            failure_config=FailureConfig(max_failures=scale.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
+            worker_runtime_env={"env_vars": job_env(scale.device)},
+        ),
+    )

@@ -1,0 +1,235 @@
+"""Pretraining the class-conditional diffusion model on Ray Train with DeepSpeed.
+
+`pretrain(config)` runs on the driver: it reads the data set through Ray Data, starts a
+TorchTrainer whose workers run `train_loop`, and exports the EMA weights of the last checkpoint
+as a diffusers folder. Rerunning the same config resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pathalign_ray.cluster import ScaleConfig, deepspeed_config, init_ray, trainer_settings
+from pathalign_ray.config import config_dataclass, save_config
+from pathalign_ray.diffusion import (
+    ModelConfig,
+    build_noise_scheduler,
+    build_unet,
+    derive_seed,
+    diffusion_loss_per_sample,
+    draw_noise_and_timesteps,
+    export_model,
+)
+
+EMA_FILE = "ema.safetensors"
+TRAIN_STATE_FILE = "train_state.json"
+DEEPSPEED_TAG = "deepspeed"
+
+
+@config_dataclass
+class PretrainDataConfig:
+    dataset: str = "runs/demo/data"  # a folder written by jobs/make_dataset.py
+
+
+@config_dataclass
+class PretrainTrainConfig:
+    steps: int = 2000  # optimizer steps in total; every worker takes each step together
+    batch_size: int = 32  # images per worker per step
+    lr: float = 2e-4  # AdamW peak learning rate
+    weight_decay: float = 0.0
+    warmup_steps: int = 100  # linear learning-rate warm-up
+    grad_clip: float = 1.0  # max global gradient norm
+    ema_decay: float = 0.999  # exported weights are this exponential moving average
+    log_every: int = 20  # steps between reported metrics
+    checkpoint_every: int = 500  # steps between checkpoints (the last step always checkpoints)
+    keep_checkpoints: int = 2  # checkpoints kept on storage
+    seed: int = 0  # noise and timestep draws; a resumed run continues the same stream
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+@config_dataclass
+class PretrainConfig:
+    run_dir: str = "runs/demo"  # checkpoints go to RUN_DIR/pretrain, the exported model to RUN_DIR/model
+    data: PretrainDataConfig = dataclasses.field(default_factory=PretrainDataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    train: PretrainTrainConfig = dataclasses.field(default_factory=PretrainTrainConfig)
+    scale: ScaleConfig = dataclasses.field(default_factory=ScaleConfig)
+
+
+def pretrain(config: PretrainConfig) -> Path:
+    """Train on the cluster, then export the EMA model to RUN_DIR/model. Returns that folder."""
+    from ray.train.torch import TorchTrainer
+
+    from pathalign_ray.data.shards import ray_dataset, read_dataset_info
+
+    info = read_dataset_info(config.data.dataset)
+    if info["image_size"] != config.model.sample_size:
+        raise ValueError(
+            f"model.sample_size is {config.model.sample_size} but {config.data.dataset} holds "
+            f"{info['image_size']} px images"
+        )
+    run_dir = Path(config.run_dir).resolve()
+    save_config(config, run_dir / "pretrain.yaml")
+    init_ray(device=config.scale.device)
+    train_set = ray_dataset(config.data.dataset, "train").materialize()
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": config, "class_names": list(info["class_names"])},
+        datasets={"train": train_set},
+        **trainer_settings(config.scale, "pretrain", run_dir, config.train.keep_checkpoints),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"pretraining in {run_dir} finished without a checkpoint")
+    with result.checkpoint.as_directory() as checkpoint_dir:
+        return _export_checkpoint(Path(checkpoint_dir), config, run_dir)
+
+
+def train_loop(loop_config: dict) -> None:
+    """One Ray Train worker: a DeepSpeed engine over the UNet, resumed from the latest checkpoint."""
+    import deepspeed
+    import ray.train
+
+    config: PretrainConfig = loop_config["config"]
+    class_names: list[str] = loop_config["class_names"]
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(config.scale.threads_per_worker)
+    device = _worker_device(config.scale)
+
+    unet = build_unet(config.model, num_classes=len(class_names))
+    scheduler = build_noise_scheduler(config.model)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
+    warmup = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / max(1, config.train.warmup_steps))
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=unet,
+        optimizer=optimizer,
+        lr_scheduler=warmup,
+        config=deepspeed_config(config.scale, config.train.batch_size, config.train.grad_clip),
+    )
+    ema = {name: p.detach().float().clone() for name, p in engine.module.named_parameters()}
+    step, history = _restore(engine, ema)
+    if rank == 0 and step:
+        print(f"resumed pretraining at step {step}")
+
+    shard = ray.train.get_dataset_shard("train")
+    generator = torch.Generator().manual_seed(derive_seed(config.train.seed, rank, step))
+    model_dtype = next(engine.module.parameters()).dtype
+    window_start, window_images = time.perf_counter(), 0
+    while step < config.train.steps:
+        for batch in shard.iter_torch_batches(batch_size=config.train.batch_size, drop_last=True):
+            images = batch["image"].to(device, model_dtype)
+            labels = batch["label"].to(device)
+            noise, timesteps = draw_noise_and_timesteps(
+                len(images), config.model.sample_size, config.model.num_train_timesteps, generator
+            )
+            loss = diffusion_loss_per_sample(
+                engine, scheduler, images, labels, noise.to(device, model_dtype), timesteps.to(device)
+            ).mean()
+            engine.backward(loss)
+            engine.step()
+            _update_ema(ema, engine.module, config.train.ema_decay)
+            step += 1
+            window_images += len(images) * world_size
+            if step % config.train.log_every == 0 or step % config.train.checkpoint_every == 0 or step == config.train.steps:
+                elapsed = time.perf_counter() - window_start
+                metrics = {
+                    "step": step,
+                    "loss": _mean_over_workers(loss.detach().float(), world_size),
+                    "images_per_s": window_images / elapsed,
+                    "lr": warmup.get_last_lr()[0],
+                }
+                history.append(metrics)
+                if rank == 0:
+                    print(
+                        f"pretrain step {step}/{config.train.steps} loss {metrics['loss']:.4f} "
+                        f"{metrics['images_per_s']:.1f} img/s"
+                    )
+                if step % config.train.checkpoint_every == 0 or step == config.train.steps:
+                    _report_checkpoint(engine, ema, step, history, class_names, rank, metrics)
+                else:
+                    ray.train.report(metrics)
+                window_start, window_images = time.perf_counter(), 0
+            if step >= config.train.steps:
+                break
+
+
+def _worker_device(scale: ScaleConfig) -> torch.device:
+    if scale.device == "cuda":
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def _update_ema(ema: dict[str, torch.Tensor], module: torch.nn.Module, decay: float) -> None:
+    names = list(ema)
+    params = dict(module.named_parameters())
+    torch._foreach_lerp_([ema[n] for n in names], [params[n].detach().float() for n in names], 1.0 - decay)
+
+
+def _mean_over_workers(value: torch.Tensor, world_size: int) -> float:
+    if world_size > 1:
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+        value /= world_size
+    return float(value)
+
+
+def _restore(engine, ema: dict[str, torch.Tensor]) -> tuple[int, list[dict]]:
+    """Load the latest checkpoint of this run, if any: (step, metric history)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0, []
+    with checkpoint.as_directory() as checkpoint_dir:
+        checkpoint_dir = Path(checkpoint_dir)
+        engine.load_checkpoint(str(checkpoint_dir), tag=DEEPSPEED_TAG)
+        for name, tensor in load_file(checkpoint_dir / EMA_FILE).items():
+            ema[name].copy_(tensor)
+        state = json.loads((checkpoint_dir / TRAIN_STATE_FILE).read_text())
+    return state["step"], state["history"]
+
+
+def _report_checkpoint(engine, ema, step, history, class_names, rank, metrics) -> None:
+    """Every rank saves its DeepSpeed shard; rank 0 adds the EMA weights and the train state."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save_checkpoint(tmp, tag=DEEPSPEED_TAG)
+        if rank == 0:
+            save_file({name: tensor.contiguous() for name, tensor in ema.items()}, str(Path(tmp) / EMA_FILE))
+            state = {"step": step, "history": history, "class_names": class_names}
+            (Path(tmp) / TRAIN_STATE_FILE).write_text(json.dumps(state))
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+
+def _export_checkpoint(checkpoint_dir: Path, config: PretrainConfig, run_dir: Path) -> Path:
+    state = json.loads((checkpoint_dir / TRAIN_STATE_FILE).read_text())
+    unet = build_unet(config.model, num_classes=len(state["class_names"]))
+    unet.load_state_dict(load_file(checkpoint_dir / EMA_FILE), strict=True)
+    info = {"model_id": f"{run_dir.name}-pretrain", "step": state["step"], "dataset": config.data.dataset}
+    model_dir = export_model(unet, config.model, state["class_names"], run_dir / "model", info)
+    with (run_dir / "pretrain_metrics.jsonl").open("w") as out:
+        out.writelines(json.dumps(row) + "\n" for row in state["history"])
+    return model_dir

@@ -1,0 +1,145 @@
+"""Sampling a model into a folder of PNGs, a parquet manifest and a contact sheet, spread over Ray tasks.
+
+The weights travel through Ray's object store, so workers on other nodes need no shared storage.
+Each image's noise comes from its own seed (base seed, class, index), so the same seed gives the
+same image whatever the batching or the number of workers.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import torch
+
+from pathalign_ray.config import config_dataclass
+from pathalign_ray.diffusion import ddim_sample, derive_seed, load_model, to_uint8
+
+MANIFEST_FILE = "manifest.parquet"
+
+
+@config_dataclass
+class SampleConfig:
+    model: str = "runs/demo/model"  # an exported model folder (jobs/pretrain.py writes RUN_DIR/model)
+    out_dir: str = "runs/demo/samples/pretrained"  # PNGs under images/, manifest.parquet, contact_sheet.png
+    n_per_class: int = 8  # images per declared class
+    classes: tuple[str, ...] = ()  # declared classes to sample; empty means all of the model's classes
+    ddim_steps: int = 50  # DDIM denoising steps per image
+    eta: float = 0.0  # DDIM stochasticity: 0 is deterministic given the initial noise
+    seed: int = 0  # base seed; image (class c, index j) uses derive_seed(seed, c, j)
+    batch_size: int = 32  # images per Ray task
+    threads_per_worker: int = 1  # torch threads and Ray CPUs per task
+    device: Literal["cpu", "cuda"] = "cpu"
+    overwrite: bool = False  # replace an existing out_dir; otherwise refuse, so no samples are lost
+
+    def __post_init__(self) -> None:
+        if self.n_per_class < 1 or self.ddim_steps < 1 or self.batch_size < 1:
+            raise ValueError("n_per_class, ddim_steps and batch_size must be >= 1")
+        if self.eta < 0:
+            raise ValueError(f"eta must be >= 0, got {self.eta}")
+
+
+def sample(config: SampleConfig) -> Path:
+    """Sample, write the folder, return it."""
+    from pathalign_ray.cluster import init_ray
+    from pathalign_ray.images import contact_sheet, encode_png
+
+    out_dir = Path(config.out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not config.overwrite:
+        raise FileExistsError(f"{out_dir} already holds samples; choose another out_dir or set overwrite=true")
+    unet, scheduler, class_names, info = load_model(config.model)
+    plan = _plan(config, class_names)
+
+    init_ray(device=config.device)
+    weights = ray.put((dict(unet.config), unet.state_dict(), dict(scheduler.config)))
+    remote = _sample_batch.options(num_cpus=config.threads_per_worker, num_gpus=int(config.device == "cuda"))
+    batches = [plan[i : i + config.batch_size] for i in range(0, len(plan), config.batch_size)]
+    pending = {
+        remote.remote(weights, [p["class_index"] for p in batch], [p["seed"] for p in batch], config): i
+        for i, batch in enumerate(batches)
+    }
+    results: dict[int, np.ndarray] = {}
+    started = time.perf_counter()
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        results[pending.pop(done[0])] = ray.get(done[0])
+        finished = sum(len(batches[i]) for i in results)
+        print(f"sampled {finished}/{len(plan)} images ({finished / (time.perf_counter() - started):.1f} img/s)")
+    images = np.concatenate([results[i] for i in range(len(batches))])
+
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "images").mkdir(parents=True)
+    model_id, model_step = str(info.get("model_id", Path(config.model).name)), int(info.get("step", -1))
+    for row, image in zip(plan, images):
+        row.update(model_id=model_id, model_step=model_step, path=f"images/{row['sample_id']}.png")
+        (staging / row["path"]).write_bytes(encode_png(image))
+    _write_manifest(plan, staging / MANIFEST_FILE, config)
+    labels = np.array([row["class_index"] for row in plan])
+    contact_sheet(images, labels, class_names, staging / "contact_sheet.png", per_class=min(8, config.n_per_class))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    staging.rename(out_dir)
+    return out_dir
+
+
+def read_manifest(sample_dir: str | Path) -> pa.Table:
+    path = Path(sample_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{sample_dir} holds no {MANIFEST_FILE}: not a sample folder")
+    return pq.read_table(path)
+
+
+def _plan(config: SampleConfig, class_names: list[str]) -> list[dict]:
+    """One row per image to draw, in class order."""
+    unknown = [name for name in config.classes if name not in class_names]
+    if unknown:
+        raise ValueError(f"unknown class {unknown[0]!r}; the model knows {', '.join(class_names)}")
+    wanted = config.classes or tuple(class_names)
+    return [
+        {
+            "sample_id": f"seed{config.seed}-{name}-{j:05d}",
+            "declared_class": name,
+            "class_index": class_names.index(name),
+            "seed": derive_seed(config.seed, class_names.index(name), j),
+        }
+        for name in wanted
+        for j in range(config.n_per_class)
+    ]
+
+
+def _write_manifest(plan: list[dict], path: Path, config: SampleConfig) -> None:
+    table = pa.table(
+        {
+            "sample_id": pa.array([row["sample_id"] for row in plan], pa.string()),
+            "declared_class": pa.array([row["declared_class"] for row in plan], pa.string()),
+            "seed": pa.array([row["seed"] for row in plan], pa.int64()),
+            "model_id": pa.array([row["model_id"] for row in plan], pa.string()),
+            "model_step": pa.array([row["model_step"] for row in plan], pa.int64()),
+            "path": pa.array([row["path"] for row in plan], pa.string()),
+            "ddim_steps": pa.array([config.ddim_steps] * len(plan), pa.int32()),
+            "eta": pa.array([config.eta] * len(plan), pa.float32()),
+        }
+    )
+    pq.write_table(table, path)
+
+
+@ray.remote
+def _sample_batch(weights: tuple, class_indices: list[int], seeds: list[int], config: SampleConfig) -> np.ndarray:
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    torch.set_num_threads(config.threads_per_worker)
+    unet_config, state_dict, scheduler_config = weights
+    unet = UNet2DModel.from_config(unet_config)
+    unet.load_state_dict(state_dict)
+    device = torch.device("cuda" if config.device == "cuda" else "cpu")
+    unet.to(device).eval()
+    labels = torch.tensor(class_indices, device=device)
+    images = ddim_sample(unet, DDIMScheduler.from_config(scheduler_config), labels, seeds, config.ddim_steps, config.eta)
+    return to_uint8(images)
