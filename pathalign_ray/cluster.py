@@ -37,17 +37,20 @@ def job_env(device: str = "cpu") -> dict[str, str]:
         "RAY_USAGE_STATS_ENABLED": "0",
         "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", TORCH_EXTENSIONS_DIR),
         "PYTHONUNBUFFERED": "1",
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # Train V2 otherwise prints every worker line twice
     }
     if device == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
     return env
 
 
-def init_ray(address: str | None = None, device: str = "cpu", num_cpus: int | None = None) -> None:
+def init_ray(
+    address: str | None = None, device: str = "cpu", num_cpus: int | None = None, dashboard: bool = True
+) -> None:
     """Connect to the cluster a job was submitted to, or start a local one.
 
     `ray job submit` sets RAY_ADDRESS, so jobs join the cluster; run by hand they start a local
-    cluster whose temp files stay under RAY_TEMP_DIR.
+    cluster whose temp files stay under RAY_TEMP_DIR and whose dashboard listens on 127.0.0.1.
     """
     import ray
 
@@ -60,7 +63,13 @@ def init_ray(address: str | None = None, device: str = "cpu", num_cpus: int | No
     if address:
         ray.init(address=address, runtime_env=runtime_env)
     else:
-        ray.init(num_cpus=num_cpus, _temp_dir=RAY_TEMP_DIR, include_dashboard=False, runtime_env=runtime_env)
+        ray.init(
+            num_cpus=num_cpus,
+            _temp_dir=RAY_TEMP_DIR,
+            include_dashboard=dashboard,
+            dashboard_host="127.0.0.1",
+            runtime_env=runtime_env,
+        )
 
 
 def deepspeed_config(scale: ScaleConfig, micro_batch_size: int, grad_clip: float) -> dict:

@@ -44,7 +44,7 @@ def load_source(config: MakeDatasetConfig) -> LabeledImages:
     if config.source == "parquet":
         return shards.read_parquet_table(config.path, config.image_size, class_names=classes)
     if config.source == "medmnist":
-        return sources.read_medmnist_npz(config.path, config.image_size, split="all")
+        return sources.read_medmnist_npz(config.path, config.image_size, split="all", class_names=classes)
     return sources.ihc_patches(config.image_size, config.n_per_class, config.seed)
 
 

@@ -1,0 +1,617 @@
+"""Procedural bone-marrow cytology: single May-Grünwald-Giemsa stained cells whose clinical rules are known.
+
+A stand-in for the paper's private bone-marrow aspirate images. Each image holds one nucleated
+cell, centred with a small random offset, on a pale pinkish-grey smear with a few red cells
+around it (never overlapping it). Each cell type draws the six checklist features from its own
+ranges (`SPECS`):
+
+=========================== ========= ============== ========= ========= ========= ====================== ==============
+type                        size      nucleus        N:C       chromatin cytoplasm granules (density)     inclusions (p)
+=========================== ========= ============== ========= ========= ========= ====================== ==============
+myeloblast                  0.66-0.80 round, oval    0.62-0.78 0.00-0.20 0.00-0.15 none                   auer_rod 0.10
+promyelocyte                0.78-0.92 round, oval    0.40-0.55 0.15-0.35 0.10-0.28 primary 0.12-0.25      -
+myelocyte                   0.66-0.80 round, oval    0.28-0.40 0.35-0.55 0.42-0.56 secondary 0.15-0.30    -
+metamyelocyte               0.62-0.74 indented       0.28-0.40 0.50-0.70 0.55-0.70 secondary 0.15-0.30    -
+band_neutrophil             0.60-0.72 band           0.22-0.32 0.60-0.78 0.62-0.76 secondary 0.12-0.25    -
+segmented_neutrophil        0.60-0.72 lobed 3-5      0.24-0.32 0.70-0.85 0.65-0.80 secondary 0.12-0.25    -
+lymphocyte                  0.46-0.56 round          0.68-0.82 0.70-0.85 0.00-0.20 none                   -
+orthochromatic_erythroblast 0.44-0.54 round          0.14-0.26 0.92-1.00 0.88-1.00 none                   -
+eosinophil                  0.66-0.78 lobed 2        0.24-0.32 0.65-0.80 0.55-0.70 eosinophilic 0.45-0.65 -
+monocyte                    0.78-0.90 indented, oval 0.36-0.50 0.30-0.50 0.25-0.40 none                   vacuoles 0.35
+=========================== ========= ============== ========= ========= ========= ====================== ==============
+
+size: cell diameter / frame width. N:C: nucleus area / cell area. chromatin: 0 fine and open,
+~0.8 coarse and clumped, >= 0.9 pyknotic (dark and homogeneous). cytoplasm: a tone from 0 (deep
+basophilic blue) through grey-blue (0.3), lilac (0.55) and pink (0.75) to orange-pink (1.0,
+haemoglobinised), mapped to `cytoplasm_rgb` by `cytoplasm_rgb()`. granules: fraction of the
+cytoplasm covered.
+
+The colours are chosen so that a program can measure the features back from pixels (luminance
+Y = 0.299 R + 0.587 G + 0.114 B, at 64 px):
+
+- background: Y ~ 230, nearly grey;
+- cytoplasm: Y ~ 130-200; its mean colour follows the tone (B - R > 0 blue, < 0 pink/orange);
+- nucleus: Y < ~110, purple (B > G); darker and more textured with chromatin, uniformly very dark
+  when pyknotic; blasts show faint paler nucleoli (fill holes in a nucleus mask);
+- lobes of a lobed nucleus are >= 2 px apart and joined only by faint filaments (35 % opacity,
+  Y > 120), so a mask Y < 120 counts them as connected components;
+- granules: primary dark magenta spots of a few pixels (over the nucleus too), secondary lilac
+  1-pixel dust, eosinophilic orange spots (R - B > 120), all within the cell;
+- inclusions: an Auer rod is a thin magenta rod in the cytoplasm, vacuoles are pale round holes;
+- red cells: pink-red discs (R - G ~ 90 at the rim) with a paler centre, never touching the
+  nucleated cell, so the cell is the connected non-background region around the nucleus (an
+  orthochromatic erythroblast's cytoplasm has a red cell's colour).
+
+Pure numpy and deterministic: the image of (class, index j) depends only on (seed, class name, j).
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Sequence
+
+import numpy as np
+
+from pathalign_ray.data.labeled import LabeledImages
+
+CELL_TYPES: tuple[str, ...] = (
+    "myeloblast",
+    "promyelocyte",
+    "myelocyte",
+    "metamyelocyte",
+    "band_neutrophil",
+    "segmented_neutrophil",
+    "lymphocyte",
+    "orthochromatic_erythroblast",
+    "eosinophil",
+    "monocyte",
+)
+DEFAULT_CELL_TYPES: tuple[str, ...] = CELL_TYPES[:8]  # pretraining; the last two are the "new concept" types
+NUCLEUS_SHAPES = ("round", "oval", "indented", "band", "lobed")
+GRANULE_KINDS = ("none", "primary", "secondary", "eosinophilic")
+INCLUSION_KINDS = ("auer_rod", "vacuoles")
+
+MIN_SIZE = 16
+
+
+@dataclass(frozen=True)
+class CellTypeSpec:
+    """Clinical ranges of one cell type. Every (lo, hi) range is drawn uniformly, ends included."""
+
+    cell_size: tuple[float, float]  # cell diameter / frame width
+    nucleus_shapes: tuple[str, ...]  # one drawn uniformly
+    nc_ratio: tuple[float, float]  # nucleus area / cell area
+    chromatin: tuple[float, float]  # 0 fine/open, ~0.8 clumped, >= 0.9 pyknotic
+    cytoplasm_tone: tuple[float, float]  # 0 deep basophilic blue .. 1 orange-pink, see cytoplasm_rgb()
+    nucleus_offset: tuple[float, float] = (0.0, 0.1)  # nucleus centre off the cell centre / cell radius
+    lobes: tuple[int, int] = (1, 1)  # lobe count range; above 1 only for "lobed"
+    granules: str = "none"  # one of GRANULE_KINDS
+    granule_density: tuple[float, float] = (0.0, 0.0)  # fraction of the cytoplasm covered by granules
+    inclusions: tuple[tuple[str, float], ...] = ()  # (kind, probability per cell)
+
+    def __post_init__(self) -> None:
+        if not set(self.nucleus_shapes) <= set(NUCLEUS_SHAPES):
+            raise ValueError(f"unknown nucleus shape in {self.nucleus_shapes}")
+        if (self.lobes[1] > 1) != ("lobed" in self.nucleus_shapes):
+            raise ValueError("lobes > 1 go with the 'lobed' shape and only with it")
+        if self.granules not in GRANULE_KINDS or not {k for k, _ in self.inclusions} <= set(INCLUSION_KINDS):
+            raise ValueError(f"unknown granule or inclusion kind: {self.granules}, {self.inclusions}")
+
+
+SPECS: dict[str, CellTypeSpec] = {
+    "myeloblast": CellTypeSpec(
+        cell_size=(0.66, 0.80),  # 12-20 um
+        nucleus_shapes=("round", "oval"),
+        nc_ratio=(0.62, 0.78),  # high N:C, a thin rim of cytoplasm
+        chromatin=(0.0, 0.2),  # fine, open chromatin with nucleoli
+        cytoplasm_tone=(0.0, 0.15),  # deep basophilic blue (free ribosomes)
+        inclusions=(("auer_rod", 0.1),),  # Auer rods: fused azurophilic granules, seen in AML blasts
+    ),
+    "promyelocyte": CellTypeSpec(
+        cell_size=(0.78, 0.92),  # the largest granulocyte precursor, 15-25 um
+        nucleus_shapes=("round", "oval"),
+        nc_ratio=(0.40, 0.55),
+        chromatin=(0.15, 0.35),  # slightly coarser than the blast, nucleoli fading
+        cytoplasm_tone=(0.10, 0.28),  # basophilic
+        nucleus_offset=(0.08, 0.22),  # eccentric nucleus
+        granules="primary",
+        granule_density=(0.12, 0.25),  # coarse azurophilic (primary) granules
+    ),
+    "myelocyte": CellTypeSpec(
+        cell_size=(0.66, 0.80),  # 12-18 um
+        nucleus_shapes=("round", "oval"),
+        nc_ratio=(0.28, 0.40),  # low N:C, abundant cytoplasm
+        chromatin=(0.35, 0.55),  # condensing, no nucleoli
+        cytoplasm_tone=(0.42, 0.56),  # lilac: basophilia fading, specific granules appear
+        nucleus_offset=(0.15, 0.30),  # eccentric
+        granules="secondary",
+        granule_density=(0.15, 0.30),  # fine specific (secondary) granules
+    ),
+    "metamyelocyte": CellTypeSpec(
+        cell_size=(0.62, 0.74),  # 10-15 um
+        nucleus_shapes=("indented",),  # kidney-shaped, indentation < half the nuclear width
+        nc_ratio=(0.28, 0.40),
+        chromatin=(0.50, 0.70),
+        cytoplasm_tone=(0.55, 0.70),
+        granules="secondary",
+        granule_density=(0.15, 0.30),
+    ),
+    "band_neutrophil": CellTypeSpec(
+        cell_size=(0.60, 0.72),  # 10-14 um
+        nucleus_shapes=("band",),  # C/U-shaped band of even width, no segmentation
+        nc_ratio=(0.22, 0.32),
+        chromatin=(0.60, 0.78),
+        cytoplasm_tone=(0.62, 0.76),
+        granules="secondary",
+        granule_density=(0.12, 0.25),
+    ),
+    "segmented_neutrophil": CellTypeSpec(
+        cell_size=(0.60, 0.72),  # 10-14 um
+        nucleus_shapes=("lobed",),
+        lobes=(3, 5),  # 3-5 lobes joined by thin filaments (> 5 is hypersegmentation)
+        nc_ratio=(0.24, 0.32),
+        chromatin=(0.70, 0.85),  # coarse, clumped
+        cytoplasm_tone=(0.65, 0.80),  # pale pink-lilac
+        granules="secondary",
+        granule_density=(0.12, 0.25),
+    ),
+    "lymphocyte": CellTypeSpec(
+        cell_size=(0.46, 0.56),  # small, 7-10 um: about a red cell
+        nucleus_shapes=("round",),
+        nc_ratio=(0.68, 0.82),  # nucleus nearly fills the cell
+        chromatin=(0.70, 0.85),  # dense, clumped
+        cytoplasm_tone=(0.0, 0.20),  # scant sky-blue to deep blue rim
+        nucleus_offset=(0.0, 0.06),
+    ),
+    "orthochromatic_erythroblast": CellTypeSpec(
+        cell_size=(0.44, 0.54),  # 8-12 um
+        nucleus_shapes=("round",),
+        nc_ratio=(0.14, 0.26),  # small nucleus about to be extruded
+        chromatin=(0.92, 1.0),  # pyknotic: dark and homogeneous
+        cytoplasm_tone=(0.88, 1.0),  # orange-pink: haemoglobinised, like a red cell
+        nucleus_offset=(0.0, 0.3),
+    ),
+    "eosinophil": CellTypeSpec(
+        cell_size=(0.66, 0.78),  # 12-17 um
+        nucleus_shapes=("lobed",),
+        lobes=(2, 2),  # bilobed, "spectacles"
+        nc_ratio=(0.24, 0.32),
+        chromatin=(0.65, 0.80),
+        cytoplasm_tone=(0.55, 0.70),
+        granules="eosinophilic",
+        granule_density=(0.45, 0.65),  # packed with large orange-red granules
+    ),
+    "monocyte": CellTypeSpec(
+        cell_size=(0.78, 0.90),  # the largest normal blood cell, 15-22 um
+        nucleus_shapes=("indented", "oval"),  # folded, kidney or horseshoe
+        nc_ratio=(0.36, 0.50),
+        chromatin=(0.30, 0.50),  # lacy, finer than a lymphocyte's
+        cytoplasm_tone=(0.25, 0.40),  # grey-blue, "ground glass"
+        inclusions=(("vacuoles", 0.35),),  # cytoplasmic vacuoles are common in monocytes
+    ),
+}
+
+# Shape parameters shared by all types (arc shapes: a thick circular arc, see _arc_sd).
+_OVAL_ASPECT = (1.15, 1.4)  # long / short axis
+_INDENTED_ARC = {"half_angle": (0.65, 1.0), "thickness": (0.6, 0.8)}  # radians; half-width / arc radius
+_BAND_ARC = {"half_angle": (1.7, 2.2), "thickness": (0.22, 0.32)}
+_LOBE_GAP = 0.11  # gap between neighbouring lobes / cell radius: >= 2 px at 64 px
+_LOBE_WIDTH = (0.72, 0.88)  # lobe half-width / radius of a round lobe of the same area
+_LOBE_SPAN = (0.8 * np.pi, 1.2 * np.pi)  # angle the chain of lobes spans on its ring (widened to fit the cell)
+_LOBE_SCALE = (0.7, 1.3)  # relative lobe length
+_LOBE_SHIFT = (-0.04, 0.04)  # lobe offset off the ring / cell radius, for an irregular chain
+
+# Colours (RGB), shaped (3, 1, 1) to broadcast over channel-first images; stained colours are
+# scaled in optical density by the per-image "stain" feature.
+def _rgb(red: float, green: float, blue: float) -> np.ndarray:
+    return np.array([red, green, blue], np.float32).reshape(3, 1, 1)
+
+
+_TONE_RGB = (  # (tone, RGB) knots of the cytoplasm palette, interpolated linearly
+    (0.0, (115, 145, 215)),  # deep basophilic blue
+    (0.3, (150, 160, 195)),  # grey-blue
+    (0.55, (190, 165, 205)),  # lilac
+    (0.75, (215, 175, 200)),  # pink-lilac
+    (1.0, (230, 150, 135)),  # orange-pink
+)
+_BACKGROUND = _rgb(236, 226, 228)
+_RED_CELL = _rgb(214, 122, 134)
+_RED_CELL_PALLOR = _rgb(232, 188, 192)  # the pale centre of a biconcave disc
+_NUCLEUS_OPEN = _rgb(105, 62, 150)  # fine chromatin: reddish purple
+_NUCLEUS_DENSE = _rgb(50, 26, 80)  # condensed chromatin
+_NUCLEOLUS = _rgb(120, 92, 168)
+_GRANULE_STYLE = {  # kind: (RGB, opacity, radius / frame width)
+    "primary": (_rgb(108, 32, 98), 0.85, 0.016),
+    "secondary": (_rgb(170, 110, 168), 0.55, 0.007),
+    "eosinophilic": (_rgb(232, 118, 58), 0.9, 0.022),
+}
+_AUER_ROD = _rgb(186, 52, 104)
+_VACUOLE = _rgb(234, 228, 236)
+_STAIN = (0.88, 1.12)  # optical-density scale of all stains, per image
+_FILAMENT_OPACITY = 0.35  # below the nucleus threshold, so lobes stay separate components
+
+
+def cytoplasm_rgb(tone: float) -> list[int]:
+    """Cytoplasm colour of a tone in [0, 1] (0 deep basophilic blue .. 1 orange-pink), as 3 ints."""
+    tone = min(max(tone, 0.0), 1.0)
+    (lo, lo_rgb), (hi, hi_rgb) = next(knots for knots in zip(_TONE_RGB, _TONE_RGB[1:]) if tone <= knots[1][0])
+    weight = (tone - lo) / (hi - lo)
+    return [int(round(a + weight * (b - a))) for a, b in zip(lo_rgb, hi_rgb)]
+
+
+def _spec(cell_type: str) -> CellTypeSpec:
+    if cell_type not in SPECS:
+        raise ValueError(f"unknown cell type {cell_type!r}; known: {', '.join(CELL_TYPES)}")
+    return SPECS[cell_type]
+
+
+def _uniform(rng: np.random.Generator, bounds: tuple[float, float]) -> float:
+    return float(rng.uniform(*bounds))
+
+
+def _draw_nucleus_geometry(shape: str, lobes: int, rng: np.random.Generator) -> dict:
+    """Shape-specific parameters; the nucleus size comes from nc_ratio."""
+    if shape == "oval":
+        return {"aspect": _uniform(rng, _OVAL_ASPECT)}
+    if shape in ("indented", "band"):
+        arc = _INDENTED_ARC if shape == "indented" else _BAND_ARC
+        return {"half_angle": _uniform(rng, arc["half_angle"]), "thickness": _uniform(rng, arc["thickness"])}
+    if shape == "lobed":
+        return {
+            "lobe_width": _uniform(rng, _LOBE_WIDTH),
+            "span": _uniform(rng, _LOBE_SPAN),
+            "lobe_scales": [_uniform(rng, _LOBE_SCALE) for _ in range(lobes)],
+            "lobe_shifts": [_uniform(rng, _LOBE_SHIFT) for _ in range(lobes)],
+        }
+    return {}
+
+
+def draw_features(cell_type: str, rng: np.random.Generator) -> dict:
+    """Draw one cell's checklist features (and its geometry) from the type's clinical ranges.
+
+    Returns a JSON-serialisable dict: cell_type, cell_size, nucleus_shape, lobes, nc_ratio, chromatin,
+    cytoplasm_tone, cytoplasm_rgb, granules, granule_density, inclusions, and the geometry
+    center (cell centre off the frame centre, / frame width), orientation (radians),
+    nucleus_offset (/ cell radius, along orientation), nucleus_geometry (shape parameters), stain.
+    """
+    spec = _spec(cell_type)
+    shape = spec.nucleus_shapes[int(rng.integers(len(spec.nucleus_shapes)))]
+    lobes = int(rng.integers(spec.lobes[0], spec.lobes[1] + 1))
+    cell_size = _uniform(rng, spec.cell_size)
+    max_shift = min(0.04, 0.5 - cell_size / 2 - 0.02)  # keep the whole cell in the frame
+    tone = _uniform(rng, spec.cytoplasm_tone)
+    return {
+        "cell_type": cell_type,
+        "cell_size": cell_size,
+        "nucleus_shape": shape,
+        "lobes": lobes,
+        "nc_ratio": _uniform(rng, spec.nc_ratio),
+        "chromatin": _uniform(rng, spec.chromatin),
+        "cytoplasm_tone": tone,
+        "cytoplasm_rgb": cytoplasm_rgb(tone),
+        "granules": spec.granules,
+        "granule_density": _uniform(rng, spec.granule_density),
+        "inclusions": [kind for kind, p in spec.inclusions if rng.random() < p],
+        "center": [_uniform(rng, (-max_shift, max_shift)) for _ in range(2)],
+        "orientation": _uniform(rng, (0.0, 2 * np.pi)),
+        "nucleus_offset": _uniform(rng, spec.nucleus_offset),
+        "nucleus_geometry": _draw_nucleus_geometry(shape, lobes, rng),
+        "stain": _uniform(rng, _STAIN),
+    }
+
+
+# ---------------------------------------------------------------- rendering helpers
+# Images are built channel-first, (3, H, W) float32, so per-pixel maps broadcast over channels
+# cheaply; distances are in pixels. np.hypot is avoided: it is ~30x slower than sqrt(x*x + y*y).
+
+
+def _norm(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return np.sqrt(x * x + y * y)
+
+
+@lru_cache(maxsize=8)
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """x and y of the pixel centres, (size, size) float32 each."""
+    coords = np.arange(size, dtype=np.float32) + 0.5
+    return np.meshgrid(coords, coords)
+
+
+@lru_cache(maxsize=16)
+def _smoothing_matrix(size: int, nodes: int) -> np.ndarray:
+    """(size, nodes) Gaussian interpolation from nodes grid points to size pixels, scaled so that
+    S @ U @ S.T, U uniform in [-0.5, 0.5), has an expected standard deviation of 0.5."""
+    pixel = (np.arange(size) + 0.5) / size
+    node = (np.arange(nodes) + 0.5) / nodes
+    weights = np.exp(-0.5 * ((pixel[:, None] - node[None, :]) * nodes / 0.7) ** 2)
+    weights /= weights.sum(axis=1, keepdims=True)
+    row_energy = (weights**2).sum(axis=1)
+    std = np.sqrt(np.mean(np.outer(row_energy, row_energy)) / 12)
+    return (weights / np.sqrt(2 * std)).astype(np.float32)
+
+
+def _smooth_noise(size: int, nodes: int, rng: np.random.Generator) -> np.ndarray:
+    """(size, size) smooth zero-mean noise with blobs ~size/nodes px wide, mostly within [-1, 1].
+
+    Random values on a coarse grid, interpolated by two small matrix products: far cheaper than
+    filtering a full-size noise image.
+    """
+    smoothing = _smoothing_matrix(size, nodes)
+    return smoothing @ (rng.random((nodes, nodes), dtype=np.float32) - 0.5) @ smoothing.T
+
+
+@lru_cache(maxsize=32)
+def _disc_stamp(radius_px: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pixel offsets (dy, dx) and anti-aliased coverage of a disc; at least the centre pixel."""
+    reach = int(np.ceil(radius_px))
+    dy, dx = np.mgrid[-reach : reach + 1, -reach : reach + 1]
+    weight = np.clip(max(radius_px, 0.5) + 0.5 - np.sqrt(dy**2 + dx**2), 0.0, 1.0).astype(np.float32)
+    keep = weight > 0.05
+    return dy[keep], dx[keep], weight[keep]
+
+
+def _stamp_discs(size: int, ys: np.ndarray, xs: np.ndarray, radius_px: float) -> np.ndarray:
+    """(size, size) float32 coverage of discs of radius_px centred at the pixels (ys, xs)."""
+    dy, dx, weight = _disc_stamp(round(radius_px, 2))
+    rows = (ys.astype(np.intp)[:, None] + dy).ravel()
+    cols = (xs.astype(np.intp)[:, None] + dx).ravel()
+    keep = (rows >= 0) & (rows < size) & (cols >= 0) & (cols < size)
+    mask = np.zeros((size, size), np.float32)
+    mask[rows[keep], cols[keep]] = np.broadcast_to(weight, (len(ys), len(weight))).ravel()[keep]
+    return mask
+
+
+def _coverage(signed_distance: np.ndarray, softness: float) -> np.ndarray:
+    """Soft-edged coverage in [0, 1] of a shape from its signed distance (px, negative inside)."""
+    return np.clip(0.5 - signed_distance / softness, 0.0, 1.0)
+
+
+def _paint(image: np.ndarray, coverage: np.ndarray, colour: np.ndarray) -> None:
+    """Alpha-composite colour ((3, 1, 1) or (3, H, W)) with coverage (H, W) over image (3, H, W) in place."""
+    image += coverage * (colour - image)
+
+
+def _stained(rgb: np.ndarray, stain: float) -> np.ndarray:
+    """Scale a stain colour's optical density (approximated as 255 - value) by stain."""
+    return 255.0 - (255.0 - rgb) * stain
+
+
+def _arc_sd(x: np.ndarray, y: np.ndarray, radius: float | np.ndarray, half_angle: float | np.ndarray, half_width: float) -> np.ndarray:
+    """Signed distance to a thick circular arc (round caps) centred at the origin, symmetric about +x.
+
+    radius and half_angle may be arrays broadcasting against x, for several arcs at once.
+    """
+    r = _norm(x, y)
+    within_span = x >= r * np.cos(half_angle)
+    end_x, end_y = radius * np.cos(half_angle), radius * np.sin(half_angle)
+    to_end = _norm(x - end_x, np.abs(y) - end_y)
+    return np.where(within_span, np.abs(r - radius), to_end) - half_width
+
+
+def _rotate(x: np.ndarray, y: np.ndarray, angle: float | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    c, s = np.cos(angle), np.sin(angle)
+    return c * x + s * y, c * y - s * x
+
+
+# ---------------------------------------------------------------- the layers of one cell
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """Where the cell lies, in pixels."""
+
+    size: int
+    cx: float
+    cy: float
+    radius: float  # cell radius
+    softness: float  # edge width
+
+
+def _background(size: int, rng: np.random.Generator) -> np.ndarray:
+    tint = _rgb(*rng.uniform(-4, 4, 3))
+    return np.repeat(np.repeat(_BACKGROUND + tint, size, axis=1), size, axis=2)
+
+
+def _red_cells(image: np.ndarray, frame: _Frame, rng: np.random.Generator) -> None:
+    """Paint 1-4 red cells around (never over) the nucleated cell, partly cut by the frame."""
+    x, y = _grid(frame.size)
+    count = int(rng.integers(1, 5))
+    radius = (frame.size * rng.uniform(0.16, 0.21, count)).astype(np.float32)[:, None, None]
+    angle = rng.uniform(0, 2 * np.pi, count)[:, None, None]
+    distance = frame.radius * 1.12 + radius + frame.size * rng.uniform(0.03, 0.12, count)[:, None, None]
+    centre_x = (frame.cx + distance * np.cos(angle)).astype(np.float32)
+    centre_y = (frame.cy + distance * np.sin(angle)).astype(np.float32)
+    nearest = (_norm(x - centre_x, y - centre_y) / radius).min(axis=0)  # distance to the nearest centre / its radius
+    pallor = np.clip(1.6 - 2.2 * nearest, 0.0, 1.0)  # central pallor, about a third of the diameter
+    colour = _RED_CELL + pallor * (_RED_CELL_PALLOR - _RED_CELL)
+    _paint(image, _coverage((nearest - 1.0) * radius.mean(), frame.softness), colour)
+
+
+def _cell_sd(frame: _Frame, rng: np.random.Generator) -> np.ndarray:
+    """Signed distance to the cell outline: a disc whose radius wobbles with smooth low-frequency noise."""
+    x, y = _grid(frame.size)
+    wobble = 0.03 * _smooth_noise(frame.size, 4, rng)
+    return _norm(x - frame.cx, y - frame.cy) - frame.radius * (1.0 + wobble)
+
+
+def _lobed_sd(u: np.ndarray, v: np.ndarray, geometry: dict, area: float, frame: _Frame) -> tuple[np.ndarray, np.ndarray]:
+    """Signed distances to the lobes and to the thin filament joining them.
+
+    A band pinched into segments: each lobe is a short thick arc (round caps) on a common ring,
+    neighbours `_LOBE_GAP` apart in straight-line distance; u, v are coordinates in the nucleus
+    frame, origin at the nucleus centroid.
+    """
+    scales = np.array(geometry["lobe_scales"])
+    count = len(scales)
+    half_width = geometry["lobe_width"] * np.sqrt(area / count / np.pi)
+    cores = (area - count * np.pi * half_width**2) / (2 * half_width) * scales / scales.sum()  # core arc lengths
+    gap = _LOBE_GAP * frame.radius
+    chain_length = cores.sum() + count * 2 * half_width + (count - 1) * gap
+    ring = min(chain_length / geometry["span"], 0.8 * frame.radius - half_width)  # widen the span to stay in the cell
+    innermost = max(ring - _LOBE_SHIFT[1] * frame.radius, half_width + gap / 2)
+    separation = 2 * np.arcsin((2 * half_width + gap) / (2 * innermost))  # angle between neighbouring core ends
+    core_angles = cores / ring
+    ends = np.cumsum(core_angles + separation) - separation
+    centres = ends - core_angles / 2 - ends[-1] / 2
+    x = u + ring * np.average(np.cos(centres), weights=2 * half_width * cores + np.pi * half_width**2)
+    along, across = _rotate(x, v, centres[:, None, None])
+    rings = ring + frame.radius * np.array(geometry["lobe_shifts"])[:, None, None]
+    lobes = _arc_sd(along, across, rings, core_angles[:, None, None] / 2, half_width).min(axis=0)
+    filament = _arc_sd(x, v, ring, np.abs(centres).max(), max(0.6, 0.035 * frame.radius))
+    return lobes, filament
+
+
+def _nucleus_sd(features: dict, frame: _Frame) -> tuple[np.ndarray, np.ndarray | None]:
+    """Signed distance to the nucleus and, for lobed nuclei, to the joining filament."""
+    x, y = _grid(frame.size)
+    angle = features["orientation"]
+    offset = features["nucleus_offset"] * frame.radius
+    u, v = _rotate(x - frame.cx - offset * np.cos(angle), y - frame.cy - offset * np.sin(angle), angle)
+    area = features["nc_ratio"] * np.pi * frame.radius**2
+    shape, geometry = features["nucleus_shape"], features["nucleus_geometry"]
+    if shape == "lobed":
+        return _lobed_sd(u, v, geometry, area, frame)
+    if shape in ("indented", "band"):
+        half_angle, thickness = geometry["half_angle"], geometry["thickness"]
+        radius = np.sqrt(area / (4 * half_angle * thickness + np.pi * thickness**2))  # area of a thick arc
+        centroid = radius * np.sin(half_angle) / half_angle
+        return _arc_sd(u + centroid, v, radius, half_angle, thickness * radius), None
+    radius = np.sqrt(area / np.pi)
+    aspect = np.sqrt(geometry.get("aspect", 1.0))
+    return _norm(u / aspect, v * aspect) - radius, None
+
+
+def _chromatin_colour(chromatin: float, stain: float, size: int, rng: np.random.Generator) -> np.ndarray:
+    """(3, H, W) nucleus colour: darker and more clumped with chromatin, homogeneous when pyknotic."""
+    pyknosis = np.clip((chromatin - 0.85) / 0.1, 0.0, 1.0)
+    contrast = 0.06 + 0.5 * chromatin * (1.0 - pyknosis)
+    darkness = np.clip(chromatin + contrast * _smooth_noise(size, max(4, size // 4), rng), 0.0, 1.0)
+    open_colour, dense_colour = _stained(_NUCLEUS_OPEN, stain), _stained(_NUCLEUS_DENSE, stain)
+    return open_colour + darkness * (dense_colour - open_colour)
+
+
+def _nucleoli(nucleus: np.ndarray, chromatin: float, frame: _Frame, rng: np.random.Generator) -> np.ndarray:
+    """Coverage of 1-2 pale nucleoli inside a nucleus with open chromatin (blasts)."""
+    inside_y, inside_x = np.nonzero(nucleus > 0.99)
+    if len(inside_y) == 0:
+        return np.zeros_like(nucleus)
+    pick = rng.integers(len(inside_y), size=int(rng.integers(1, 3)))
+    visibility = 0.6 * np.clip(1.0 - chromatin / 0.3, 0.0, 1.0)
+    return visibility * _stamp_discs(frame.size, inside_y[pick], inside_x[pick], 0.08 * frame.radius)
+
+
+def _spots_in_cell(frame: _Frame, count: int, radius_px: float, rng: np.random.Generator, spread: float = 1.0) -> np.ndarray:
+    """Mask of `count` disc spots placed uniformly within spread x the cell radius."""
+    r = frame.radius * spread * np.sqrt(rng.random(count))
+    t = rng.uniform(0, 2 * np.pi, count)
+    return _stamp_discs(frame.size, frame.cy + r * np.sin(t), frame.cx + r * np.cos(t), radius_px)
+
+
+def _granules(image: np.ndarray, features: dict, region: np.ndarray, frame: _Frame, rng: np.random.Generator) -> None:
+    """Granule spots over region (coverage), covering about granule_density of it."""
+    colour, opacity, radius = _GRANULE_STYLE[features["granules"]]
+    radius_px = max(0.5, radius * frame.size)
+    spot_area = float(_disc_stamp(round(radius_px, 2))[2].sum())
+    count = int(round(features["granule_density"] * np.pi * frame.radius**2 / spot_area))
+    spots = _spots_in_cell(frame, count, radius_px, rng)
+    _paint(image, opacity * spots * region, _stained(colour, features["stain"]))
+
+
+def _vacuoles(image: np.ndarray, cytoplasm: np.ndarray, frame: _Frame, rng: np.random.Generator) -> None:
+    count = int(rng.integers(2, 7))
+    spots = _spots_in_cell(frame, count, max(0.7, 0.07 * frame.radius), rng, spread=0.85)
+    _paint(image, 0.8 * spots * cytoplasm, _VACUOLE)
+
+
+def _auer_rod(image: np.ndarray, features: dict, cytoplasm: np.ndarray, frame: _Frame, rng: np.random.Generator) -> None:
+    """A thin magenta rod lying tangentially in the cytoplasm, opposite the nucleus offset."""
+    x, y = _grid(frame.size)
+    where = features["orientation"] + np.pi + rng.uniform(-1.0, 1.0)
+    distance = frame.radius * (1.0 + np.sqrt(features["nc_ratio"])) / 2
+    u, v = _rotate(x - frame.cx - distance * np.cos(where), y - frame.cy - distance * np.sin(where), where + np.pi / 2)
+    half_length = 0.22 * frame.radius
+    rod = _norm(np.clip(np.abs(u) - half_length, 0, None), v) - max(0.45, 0.025 * frame.radius)
+    _paint(image, 0.9 * _coverage(rod, frame.softness) * cytoplasm, _stained(_AUER_ROD, features["stain"]))
+
+
+def _pixel_noise(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """Uniform integer noise in [-3.5, 3.5], from random bytes (several times cheaper than floats)."""
+    levels = np.frombuffer(rng.bytes(int(np.prod(shape))), np.uint8) & 7
+    return (levels - np.float32(3.5)).reshape(shape)
+
+
+def render_cell(features: dict, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Render one cell from its features at size x size pixels: (size, size, 3) uint8 RGB.
+
+    Drawn directly at the target size; rng adds what the features leave open (outline wobble, red
+    cells, granule and vacuole positions, chromatin texture, pixel noise).
+    """
+    if size < MIN_SIZE:
+        raise ValueError(f"size must be >= {MIN_SIZE}, got {size}")
+    centre_x, centre_y = ((0.5 + offset) * size for offset in features["center"])
+    frame = _Frame(size, centre_x, centre_y, features["cell_size"] * size / 2, softness=0.6 + size / 160)
+    stain = features["stain"]
+    image = _background(size, rng)
+    _red_cells(image, frame, rng)
+
+    cell_sd = _cell_sd(frame, rng)
+    cell = _coverage(cell_sd, frame.softness)
+    nucleus_sd, filament_sd = _nucleus_sd(features, frame)
+    nucleus = _coverage(np.maximum(nucleus_sd, cell_sd + 1.0), frame.softness)  # kept inside the cell
+    cytoplasm = cell * (1.0 - nucleus)
+
+    texture = 1.0 + 0.04 * _smooth_noise(size, 6, rng)
+    _paint(image, cell, _stained(_rgb(*features["cytoplasm_rgb"]), stain) * texture)
+    nucleus_colour = _chromatin_colour(features["chromatin"], stain, size, rng)
+    if filament_sd is not None:  # under the granules, so that granules never darken it into a bridge
+        _paint(image, _FILAMENT_OPACITY * _coverage(filament_sd, frame.softness) * cell, nucleus_colour)
+    over_nucleus = features["granules"] == "primary"  # azurophilic granules overlie the nucleus too
+    if features["granules"] != "none" and not over_nucleus:
+        _granules(image, features, cytoplasm, frame, rng)
+    if "vacuoles" in features["inclusions"]:
+        _vacuoles(image, cytoplasm, frame, rng)
+    if "auer_rod" in features["inclusions"]:
+        _auer_rod(image, features, cytoplasm, frame, rng)
+
+    _paint(image, nucleus, nucleus_colour)
+    if over_nucleus:
+        _granules(image, features, cell, frame, rng)
+    if features["chromatin"] < 0.3:
+        _paint(image, _nucleoli(nucleus, features["chromatin"], frame, rng), _stained(_NUCLEOLUS, stain))
+
+    image += _pixel_noise(image.shape, rng)
+    return np.ascontiguousarray(np.clip(image, 0, 255).astype(np.uint8).transpose(1, 2, 0))
+
+
+# ---------------------------------------------------------------- the data set
+
+
+def _image_rng(seed: int, cell_type: str, index: int) -> np.random.Generator:
+    """The rng of image `index` of a class: depends on nothing else, so sets nest and subsets agree."""
+    return np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(cell_type.encode()), index]))
+
+
+def generate(n_per_class: int, size: int, seed: int, classes: Sequence[str] = DEFAULT_CELL_TYPES) -> LabeledImages:
+    """n_per_class images of each class in `classes`, size x size px, labels indexing `classes`.
+
+    Deterministic: the image of (class, j) depends only on (seed, class name, j), not on
+    n_per_class nor on the other classes requested.
+    """
+    classes = tuple(classes)
+    for cell_type in classes:
+        _spec(cell_type)
+    if n_per_class < 1:
+        raise ValueError(f"n_per_class must be >= 1, got {n_per_class}")
+    if size < MIN_SIZE:
+        raise ValueError(f"size must be >= {MIN_SIZE}, got {size}")
+    images = np.empty((len(classes) * n_per_class, size, size, 3), np.uint8)
+    features = []
+    for label, cell_type in enumerate(classes):
+        for j in range(n_per_class):
+            rng = _image_rng(seed, cell_type, j)
+            drawn = draw_features(cell_type, rng)
+            images[label * n_per_class + j] = render_cell(drawn, size, rng)
+            features.append(drawn)
+    labels = np.repeat(np.arange(len(classes), dtype=np.int64), n_per_class)
+    return LabeledImages(images, labels, classes, features)

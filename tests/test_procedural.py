@@ -1,0 +1,217 @@
+"""The procedural cytology set: determinism, the API contract, the clinical ranges, and that the
+features can be measured back from pixels with simple colour thresholds."""
+
+import json
+
+import numpy as np
+import pytest
+from scipy.ndimage import binary_fill_holes
+from skimage.measure import label
+
+from pathalign_ray.data import procedural
+from pathalign_ray.data.procedural import (
+    CELL_TYPES,
+    DEFAULT_CELL_TYPES,
+    SPECS,
+    cytoplasm_rgb,
+    draw_features,
+    generate,
+    render_cell,
+)
+
+BACKGROUND = np.array([236, 226, 228])
+NUCLEUS_LUMINANCE = 120  # the nucleus is darker, cytoplasm and lobe filaments are lighter
+
+
+def _luminance(images: np.ndarray) -> np.ndarray:
+    return images.astype(float) @ np.array([0.299, 0.587, 0.114])
+
+
+def _cell_mask(image: np.ndarray) -> np.ndarray:
+    """The connected non-background region at the frame centre, holes filled."""
+    foreground = np.abs(image.astype(float) - BACKGROUND).sum(axis=-1) > 30
+    components = label(foreground)
+    centre = components[image.shape[0] // 2, image.shape[1] // 2]
+    return binary_fill_holes(components == centre)
+
+
+def _measure(image: np.ndarray) -> dict:
+    cell = _cell_mask(image)
+    nucleus = cell & (_luminance(image) < NUCLEUS_LUMINANCE)
+    cytoplasm = cell & ~nucleus
+    rgb = image[cytoplasm].astype(float).mean(axis=0)
+    return {
+        "cell_area": cell.sum(),
+        "nc_ratio": nucleus.sum() / cell.sum(),
+        "cytoplasm_blue_minus_red": rgb[2] - rgb[0],
+        "nucleus_luminance": _luminance(image)[nucleus].mean(),
+    }
+
+
+def _lobe_count(image: np.ndarray) -> int:
+    components = label(_luminance(image) < NUCLEUS_LUMINANCE)
+    areas = np.bincount(components.ravel())[1:]
+    return int((areas >= 6).sum())
+
+
+def test_class_vocabulary():
+    assert CELL_TYPES[0] == "myeloblast" and CELL_TYPES[-2:] == ("eosinophil", "monocyte")
+    assert len(CELL_TYPES) == 10 and DEFAULT_CELL_TYPES == CELL_TYPES[:8]
+    assert tuple(SPECS) == CELL_TYPES
+
+
+def test_same_seed_same_images_other_seed_other_images():
+    first, again, other = (generate(2, 32, seed, DEFAULT_CELL_TYPES[:3]) for seed in (7, 7, 8))
+    np.testing.assert_array_equal(first.images, again.images)
+    assert first.features == again.features
+    assert not np.array_equal(first.images, other.images)
+
+
+def test_image_does_not_depend_on_n_per_class_or_other_classes():
+    everything = generate(3, 32, 5, DEFAULT_CELL_TYPES)
+    two = generate(2, 32, 5, ("lymphocyte", "myeloblast"))
+    lymphocytes = everything.images[everything.labels == DEFAULT_CELL_TYPES.index("lymphocyte")]
+    myeloblasts = everything.images[everything.labels == 0]
+    np.testing.assert_array_equal(two.images[two.labels == 0], lymphocytes[:2])
+    np.testing.assert_array_equal(two.images[two.labels == 1], myeloblasts[:2])
+    assert two.class_names == ("lymphocyte", "myeloblast")
+
+
+@pytest.mark.parametrize("size", [16, 32, 45, 64, 128])
+def test_shapes_and_dtypes(size):
+    data = generate(2, size, 0, CELL_TYPES)
+    assert data.images.shape == (2 * len(CELL_TYPES), size, size, 3) and data.images.dtype == np.uint8
+    assert data.labels.dtype == np.int64 and list(data.labels) == [i for i in range(len(CELL_TYPES)) for _ in range(2)]
+    assert data.class_names == CELL_TYPES and len(data.features) == len(data.images)
+    assert data.images.std() > 10  # not blank
+
+
+def test_unknown_class_is_named_with_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown cell type 'plasma_cell'.*myeloblast.*monocyte"):
+        generate(1, 32, 0, ("lymphocyte", "plasma_cell"))
+    with pytest.raises(ValueError, match="plasma_cell"):
+        draw_features("plasma_cell", np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("n_per_class, size", [(0, 32), (-1, 32), (1, 15)])
+def test_bad_counts_and_sizes_are_rejected(n_per_class, size):
+    with pytest.raises(ValueError):
+        generate(n_per_class, size, 0)
+
+
+def test_render_cell_rejects_tiny_sizes():
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="size"):
+        render_cell(draw_features("myeloblast", rng), 8, rng)
+
+
+def _within(value: float, bounds: tuple[float, float]) -> bool:
+    return bounds[0] <= value <= bounds[1]
+
+
+@pytest.mark.parametrize("cell_type", CELL_TYPES)
+def test_drawn_features_lie_in_the_clinical_ranges(cell_type):
+    spec, rng = SPECS[cell_type], np.random.default_rng(1)
+    for _ in range(300):
+        features = draw_features(cell_type, rng)
+        json.dumps(features)
+        assert features["cell_type"] == cell_type
+        assert _within(features["cell_size"], spec.cell_size)
+        assert features["nucleus_shape"] in spec.nucleus_shapes
+        assert _within(features["lobes"], spec.lobes)
+        assert _within(features["nc_ratio"], spec.nc_ratio)
+        assert _within(features["chromatin"], spec.chromatin)
+        assert _within(features["cytoplasm_tone"], spec.cytoplasm_tone)
+        assert features["cytoplasm_rgb"] == cytoplasm_rgb(features["cytoplasm_tone"])
+        assert features["granules"] == spec.granules
+        assert _within(features["granule_density"], spec.granule_density)
+        assert _within(features["nucleus_offset"], spec.nucleus_offset)
+        assert abs(features["center"][0]) + features["cell_size"] / 2 < 0.5  # the cell stays in the frame
+
+
+def test_inclusions_only_where_plausible_at_their_rates():
+    rng = np.random.default_rng(2)
+    for cell_type, spec in SPECS.items():
+        drawn = [draw_features(cell_type, rng)["inclusions"] for _ in range(1000)]
+        allowed = dict(spec.inclusions)
+        assert {kind for kinds in drawn for kind in kinds} <= set(allowed)
+        for kind, probability in allowed.items():
+            rate = np.mean([kind in kinds for kinds in drawn])
+            assert abs(rate - probability) < 0.05, (cell_type, kind, rate)
+
+
+def test_cytoplasm_palette_runs_from_blue_to_orange_pink():
+    blue, pink, orange = cytoplasm_rgb(0.0), cytoplasm_rgb(0.75), cytoplasm_rgb(1.0)
+    assert blue[2] - blue[0] > 80 and pink[0] > pink[2] and orange[0] - orange[2] > 80
+    assert cytoplasm_rgb(-1.0) == blue and cytoplasm_rgb(2.0) == orange
+
+
+def test_docstring_table_matches_specs():
+    rows = {line.split()[0]: line for line in procedural.__doc__.splitlines() if line.split()[:1] in ([t] for t in CELL_TYPES)}
+    for cell_type, spec in SPECS.items():
+        for bounds in (spec.cell_size, spec.nc_ratio, spec.chromatin, spec.cytoplasm_tone):
+            assert f"{bounds[0]:.2f}-{bounds[1]:.2f}" in rows[cell_type], cell_type
+
+
+PER_TYPE = 24
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return generate(PER_TYPE, 64, 3, CELL_TYPES)
+
+
+@pytest.fixture(scope="module")
+def measured(sample):
+    """Per type, the measurements of its PER_TYPE images at 64 px."""
+    return {name: [_measure(image) for image in sample.images[sample.labels == i]] for i, name in enumerate(CELL_TYPES)}
+
+
+def _mean(measured: dict, cell_type: str, key: str) -> float:
+    return float(np.mean([m[key] for m in measured[cell_type]]))
+
+
+def test_nucleus_to_cytoplasm_ratio_is_measurable(sample, measured):
+    assert _mean(measured, "lymphocyte", "nc_ratio") > 2 * _mean(measured, "segmented_neutrophil", "nc_ratio")
+    for i, name in enumerate(CELL_TYPES):
+        if name == "promyelocyte":  # its dark primary granules pass the nucleus threshold
+            continue
+        drawn = [f["nc_ratio"] for f in sample.features[i * PER_TYPE : (i + 1) * PER_TYPE]]
+        np.testing.assert_allclose([m["nc_ratio"] for m in measured[name]], drawn, atol=0.06, err_msg=name)
+
+
+def test_cytoplasm_colour_is_measurable(measured):
+    assert _mean(measured, "myeloblast", "cytoplasm_blue_minus_red") > 50
+    assert _mean(measured, "segmented_neutrophil", "cytoplasm_blue_minus_red") < 0
+    assert _mean(measured, "orthochromatic_erythroblast", "cytoplasm_blue_minus_red") < -30
+
+
+def test_chromatin_darkness_is_measurable(measured):
+    fine = _mean(measured, "myeloblast", "nucleus_luminance")
+    assert fine > _mean(measured, "segmented_neutrophil", "nucleus_luminance") + 15
+    assert fine > _mean(measured, "orthochromatic_erythroblast", "nucleus_luminance") + 25
+
+
+def test_cell_size_is_measurable_and_red_cells_stay_apart(sample, measured):
+    """The region around the nucleus is the cell alone: its area matches the drawn size, so no red
+    cell touches it."""
+    for i, name in enumerate(CELL_TYPES):
+        drawn = [np.pi * (f["cell_size"] * 32) ** 2 for f in sample.features[i * PER_TYPE : (i + 1) * PER_TYPE]]
+        areas = [m["cell_area"] for m in measured[name]]
+        np.testing.assert_allclose(areas, drawn, rtol=0.15, err_msg=name)
+    assert _mean(measured, "promyelocyte", "cell_area") > 2 * _mean(measured, "lymphocyte", "cell_area")
+
+
+@pytest.mark.parametrize("cell_type", ["segmented_neutrophil", "eosinophil"])
+def test_lobes_are_separate_components_at_64_px(cell_type):
+    data = generate(40, 64, 4, (cell_type,))
+    counts = np.array([_lobe_count(image) for image in data.images])
+    drawn = np.array([f["lobes"] for f in data.features])
+    assert np.mean(counts >= 2) >= 0.95
+    assert np.mean(counts == drawn) >= 0.85
+
+
+@pytest.mark.parametrize("cell_type", ["myeloblast", "lymphocyte", "orthochromatic_erythroblast", "monocyte"])
+def test_round_nuclei_are_one_component(cell_type):
+    data = generate(20, 64, 4, (cell_type,))
+    assert np.mean([_lobe_count(image) == 1 for image in data.images]) >= 0.8
