@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from scipy.ndimage import binary_fill_holes
+from scipy.ndimage import binary_dilation, binary_erosion, binary_fill_holes
 from skimage.measure import label
 
 from pathalign_ray.data import procedural
@@ -93,10 +93,15 @@ def test_unknown_class_is_named_with_the_known_ones():
         draw_features("plasma_cell", np.random.default_rng(0))
 
 
-@pytest.mark.parametrize("n_per_class, size", [(0, 32), (-1, 32), (1, 15)])
-def test_bad_counts_and_sizes_are_rejected(n_per_class, size):
+@pytest.mark.parametrize("n_per_class, size, seed", [(0, 32, 0), (-1, 32, 0), (1, 15, 0), (1, 32, -1)])
+def test_bad_counts_sizes_and_seeds_are_rejected(n_per_class, size, seed):
     with pytest.raises(ValueError):
-        generate(n_per_class, size, 0)
+        generate(n_per_class, size, seed)
+
+
+def test_repeated_classes_are_rejected():
+    with pytest.raises(ValueError, match="distinct"):
+        generate(1, 32, 0, ("lymphocyte", "myeloblast", "lymphocyte"))
 
 
 def test_render_cell_rejects_tiny_sizes():
@@ -126,7 +131,7 @@ def test_drawn_features_lie_in_the_clinical_ranges(cell_type):
         assert features["granules"] == spec.granules
         assert _within(features["granule_density"], spec.granule_density)
         assert _within(features["nucleus_offset"], spec.nucleus_offset)
-        assert abs(features["center"][0]) + features["cell_size"] / 2 < 0.5  # the cell stays in the frame
+        assert max(map(abs, features["center"])) + features["cell_size"] / 2 < 0.5  # the cell stays in the frame
 
 
 def test_inclusions_only_where_plausible_at_their_rates():
@@ -147,7 +152,8 @@ def test_cytoplasm_palette_runs_from_blue_to_orange_pink():
 
 
 def test_docstring_table_matches_specs():
-    rows = {line.split()[0]: line for line in procedural.__doc__.splitlines() if line.split()[:1] in ([t] for t in CELL_TYPES)}
+    lines = [line for line in procedural.__doc__.splitlines() if line.split()]
+    rows = {line.split()[0]: line for line in lines if line.split()[0] in SPECS}
     for cell_type, spec in SPECS.items():
         for bounds in (spec.cell_size, spec.nc_ratio, spec.chromatin, spec.cytoplasm_tone):
             assert f"{bounds[0]:.2f}-{bounds[1]:.2f}" in rows[cell_type], cell_type
@@ -215,3 +221,64 @@ def test_lobes_are_separate_components_at_64_px(cell_type):
 def test_round_nuclei_are_one_component(cell_type):
     data = generate(20, 64, 4, (cell_type,))
     assert np.mean([_lobe_count(image) == 1 for image in data.images]) >= 0.8
+
+
+def _cytoplasm_core(image: np.ndarray) -> np.ndarray:
+    """Cytoplasm at least 2 px away from the cell edge and from the nucleus."""
+    cell = _cell_mask(image)
+    nucleus = cell & (_luminance(image) < NUCLEUS_LUMINANCE)
+    return binary_erosion(cell, iterations=2) & ~binary_dilation(nucleus, iterations=2)
+
+
+def _granule_measures(image: np.ndarray) -> dict:
+    cell, luminance = _cell_mask(image), _luminance(image)
+    core = _cytoplasm_core(image)
+    dark_areas = np.bincount(label(cell & (luminance < NUCLEUS_LUMINANCE)).ravel())[1:]
+    rgb = image[cell].astype(int)
+    return {
+        "speckle": np.mean(np.abs(luminance[core] - np.median(luminance[core])) > 12) if core.sum() >= 20 else 0.0,
+        "small_dark_spots": int(((dark_areas >= 1) & (dark_areas <= 12)).sum()),
+        "orange": np.mean(rgb[:, 0] - rgb[:, 2] > 120),
+    }
+
+
+def test_granules_are_measurable(sample):
+    by_type = {name: sample.images[sample.labels == i] for i, name in enumerate(CELL_TYPES)}
+    granules = {name: [_granule_measures(image) for image in images] for name, images in by_type.items()}
+
+    def mean(name: str, key: str) -> float:
+        return float(np.mean([g[key] for g in granules[name]]))
+
+    for name in ("myelocyte", "metamyelocyte", "band_neutrophil", "segmented_neutrophil"):  # fine secondary dust
+        assert mean(name, "speckle") > 0.08, name
+    for name in ("myeloblast", "monocyte"):  # agranular
+        assert mean(name, "speckle") < 0.03, name
+    assert mean("promyelocyte", "small_dark_spots") > 8 and mean("myeloblast", "small_dark_spots") < 1
+    assert mean("eosinophil", "orange") > 0.1
+    assert all(mean(name, "orange") == 0 for name in CELL_TYPES if name != "eosinophil")
+
+
+def _with_and_without(cell_type: str, inclusion: str, count: int) -> tuple[list, list]:
+    data = generate(count, 64, 6, (cell_type,))
+    present = [inclusion in f["inclusions"] for f in data.features]
+    return [im for im, p in zip(data.images, present) if p], [im for im, p in zip(data.images, present) if not p]
+
+
+def _magenta_pixels(image: np.ndarray) -> int:
+    """Auer-rod coloured pixels in the cell: much redder than green, and redder than blue."""
+    red, green, blue = (image[..., channel].astype(int) for channel in range(3))
+    return int(((red - green > 70) & (red > blue) & _cell_mask(image)).sum())
+
+
+def _pale_pixels(image: np.ndarray) -> int:
+    """Vacuole coloured pixels: near-background luminance inside the cytoplasm."""
+    return int((_cytoplasm_core(image) & (_luminance(image) > 195)).sum())
+
+
+def test_inclusions_are_measurable():
+    with_rod, without_rod = _with_and_without("myeloblast", "auer_rod", 60)
+    assert with_rod and all(_magenta_pixels(image) >= 3 for image in with_rod)
+    assert all(_magenta_pixels(image) == 0 for image in without_rod)
+    with_vacuoles, without_vacuoles = _with_and_without("monocyte", "vacuoles", 30)
+    assert with_vacuoles and np.mean([_pale_pixels(image) > 0 for image in with_vacuoles]) >= 0.8
+    assert all(_pale_pixels(image) == 0 for image in without_vacuoles)

@@ -47,6 +47,7 @@ Pure numpy and deterministic: the image of (class, index j) depends only on (see
 
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
@@ -152,6 +153,7 @@ SPECS: dict[str, CellTypeSpec] = {
         nucleus_shapes=("lobed",),
         lobes=(3, 5),  # 3-5 lobes joined by thin filaments (> 5 is hypersegmentation)
         nc_ratio=(0.24, 0.32),
+        nucleus_offset=(0.0, 0.05),  # the lobes already reach towards the membrane
         chromatin=(0.70, 0.85),  # coarse, clumped
         cytoplasm_tone=(0.65, 0.80),  # pale pink-lilac
         granules="secondary",
@@ -178,6 +180,7 @@ SPECS: dict[str, CellTypeSpec] = {
         nucleus_shapes=("lobed",),
         lobes=(2, 2),  # bilobed, "spectacles"
         nc_ratio=(0.24, 0.32),
+        nucleus_offset=(0.0, 0.05),
         chromatin=(0.65, 0.80),
         cytoplasm_tone=(0.55, 0.70),
         granules="eosinophilic",
@@ -304,7 +307,8 @@ def draw_features(cell_type: str, rng: np.random.Generator) -> dict:
 
 # ---------------------------------------------------------------- rendering helpers
 # Images are built channel-first, (3, H, W) float32, so per-pixel maps broadcast over channels
-# cheaply; distances are in pixels. np.hypot is avoided: it is ~30x slower than sqrt(x*x + y*y).
+# cheaply; distances are in pixels. Scalars enter as Python floats or float32 (a float64 numpy
+# scalar would promote whole arrays to float64), and np.hypot is avoided (~3x slower than _norm).
 
 
 def _norm(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -331,14 +335,14 @@ def _smoothing_matrix(size: int, nodes: int) -> np.ndarray:
     return (weights / np.sqrt(2 * std)).astype(np.float32)
 
 
-def _smooth_noise(size: int, nodes: int, rng: np.random.Generator) -> np.ndarray:
-    """(size, size) smooth zero-mean noise with blobs ~size/nodes px wide, mostly within [-1, 1].
+def _smooth_noise(shape: tuple[int, int], size: int, nodes: int, rng: np.random.Generator) -> np.ndarray:
+    """Smooth zero-mean noise of the given shape, blobs ~size/nodes px wide, mostly within [-1, 1].
 
-    Random values on a coarse grid, interpolated by two small matrix products: far cheaper than
-    filtering a full-size noise image.
+    Random values on a coarse grid over a size x size frame, interpolated by two small matrix
+    products (far cheaper than filtering a full-size noise image); the top-left shape of it.
     """
     smoothing = _smoothing_matrix(size, nodes)
-    return smoothing @ (rng.random((nodes, nodes), dtype=np.float32) - 0.5) @ smoothing.T
+    return smoothing[: shape[0]] @ (rng.random((nodes, nodes), dtype=np.float32) - 0.5) @ smoothing[: shape[1]].T
 
 
 @lru_cache(maxsize=32)
@@ -351,13 +355,13 @@ def _disc_stamp(radius_px: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return dy[keep], dx[keep], weight[keep]
 
 
-def _stamp_discs(size: int, ys: np.ndarray, xs: np.ndarray, radius_px: float) -> np.ndarray:
-    """(size, size) float32 coverage of discs of radius_px centred at the pixels (ys, xs)."""
+def _stamp_discs(shape: tuple[int, int], ys: np.ndarray, xs: np.ndarray, radius_px: float) -> np.ndarray:
+    """float32 coverage map of the given shape, of discs of radius_px centred at the pixels (ys, xs)."""
     dy, dx, weight = _disc_stamp(round(radius_px, 2))
     rows = (ys.astype(np.intp)[:, None] + dy).ravel()
     cols = (xs.astype(np.intp)[:, None] + dx).ravel()
-    keep = (rows >= 0) & (rows < size) & (cols >= 0) & (cols < size)
-    mask = np.zeros((size, size), np.float32)
+    keep = (rows >= 0) & (rows < shape[0]) & (cols >= 0) & (cols < shape[1])
+    mask = np.zeros(shape, np.float32)
     mask[rows[keep], cols[keep]] = np.broadcast_to(weight, (len(ys), len(weight))).ravel()[keep]
     return mask
 
@@ -377,11 +381,14 @@ def _stained(rgb: np.ndarray, stain: float) -> np.ndarray:
     return 255.0 - (255.0 - rgb) * stain
 
 
-def _arc_sd(x: np.ndarray, y: np.ndarray, radius: float | np.ndarray, half_angle: float | np.ndarray, half_width: float) -> np.ndarray:
+def _arc_sd(
+    x: np.ndarray, y: np.ndarray, radius: float | np.ndarray, half_angle: float | np.ndarray, half_width: float
+) -> np.ndarray:
     """Signed distance to a thick circular arc (round caps) centred at the origin, symmetric about +x.
 
     radius and half_angle may be arrays broadcasting against x, for several arcs at once.
     """
+    radius, half_angle, half_width = (np.float32(a) for a in (radius, half_angle, half_width))
     r = _norm(x, y)
     within_span = x >= r * np.cos(half_angle)
     end_x, end_y = radius * np.cos(half_angle), radius * np.sin(half_angle)
@@ -390,6 +397,8 @@ def _arc_sd(x: np.ndarray, y: np.ndarray, radius: float | np.ndarray, half_angle
 
 
 def _rotate(x: np.ndarray, y: np.ndarray, angle: float | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Coordinates (x, y) seen in axes turned by angle (radians)."""
+    angle = np.float32(angle)
     c, s = np.cos(angle), np.sin(angle)
     return c * x + s * y, c * y - s * x
 
@@ -399,113 +408,187 @@ def _rotate(x: np.ndarray, y: np.ndarray, angle: float | np.ndarray) -> tuple[np
 
 @dataclass(frozen=True)
 class _Frame:
-    """Where the cell lies, in pixels."""
+    """Where the cell lies: a window of the image that holds it, and its centre in window pixels.
 
-    size: int
-    cx: float
+    Every layer of the cell is drawn in the window only: a fraction of the frame for all but the
+    largest cells.
+    """
+
+    size: int  # image side
+    top: int  # window, image pixels
+    left: int
+    height: int
+    width: int
+    cx: float  # cell centre, window pixels
     cy: float
-    radius: float  # cell radius
-    softness: float  # edge width
+    radius: float  # cell radius, px
+    softness: float  # edge width, px
+
+    @property
+    def window(self) -> tuple[slice, slice, slice]:
+        """Index of the window in a (3, H, W) image."""
+        return slice(None), slice(self.top, self.top + self.height), slice(self.left, self.left + self.width)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.height, self.width
+
+    def grid(self) -> tuple[np.ndarray, np.ndarray]:
+        """x and y of the window's pixel centres, window pixels."""
+        x, y = _grid(self.size)
+        return x[: self.height, : self.width], y[: self.height, : self.width]
+
+
+def _frame(features: dict, size: int) -> _Frame:
+    """The window that holds the cell, with a margin for the outline wobble and the soft edge."""
+    radius = features["cell_size"] * size / 2
+    centre_x, centre_y = ((0.5 + offset) * size for offset in features["center"])
+    reach = 1.1 * radius + 2.0
+    top, left = (max(0, int(centre - reach)) for centre in (centre_y, centre_x))
+    bottom, right = (min(size, int(np.ceil(centre + reach))) for centre in (centre_y, centre_x))
+    softness = 0.6 + size / 160
+    return _Frame(size, top, left, bottom - top, right - left, centre_x - left, centre_y - top, radius, softness)
 
 
 def _background(size: int, rng: np.random.Generator) -> np.ndarray:
     tint = _rgb(*rng.uniform(-4, 4, 3))
-    return np.repeat(np.repeat(_BACKGROUND + tint, size, axis=1), size, axis=2)
+    return np.broadcast_to(_BACKGROUND + tint, (3, size, size)).copy()
 
 
 def _red_cells(image: np.ndarray, frame: _Frame, rng: np.random.Generator) -> None:
     """Paint 1-4 red cells around (never over) the nucleated cell, partly cut by the frame."""
-    x, y = _grid(frame.size)
     count = int(rng.integers(1, 5))
-    radius = (frame.size * rng.uniform(0.16, 0.21, count)).astype(np.float32)[:, None, None]
-    angle = rng.uniform(0, 2 * np.pi, count)[:, None, None]
-    distance = frame.radius * 1.12 + radius + frame.size * rng.uniform(0.03, 0.12, count)[:, None, None]
-    centre_x = (frame.cx + distance * np.cos(angle)).astype(np.float32)
-    centre_y = (frame.cy + distance * np.sin(angle)).astype(np.float32)
-    nearest = (_norm(x - centre_x, y - centre_y) / radius).min(axis=0)  # distance to the nearest centre / its radius
-    pallor = np.clip(1.6 - 2.2 * nearest, 0.0, 1.0)  # central pallor, about a third of the diameter
+    radii = frame.size * rng.uniform(0.16, 0.21, count)
+    angles = rng.uniform(0, 2 * np.pi, count)
+    distances = frame.radius * 1.12 + radii + frame.size * rng.uniform(0.03, 0.12, count)
+    for radius, angle, distance in zip(radii.tolist(), angles.tolist(), distances.tolist()):
+        cx, cy = frame.left + frame.cx + distance * math.cos(angle), frame.top + frame.cy + distance * math.sin(angle)
+        _red_cell(image, cx, cy, radius, frame)
+
+
+def _red_cell(image: np.ndarray, cx: float, cy: float, radius: float, frame: _Frame) -> None:
+    """One biconcave disc, drawn in its bounding box only: pink-red with a pale centre."""
+    top, left = (max(0, int(centre - radius - 2)) for centre in (cy, cx))
+    bottom, right = (min(frame.size, int(np.ceil(centre + radius + 2))) for centre in (cy, cx))
+    if bottom <= top or right <= left:
+        return
+    x, y = _grid(frame.size)
+    relative = _norm(x[top:bottom, left:right] - cx, y[top:bottom, left:right] - cy) / radius
+    pallor = np.clip(1.6 - 2.2 * relative, 0.0, 1.0)  # central pallor, about a third of the diameter
     colour = _RED_CELL + pallor * (_RED_CELL_PALLOR - _RED_CELL)
-    _paint(image, _coverage((nearest - 1.0) * radius.mean(), frame.softness), colour)
+    _paint(image[:, top:bottom, left:right], _coverage((relative - 1.0) * radius, frame.softness), colour)
 
 
 def _cell_sd(frame: _Frame, rng: np.random.Generator) -> np.ndarray:
     """Signed distance to the cell outline: a disc whose radius wobbles with smooth low-frequency noise."""
-    x, y = _grid(frame.size)
-    wobble = 0.03 * _smooth_noise(frame.size, 4, rng)
+    x, y = frame.grid()
+    wobble = 0.03 * _smooth_noise(frame.shape, frame.size, 4, rng)
     return _norm(x - frame.cx, y - frame.cy) - frame.radius * (1.0 + wobble)
 
 
-def _lobed_sd(u: np.ndarray, v: np.ndarray, geometry: dict, area: float, frame: _Frame) -> tuple[np.ndarray, np.ndarray]:
-    """Signed distances to the lobes and to the thin filament joining them.
+def _per_piece(values: Sequence[float] | np.ndarray) -> np.ndarray:
+    """(n, 1, 1) float32, to broadcast one value per lobe against (h, w) coordinates."""
+    return np.asarray(values, np.float32)[:, None, None]
 
-    A band pinched into segments: each lobe is a short thick arc (round caps) on a common ring,
-    neighbours `_LOBE_GAP` apart in straight-line distance; u, v are coordinates in the nucleus
-    frame, origin at the nucleus centroid.
+
+@dataclass(frozen=True)
+class _LobeLayout:
+    """Lobes as short thick arcs on one ring (px, radians); the ring centre is at x = -shift."""
+
+    ring: float  # ring radius
+    shift: float  # ring centre to the lobes' centroid
+    half_width: float  # of every lobe
+    centres: np.ndarray  # (n,) angle of each lobe's middle
+    half_angles: np.ndarray  # (n,) half the angle of each lobe's core (the arc between its round caps)
+
+
+def _lobe_layout(geometry: dict, area: float, cell_radius: float) -> _LobeLayout:
+    """Place the lobes end to end along a ring, neighbours _LOBE_GAP x cell_radius apart in straight
+    lines, their areas summing to `area`; the ring shrinks (the chain curls) to stay inside the cell.
+
+    Lobes reach at most ~0.9 cell radii from the centroid; a 5-lobe chain can curl until its two
+    ends are ~0.07 cell radii apart.
     """
     scales = np.array(geometry["lobe_scales"])
     count = len(scales)
-    half_width = geometry["lobe_width"] * np.sqrt(area / count / np.pi)
-    cores = (area - count * np.pi * half_width**2) / (2 * half_width) * scales / scales.sum()  # core arc lengths
-    gap = _LOBE_GAP * frame.radius
-    chain_length = cores.sum() + count * 2 * half_width + (count - 1) * gap
-    ring = min(chain_length / geometry["span"], 0.8 * frame.radius - half_width)  # widen the span to stay in the cell
-    innermost = max(ring - _LOBE_SHIFT[1] * frame.radius, half_width + gap / 2)
-    separation = 2 * np.arcsin((2 * half_width + gap) / (2 * innermost))  # angle between neighbouring core ends
+    half_width = geometry["lobe_width"] * math.sqrt(area / count / math.pi)
+    cores = (area - count * math.pi * half_width**2) / (2 * half_width) * scales / scales.sum()  # core arc lengths
+    gap = _LOBE_GAP * cell_radius
+    chain_length = float(cores.sum()) + count * 2 * half_width + (count - 1) * gap
+    ring = min(chain_length / geometry["span"], 0.8 * cell_radius - half_width)
+    innermost = max(ring - _LOBE_SHIFT[1] * cell_radius, half_width + gap / 2)
+    separation = 2 * math.asin((2 * half_width + gap) / (2 * innermost))  # angle between neighbouring core ends
     core_angles = cores / ring
     ends = np.cumsum(core_angles + separation) - separation
     centres = ends - core_angles / 2 - ends[-1] / 2
-    x = u + ring * np.average(np.cos(centres), weights=2 * half_width * cores + np.pi * half_width**2)
-    along, across = _rotate(x, v, centres[:, None, None])
-    rings = ring + frame.radius * np.array(geometry["lobe_shifts"])[:, None, None]
-    lobes = _arc_sd(along, across, rings, core_angles[:, None, None] / 2, half_width).min(axis=0)
-    filament = _arc_sd(x, v, ring, np.abs(centres).max(), max(0.6, 0.035 * frame.radius))
+    shift = ring * float(np.average(np.cos(centres), weights=2 * half_width * cores + math.pi * half_width**2))
+    return _LobeLayout(ring, shift, half_width, centres, core_angles / 2)
+
+
+def _lobed_sd(
+    u: np.ndarray, v: np.ndarray, geometry: dict, area: float, frame: _Frame
+) -> tuple[np.ndarray, np.ndarray]:
+    """Signed distances to the lobes and to the thin filament joining them (a band pinched into
+    segments); u, v are coordinates in the nucleus frame, origin at the nucleus centroid."""
+    layout = _lobe_layout(geometry, area, frame.radius)
+    x = u + layout.shift
+    along, across = _rotate(x, v, _per_piece(layout.centres))
+    rings = layout.ring + frame.radius * _per_piece(geometry["lobe_shifts"])
+    lobes = _arc_sd(along, across, rings, _per_piece(layout.half_angles), layout.half_width).min(axis=0)
+    filament = _arc_sd(x, v, layout.ring, float(np.abs(layout.centres).max()), max(0.6, 0.035 * frame.radius))
     return lobes, filament
 
 
 def _nucleus_sd(features: dict, frame: _Frame) -> tuple[np.ndarray, np.ndarray | None]:
     """Signed distance to the nucleus and, for lobed nuclei, to the joining filament."""
-    x, y = _grid(frame.size)
+    x, y = frame.grid()
     angle = features["orientation"]
     offset = features["nucleus_offset"] * frame.radius
-    u, v = _rotate(x - frame.cx - offset * np.cos(angle), y - frame.cy - offset * np.sin(angle), angle)
-    area = features["nc_ratio"] * np.pi * frame.radius**2
+    u, v = _rotate(x - (frame.cx + offset * math.cos(angle)), y - (frame.cy + offset * math.sin(angle)), angle)
+    area = features["nc_ratio"] * math.pi * frame.radius**2
     shape, geometry = features["nucleus_shape"], features["nucleus_geometry"]
     if shape == "lobed":
         return _lobed_sd(u, v, geometry, area, frame)
     if shape in ("indented", "band"):
         half_angle, thickness = geometry["half_angle"], geometry["thickness"]
-        radius = np.sqrt(area / (4 * half_angle * thickness + np.pi * thickness**2))  # area of a thick arc
-        centroid = radius * np.sin(half_angle) / half_angle
+        radius = math.sqrt(area / (4 * half_angle * thickness + math.pi * thickness**2))  # area of a thick arc
+        centroid = radius * math.sin(half_angle) / half_angle
         return _arc_sd(u + centroid, v, radius, half_angle, thickness * radius), None
-    radius = np.sqrt(area / np.pi)
-    aspect = np.sqrt(geometry.get("aspect", 1.0))
+    radius = math.sqrt(area / math.pi)
+    aspect = math.sqrt(geometry.get("aspect", 1.0))
     return _norm(u / aspect, v * aspect) - radius, None
 
 
-def _chromatin_colour(chromatin: float, stain: float, size: int, rng: np.random.Generator) -> np.ndarray:
-    """(3, H, W) nucleus colour: darker and more clumped with chromatin, homogeneous when pyknotic."""
-    pyknosis = np.clip((chromatin - 0.85) / 0.1, 0.0, 1.0)
+def _chromatin_colour(chromatin: float, stain: float, frame: _Frame, rng: np.random.Generator) -> np.ndarray:
+    """(3, h, w) nucleus colour: darker and more clumped with chromatin, homogeneous when pyknotic."""
+    pyknosis = min(max((chromatin - 0.85) / 0.1, 0.0), 1.0)
     contrast = 0.06 + 0.5 * chromatin * (1.0 - pyknosis)
-    darkness = np.clip(chromatin + contrast * _smooth_noise(size, max(4, size // 4), rng), 0.0, 1.0)
+    clumps = _smooth_noise(frame.shape, frame.size, max(4, frame.size // 4), rng)
+    darkness = np.clip(chromatin + contrast * clumps, 0.0, 1.0)
     open_colour, dense_colour = _stained(_NUCLEUS_OPEN, stain), _stained(_NUCLEUS_DENSE, stain)
     return open_colour + darkness * (dense_colour - open_colour)
 
 
+def _spots_within(region: np.ndarray, count: int, radius_px: float, rng: np.random.Generator) -> np.ndarray:
+    """Coverage of `count` disc spots centred on random pixels fully inside region (a coverage map)."""
+    inside_y, inside_x = np.nonzero(region > 0.99)
+    if len(inside_y) == 0:
+        return np.zeros_like(region)
+    pick = rng.integers(len(inside_y), size=count)
+    return _stamp_discs(region.shape, inside_y[pick], inside_x[pick], radius_px)
+
+
 def _nucleoli(nucleus: np.ndarray, chromatin: float, frame: _Frame, rng: np.random.Generator) -> np.ndarray:
     """Coverage of 1-2 pale nucleoli inside a nucleus with open chromatin (blasts)."""
-    inside_y, inside_x = np.nonzero(nucleus > 0.99)
-    if len(inside_y) == 0:
-        return np.zeros_like(nucleus)
-    pick = rng.integers(len(inside_y), size=int(rng.integers(1, 3)))
-    visibility = 0.6 * np.clip(1.0 - chromatin / 0.3, 0.0, 1.0)
-    return visibility * _stamp_discs(frame.size, inside_y[pick], inside_x[pick], 0.08 * frame.radius)
+    visibility = 0.6 * max(1.0 - chromatin / 0.3, 0.0)
+    return visibility * _spots_within(nucleus, int(rng.integers(1, 3)), 0.08 * frame.radius, rng)
 
 
-def _spots_in_cell(frame: _Frame, count: int, radius_px: float, rng: np.random.Generator, spread: float = 1.0) -> np.ndarray:
-    """Mask of `count` disc spots placed uniformly within spread x the cell radius."""
-    r = frame.radius * spread * np.sqrt(rng.random(count))
+def _spots_in_cell(frame: _Frame, count: int, radius_px: float, rng: np.random.Generator) -> np.ndarray:
+    """Coverage of `count` disc spots placed uniformly within the cell's disc."""
+    r = frame.radius * np.sqrt(rng.random(count))
     t = rng.uniform(0, 2 * np.pi, count)
-    return _stamp_discs(frame.size, frame.cy + r * np.sin(t), frame.cx + r * np.cos(t), radius_px)
+    return _stamp_discs(frame.shape, frame.cy + r * np.sin(t), frame.cx + r * np.cos(t), radius_px)
 
 
 def _granules(image: np.ndarray, features: dict, region: np.ndarray, frame: _Frame, rng: np.random.Generator) -> None:
@@ -519,51 +602,42 @@ def _granules(image: np.ndarray, features: dict, region: np.ndarray, frame: _Fra
 
 
 def _vacuoles(image: np.ndarray, cytoplasm: np.ndarray, frame: _Frame, rng: np.random.Generator) -> None:
-    count = int(rng.integers(2, 7))
-    spots = _spots_in_cell(frame, count, max(0.7, 0.07 * frame.radius), rng, spread=0.85)
+    spots = _spots_within(cytoplasm, int(rng.integers(2, 7)), max(0.7, 0.07 * frame.radius), rng)
     _paint(image, 0.8 * spots * cytoplasm, _VACUOLE)
 
 
-def _auer_rod(image: np.ndarray, features: dict, cytoplasm: np.ndarray, frame: _Frame, rng: np.random.Generator) -> None:
+def _auer_rod(
+    image: np.ndarray, features: dict, cytoplasm: np.ndarray, frame: _Frame, rng: np.random.Generator
+) -> None:
     """A thin magenta rod lying tangentially in the cytoplasm, opposite the nucleus offset."""
-    x, y = _grid(frame.size)
+    x, y = frame.grid()
     where = features["orientation"] + np.pi + rng.uniform(-1.0, 1.0)
-    distance = frame.radius * (1.0 + np.sqrt(features["nc_ratio"])) / 2
-    u, v = _rotate(x - frame.cx - distance * np.cos(where), y - frame.cy - distance * np.sin(where), where + np.pi / 2)
+    distance = frame.radius * (1.0 + math.sqrt(features["nc_ratio"])) / 2
+    rod_x, rod_y = frame.cx + distance * math.cos(where), frame.cy + distance * math.sin(where)
+    u, v = _rotate(x - rod_x, y - rod_y, where + math.pi / 2)
     half_length = 0.22 * frame.radius
     rod = _norm(np.clip(np.abs(u) - half_length, 0, None), v) - max(0.45, 0.025 * frame.radius)
     _paint(image, 0.9 * _coverage(rod, frame.softness) * cytoplasm, _stained(_AUER_ROD, features["stain"]))
 
 
 def _pixel_noise(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    """Uniform integer noise in [-3.5, 3.5], from random bytes (several times cheaper than floats)."""
+    """Uniform noise on 8 levels in [-3.5, 3.5], from random bytes (cheaper than drawing floats)."""
     levels = np.frombuffer(rng.bytes(int(np.prod(shape))), np.uint8) & 7
     return (levels - np.float32(3.5)).reshape(shape)
 
 
-def render_cell(features: dict, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Render one cell from its features at size x size pixels: (size, size, 3) uint8 RGB.
-
-    Drawn directly at the target size; rng adds what the features leave open (outline wobble, red
-    cells, granule and vacuole positions, chromatin texture, pixel noise).
-    """
-    if size < MIN_SIZE:
-        raise ValueError(f"size must be >= {MIN_SIZE}, got {size}")
-    centre_x, centre_y = ((0.5 + offset) * size for offset in features["center"])
-    frame = _Frame(size, centre_x, centre_y, features["cell_size"] * size / 2, softness=0.6 + size / 160)
+def _paint_cell(image: np.ndarray, features: dict, frame: _Frame, rng: np.random.Generator) -> None:
+    """Paint the nucleated cell, layer by layer, over image: the (3, h, w) window that holds it."""
     stain = features["stain"]
-    image = _background(size, rng)
-    _red_cells(image, frame, rng)
-
     cell_sd = _cell_sd(frame, rng)
     cell = _coverage(cell_sd, frame.softness)
     nucleus_sd, filament_sd = _nucleus_sd(features, frame)
     nucleus = _coverage(np.maximum(nucleus_sd, cell_sd + 1.0), frame.softness)  # kept inside the cell
     cytoplasm = cell * (1.0 - nucleus)
 
-    texture = 1.0 + 0.04 * _smooth_noise(size, 6, rng)
+    texture = 1.0 + 0.04 * _smooth_noise(frame.shape, frame.size, 6, rng)
     _paint(image, cell, _stained(_rgb(*features["cytoplasm_rgb"]), stain) * texture)
-    nucleus_colour = _chromatin_colour(features["chromatin"], stain, size, rng)
+    nucleus_colour = _chromatin_colour(features["chromatin"], stain, frame, rng)
     if filament_sd is not None:  # under the granules, so that granules never darken it into a bridge
         _paint(image, _FILAMENT_OPACITY * _coverage(filament_sd, frame.softness) * cell, nucleus_colour)
     over_nucleus = features["granules"] == "primary"  # azurophilic granules overlie the nucleus too
@@ -580,6 +654,19 @@ def render_cell(features: dict, size: int, rng: np.random.Generator) -> np.ndarr
     if features["chromatin"] < 0.3:
         _paint(image, _nucleoli(nucleus, features["chromatin"], frame, rng), _stained(_NUCLEOLUS, stain))
 
+
+def render_cell(features: dict, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Render one cell from its features at size x size pixels: (size, size, 3) uint8 RGB.
+
+    Drawn directly at the target size; rng adds what the features leave open (outline wobble, red
+    cells, granule and vacuole positions, chromatin texture, pixel noise).
+    """
+    if size < MIN_SIZE:
+        raise ValueError(f"size must be >= {MIN_SIZE}, got {size}")
+    frame = _frame(features, size)
+    image = _background(size, rng)
+    _red_cells(image, frame, rng)
+    _paint_cell(image[frame.window], features, frame, rng)
     image += _pixel_noise(image.shape, rng)
     return np.ascontiguousarray(np.clip(image, 0, 255).astype(np.uint8).transpose(1, 2, 0))
 
@@ -601,10 +688,14 @@ def generate(n_per_class: int, size: int, seed: int, classes: Sequence[str] = DE
     classes = tuple(classes)
     for cell_type in classes:
         _spec(cell_type)
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"classes must be distinct, got {classes}")
     if n_per_class < 1:
         raise ValueError(f"n_per_class must be >= 1, got {n_per_class}")
     if size < MIN_SIZE:
         raise ValueError(f"size must be >= {MIN_SIZE}, got {size}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
     images = np.empty((len(classes) * n_per_class, size, size, 3), np.uint8)
     features = []
     for label, cell_type in enumerate(classes):
