@@ -16,13 +16,19 @@ ifneq ($(HAS_GPU),yes)
 export DS_ACCELERATOR := cpu
 endif
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install browser bench clean
 
 demo: $(VENV)/.deepspeed-ops
 	$(PY) jobs/demo.py --config configs/demo.yaml
 
-test: $(VENV)/.deepspeed-ops
+test: $(VENV)/.deepspeed-ops browser
 	$(PY) -m pytest
+
+# Debian's chromium drives the labelling page's browser test (apt needs root; otherwise that test is skipped).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "chromium is not installed: the browser test will be skipped"
 
 install: $(VENV)/.installed
 

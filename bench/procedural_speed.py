@@ -1,6 +1,6 @@
 """Images per second of the procedural cytology set on one core, against the cheapest possible image.
 
-Usage: python bench/procedural_speed.py [--repeats 5] [--out bench/results/procedural_speed.json]
+Usage: python bench/procedural_speed.py [--repeats 5]
 
 The baseline is uniform noise, np.random.default_rng().random((n, size, size, 3)) cast to uint8:
 what it costs just to fill the arrays. Each figure is the median over repeats; the CPU-time rate is
@@ -12,9 +12,6 @@ import os
 os.environ["OMP_NUM_THREADS"] = "1"  # before numpy is imported: one core, as the data loaders use it
 
 import argparse
-import datetime
-import json
-import platform
 import statistics
 import sys
 import time
@@ -23,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from bench_common import write_result  # noqa: E402
 from pathalign_ray.data.procedural import DEFAULT_CELL_TYPES, generate  # noqa: E402
 
 IMAGES_PER_CLASS = {32: 60, 64: 40, 128: 12}  # per repeat: about a third of a second each
@@ -57,26 +55,9 @@ def measure(size: int, per_class: int, repeats: int) -> dict:
     }
 
 
-def _machine() -> dict:
-    cpu = platform.processor()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
-        cpu = models[0] if models else cpu
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "procedural_speed.json")
     args = parser.parse_args()
 
     figures = {f"{size}px": measure(size, per_class, args.repeats) for size, per_class in IMAGES_PER_CLASS.items()}
@@ -85,16 +66,7 @@ def main() -> None:
         rates = f"{row['images_per_s']:>10.0f} {row['cpu_images_per_s']:>10.0f} {row['noise_images_per_s']:>12.0f}"
         print(f"{size:>6} {rates} {row['cost_vs_noise']:>8.1f}")
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    result = {
-        "figures": figures,
-        "command": "python " + " ".join(sys.argv),
-        "machine": _machine(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
-
+    print(f"wrote {write_result('procedural_speed', figures)}")
 
 if __name__ == "__main__":
     main()

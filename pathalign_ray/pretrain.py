@@ -73,6 +73,7 @@ class PretrainConfig:
 
 def pretrain(config: PretrainConfig) -> Path:
     """Train on the cluster, then export the EMA model to RUN_DIR/model. Returns that folder."""
+    import ray.data
     from ray.train.torch import TorchTrainer
 
     from pathalign_ray.data.shards import ray_dataset, read_dataset_info
@@ -86,6 +87,7 @@ def pretrain(config: PretrainConfig) -> Path:
     run_dir = Path(config.run_dir).resolve()
     save_config(config, run_dir / "pretrain.yaml")
     init_ray(device=config.scale.device)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per epoch drowns the training log
     train_set = ray_dataset(config.data.dataset, "train").materialize()
     trainer = TorchTrainer(
         train_loop,

@@ -35,3 +35,75 @@ def tiny_dataset(tmp_path_factory):
 
     images = procedural.generate(8, 16, seed=0, classes=procedural.DEFAULT_CELL_TYPES[:4])
     return write_dataset(images, tmp_path_factory.mktemp("data") / "tiny", test_fraction=0.25, seed=0, source="test")
+
+
+def pytest_collection_modifyitems(config, items):
+    """CI=true skips the long runs; each of them has a benchmark in bench/ that covers it."""
+    if os.environ.get("CI", "").lower() not in ("1", "true", "yes"):
+        return
+    skip = pytest.mark.skip(reason="slow: skipped when CI=true (covered by bench/)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+TINY_PRETRAIN_OVERRIDES = [
+    "model.sample_size=16",
+    "model.block_out_channels=[8,16]",
+    "model.norm_num_groups=4",
+    "model.num_train_timesteps=100",
+    "train.batch_size=4",
+    "train.log_every=1",
+    "train.checkpoint_every=2",
+    "train.warmup_steps=1",
+    "scale.num_workers=2",
+    "scale.zero_stage=2",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained(ray_cluster, tiny_dataset, tmp_path_factory):
+    """A tiny model pretrained on 2 Ray Train workers with ZeRO-2: 3 steps, then resumed to 5.
+
+    Returns (run_dir, metric history of the first run, exported model folder).
+    """
+    import json
+
+    from pathalign_ray.config import load_config
+    from pathalign_ray.pretrain import PretrainConfig, pretrain
+
+    run_dir = tmp_path_factory.mktemp("run")
+
+    def run(steps):
+        overrides = [f"run_dir={run_dir}", f"data.dataset={tiny_dataset}", f"train.steps={steps}"]
+        return pretrain(load_config(PretrainConfig, None, TINY_PRETRAIN_OVERRIDES + overrides))
+
+    run(3)
+    first_history = [json.loads(line) for line in (run_dir / "pretrain_metrics.jsonl").read_text().splitlines()]
+    return run_dir, first_history, run(5)
+
+
+@pytest.fixture(scope="session")
+def tiny_samples(tiny_pretrained):
+    """3 samples per class (12 in all) from the tiny model, in RUN_DIR/samples/pretrained."""
+    from pathalign_ray.sampling import SampleConfig, sample
+
+    run_dir, _, model_dir = tiny_pretrained
+    return sample(
+        SampleConfig(model=str(model_dir), out_dir=str(run_dir / "samples" / "pretrained"), n_per_class=3, ddim_steps=2)
+    )
+
+
+@pytest.fixture(scope="session")
+def serve_port(ray_cluster):
+    """Ray Serve's HTTP proxy on 127.0.0.1 at a free port, shut down at the end of the session."""
+    import socket
+
+    from ray import serve
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield port
+    serve.shutdown()

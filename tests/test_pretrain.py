@@ -8,44 +8,12 @@ import sys
 
 import pytest
 
-from pathalign_ray.config import load_config
-from pathalign_ray.pretrain import PretrainConfig, pretrain
 from pathalign_ray.sampling import SampleConfig, read_manifest, sample
 
 pytestmark = pytest.mark.ray
 
-TINY_OVERRIDES = [
-    "model.sample_size=16",
-    "model.block_out_channels=[8,16]",
-    "model.norm_num_groups=4",
-    "model.num_train_timesteps=100",
-    "train.batch_size=4",
-    "train.log_every=1",
-    "train.checkpoint_every=2",
-    "train.warmup_steps=1",
-    "scale.num_workers=2",
-    "scale.zero_stage=2",
-]
-
-
-def _pretrain(run_dir, dataset, steps):
-    config = load_config(
-        PretrainConfig, None, TINY_OVERRIDES + [f"run_dir={run_dir}", f"data.dataset={dataset}", f"train.steps={steps}"]
-    )
-    return pretrain(config)
-
-
-@pytest.fixture(scope="module")
-def pretrained(ray_cluster, tiny_dataset, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("run")
-    first = _pretrain(run_dir, tiny_dataset, steps=3)
-    first_history = [json.loads(line) for line in (run_dir / "pretrain_metrics.jsonl").read_text().splitlines()]
-    model_dir = _pretrain(run_dir, tiny_dataset, steps=5)
-    return run_dir, first, first_history, model_dir
-
-
-def test_checkpoints_and_resume_continue_the_step_count(pretrained):
-    run_dir, first_model, first_history, model_dir = pretrained
+def test_checkpoints_and_resume_continue_the_step_count(tiny_pretrained):
+    run_dir, first_history, model_dir = tiny_pretrained
     assert [row["step"] for row in first_history] == [1, 2, 3]
     history = [json.loads(line) for line in (run_dir / "pretrain_metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in history] == [1, 2, 3, 4, 5]
@@ -56,8 +24,8 @@ def test_checkpoints_and_resume_continue_the_step_count(pretrained):
     assert len(checkpoints) == 2, checkpoints
 
 
-def test_export_loads_with_plain_diffusers(pretrained):
-    model_dir = pretrained[3]
+def test_export_loads_with_plain_diffusers(tiny_pretrained):
+    model_dir = tiny_pretrained[2]
     script = (
         "import sys, json, torch\n"
         "from diffusers import UNet2DModel, DDIMScheduler\n"
@@ -72,8 +40,8 @@ def test_export_loads_with_plain_diffusers(pretrained):
     assert result.stdout.strip() == "(1, 3, 16, 16)"
 
 
-def test_sampling_writes_manifest_and_is_reproducible(pretrained, tmp_path):
-    model_dir = pretrained[3]
+def test_sampling_writes_manifest_and_is_reproducible(tiny_pretrained, tmp_path):
+    model_dir = tiny_pretrained[2]
     base = dict(model=str(model_dir), n_per_class=2, ddim_steps=3, batch_size=3, seed=7)
     first = sample(SampleConfig(**base, out_dir=str(tmp_path / "a")))
     second = sample(SampleConfig(**{**base, "batch_size": 8}, out_dir=str(tmp_path / "b"), classes=("myeloblast",)))
@@ -90,8 +58,8 @@ def test_sampling_writes_manifest_and_is_reproducible(pretrained, tmp_path):
         assert (second / row["path"]).read_bytes() == (first / row["path"]).read_bytes()
 
 
-def test_sampling_refuses_to_overwrite_and_unknown_classes(pretrained, tmp_path):
-    model_dir = pretrained[3]
+def test_sampling_refuses_to_overwrite_and_unknown_classes(tiny_pretrained, tmp_path):
+    model_dir = tiny_pretrained[2]
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("x")
     with pytest.raises(FileExistsError, match="already holds samples"):

@@ -1,0 +1,565 @@
+"""The simulated pathologist: Gamma(image, declared_class) -> plausible or not, by the paper's checklist.
+
+A pathologist judges a synthetic image against its DECLARED cell type with six criteria (`CRITERIA`):
+cell size, nucleus shape, chromatin, cytoplasm colour, granules, inclusions. This module measures
+those features from the pixels alone -- never from a generator's per-image metadata, so it judges any
+image, procedural or diffusion-made -- and compares them with the declared type's clinical ranges
+(`procedural.SPECS`, the checklist), widened by tolerances. Its knowledge of the stain is the
+May-Grünwald-Giemsa palette of the procedural set (`cytoplasm_rgb`, the chromatin colours below).
+Pure numpy/scipy: no torch, no Ray, no I/O.
+
+Measurement (`measure`) works at the image's own size (>= 16 px); pixel-count thresholds are stated at
+64 px and scale with size**2. Measuring natively beat upsampling 32 px images to 64 first: smaller
+biases in cell size (+0.014 against +0.027 frame widths before the edge correction) and N:C (-0.019
+against -0.031), and half the cost.
+
+- cell: stained pixels (sum |RGB - background| > 30; background = median of the light frame border)
+  form 4-connected components; the cell is the one holding most dark pixels (Y < 120), holes filled
+  (vacuoles). None, or one touching a quarter of the frame border or covering 80 % of the frame: no
+  cell found. Diameter: of the disc of the mask's area less the quarter pixel of soft edge that the
+  threshold catches (error sd 0.007 frame widths at 32-128 px).
+- nucleus: non-magenta pixels darker than a threshold half-way between nucleus and cytoplasm
+  luminance (both first estimated with Y < 120), in components of >= 12 px (at 64 px) and >= 30 % of
+  the largest, holes (nucleoli) filled. The half-way threshold puts the outline where a soft edge is
+  half covered (unbiased N:C) and leaves the 35 %-opacity lobe filaments out: lobes = components (all
+  correct at 32-128 px). Primary granules lying on the nucleus stay in it; magenta Auer rods do not.
+  Shape: axis ratio (second moments) and solidity (area / convex hull of the pixel centres grown by
+  half a pixel, after an opening that removes granules stuck to the outline).
+- chromatin: each core pixel's optical density (255 - RGB) is fitted as
+  stain x (open + darkness x (dense - open)); stain strength only scales optical density, so the
+  median darkness (0 fine .. 1 pyknotic) is stain-free; texture = its inter-quartile range. Error sd
+  0.06 at 64 px, 0.1 at 32 px: a nucleus holds only a few chromatin clumps. Edge width = (cytoplasm
+  - nucleus luminance) / the steepest luminance gradient on the outline: ~1.5 px sharp, > 3 blurred.
+- cytoplasm tone (0 deep blue .. 0.55 lilac .. 1 orange-pink): the palette tone whose optical-density
+  direction matches the median plain cytoplasm pixel (off the nucleus and the cell edge, no spots).
+  Orange granules are unmixed (the tone whose plane with the granule colour leaves least residual);
+  a rim too thin for plain pixels (a lymphocyte at 32 px) is read from its blends with the
+  background, seen from the background colour. Error sd 0.02-0.04.
+- granules, as fractions of the plain-cytoplasm zone: dark (below the nucleus threshold: primary),
+  fine (1-px spots 8 levels darker than their 3x3 grey closing, or 20 redder than their 3x3 opening
+  in R - B: secondary granules are darker on lilac, redder on blue), orange (R - B > 90, B < 115,
+  G > B: eosinophilic).
+- inclusions: Auer rod = the longest 8-connected magenta streak (R > B + 25 more than the cytoplasm,
+  G < B, R > 140, Y < 140) with axis ratio >= 3, in cell radii; vacuoles = spots > 20 brighter than
+  their 3x3 grey opening and nearer the background colour than the cytoplasm's, counted.
+
+Rules (`judge_measurements`): each criterion holds checks "value within [lo, hi]", the range taken
+from the declared type's SPECS entry or from the small tables below (`_SHAPES`, `_GRANULES`), widened
+by a tolerance per quantity (`_TOLERANCES`). A check's margin, in tolerance units, is
+min(value - lo, hi - value) / tolerance + 1 / strictness; a criterion passes when its least margin is
+>= 0, and an image is plausible when all six pass.
+
+- cell_size: diameter in range.
+- nucleus_shape: lobe count and N:C in range, and one of the type's nucleus shapes fits.
+- chromatin: darkness in range; homogeneous (low texture) if pyknotic; a sharp nucleus edge (a
+  blurred nucleus shows no chromatin pattern to judge).
+- cytoplasm_colour: tone in range.
+- granules: the spot fractions of the type's granule kind.
+- inclusions: no Auer rod and no vacuole, unless the type may show them (SPECS inclusions).
+
+No cell found: implausible, and all six criteria fail, since none of them can be checked.
+Images with added pixel noise pass up to about +-7 grey levels; beyond that the noise reads as
+granules and vacuoles and the verdict turns implausible (as it would for a too-grainy micrograph).
+`SimulatedExpert` adds per-expert strictness and deterministic verdict flips (disagreement).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage as ndi
+from scipy.spatial import ConvexHull, QhullError
+
+from pathalign_ray.data.procedural import CELL_TYPES, SPECS, CellTypeSpec, cytoplasm_rgb
+
+CRITERIA: tuple[str, ...] = ("cell_size", "nucleus_shape", "chromatin", "cytoplasm_colour", "granules", "inclusions")
+MIN_SIZE = 16  # px, the smallest image side measured
+
+# ---------------------------------------------------------------- the rules
+
+# How far outside a type's range a measurement may lie and still pass, at strictness 1; about 2-4
+# times the measurement's own error at 32 px (the error sd is given where it matters).
+_TOLERANCES = {
+    "cell_diameter": 0.04,  # frame widths; error sd 0.007
+    "nc_ratio": 0.06,  # error sd 0.02; nuclei that reach the cell edge read low
+    "lobes": 0.5,  # count: exact at strictness 1, +-1 lobe below strictness 0.5
+    "axis_ratio": 0.1,  # long / short axis
+    "solidity": 0.05,
+    "chromatin": 0.2,  # error sd up to 0.1: the chromatin clumps are few per nucleus
+    "chromatin_texture": 0.05,
+    "edge_width": 0.5,  # px
+    "cytoplasm_tone": 0.1,  # error sd 0.04 at most (a one-pixel lymphocyte rim at 32 px)
+    "dark_granules": 0.02,  # fraction of the cytoplasm
+    "fine_granules": 0.02,
+    "orange_granules": 0.02,
+    "rod_length": 0.1,  # cell radii
+    "vacuoles": 0.5,  # count
+}
+
+_SHAPES = {  # nucleus shape: ranges of its descriptors (lobe count and N:C come from SPECS)
+    "round": {"axis_ratio": (1.0, 1.15), "solidity": (0.93, 1.0)},
+    "oval": {"axis_ratio": (1.1, 1.45), "solidity": (0.93, 1.0)},
+    "indented": {"axis_ratio": (1.55, 1.95), "solidity": (0.85, 0.96)},  # kidney: elongated, one notch
+    "band": {"solidity": (0.42, 0.68)},  # a C or U of even width
+    "lobed": {},  # lobes joined by filaments: the lobe count says it all
+}
+
+_GRANULES = {  # granule kind: ranges of spot fractions of the cytoplasm (measured 0 where absent)
+    "none": {"dark_granules": (0.0, 0.01), "fine_granules": (0.0, 0.01), "orange_granules": (0.0, 0.01)},
+    "primary": {"dark_granules": (0.04, 1.0), "orange_granules": (0.0, 0.01)},
+    "secondary": {"dark_granules": (0.0, 0.01), "fine_granules": (0.05, 1.0), "orange_granules": (0.0, 0.01)},
+    "eosinophilic": {"dark_granules": (0.0, 0.01), "orange_granules": (0.1, 1.0)},
+}
+
+_PYKNOTIC = 0.9  # chromatin ranges from here up are pyknotic: dark and homogeneous
+_PYKNOTIC_TEXTURE = (0.0, 0.2)  # inter-quartile range of chromatin darkness
+_SHARP_EDGE = (0.0, 3.0)  # px, nucleus edge width
+_NO_INCLUSION = {"auer_rod": ("rod_length", (0.0, 0.0)), "vacuoles": ("vacuoles", (0.0, 0.0))}
+
+# ---------------------------------------------------------------- measurement constants
+
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+_DEFAULT_BACKGROUND = np.array([236.0, 226.0, 228.0], np.float32)  # the smear, when the border is not light
+_FOREGROUND_DISTANCE = 30.0  # sum |RGB - background| above which a pixel is stained
+_NUCLEUS_LUMINANCE = 120.0  # first-pass nucleus threshold, refined per image
+_REFERENCE_SIZE = 64  # px; pixel-count thresholds are stated at this size and scale with size**2
+_EDGE_SOFTNESS = 0.25  # px of soft cell edge that the foreground threshold catches
+_MIN_PLAIN_PIXELS = 12  # fewer plain cytoplasm pixels: read the tone from the rim's blends
+_NUCLEUS_OPEN_OD = 255.0 - np.array([105.0, 62.0, 150.0])  # optical density of fine chromatin
+_NUCLEUS_DENSE_OD = 255.0 - np.array([50.0, 26.0, 80.0])  # and of condensed chromatin
+_CHROMATIN_BASIS = np.linalg.pinv(np.stack([_NUCLEUS_OPEN_OD, _NUCLEUS_DENSE_OD - _NUCLEUS_OPEN_OD], axis=1))
+_TONES = np.linspace(0.0, 1.0, 101)
+_TONE_RGB = np.array([cytoplasm_rgb(t) for t in _TONES], np.float64)
+
+
+@dataclass(frozen=True)
+class Measurements:
+    """The checklist features of one image, measured from its pixels (NaN where not measurable)."""
+
+    found_cell: bool
+    cell_diameter: float = math.nan  # cell diameter / frame width
+    nc_ratio: float = math.nan  # nucleus area / cell area
+    lobes: int = 0  # nucleus components
+    solidity: float = math.nan  # nucleus area / its convex hull's area
+    axis_ratio: float = math.nan  # nucleus long / short axis
+    chromatin: float = math.nan  # stain-free darkness: 0 fine and open .. 1 pyknotic
+    chromatin_texture: float = math.nan  # inter-quartile range of the per-pixel darkness
+    edge_width: float = math.nan  # px, nucleus-cytoplasm transition
+    cytoplasm_tone: float = math.nan  # 0 deep blue .. 0.55 lilac .. 1 orange-pink
+    blue_minus_red: float = math.nan  # of the plain cytoplasm, RGB levels
+    dark_granules: float = 0.0  # fractions of the cytoplasm: primary granules
+    fine_granules: float = 0.0  # secondary granules
+    orange_granules: float = 0.0  # eosinophilic granules
+    rod_length: float = 0.0  # the longest Auer rod / cell radius; 0 none
+    vacuoles: int = 0  # count
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A verdict on one image against its declared class.
+
+    failed: the criteria that fail, in CRITERIA order. margins: per criterion, the least margin of
+    its checks in tolerance units (>= 0 passes); -inf where it could not be checked.
+    """
+
+    declared_class: str
+    plausible: bool
+    failed: tuple[str, ...]
+    measurements: Measurements
+    margins: dict[str, float] = field(default_factory=dict)
+    flipped: bool = False  # a SimulatedExpert turned this verdict over
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def _dilate(mask: np.ndarray) -> np.ndarray:
+    """Binary dilation by the 4-neighbourhood (cheaper than scipy's on small images)."""
+    out = mask.copy()
+    out[1:] |= mask[:-1]
+    out[:-1] |= mask[1:]
+    out[:, 1:] |= mask[:, :-1]
+    out[:, :-1] |= mask[:, 1:]
+    return out
+
+
+def _erode(mask: np.ndarray) -> np.ndarray:
+    """Binary erosion by the 4-neighbourhood; outside the image counts as background."""
+    out = mask & ~_dilate(~mask)
+    out[[0, -1]] = False
+    out[:, [0, -1]] = False
+    return out
+
+
+def _background(rgb: np.ndarray) -> np.ndarray:
+    """The smear colour: median of the light, grey frame-border pixels (the default if few)."""
+    ring = np.concatenate([rgb[0], rgb[-1], rgb[1:-1, 0], rgb[1:-1, -1]])
+    light = ring[(ring @ _LUMA > 190) & (np.ptp(ring, axis=1) < 40)]
+    return np.median(light, axis=0) if len(light) >= len(ring) // 4 else _DEFAULT_BACKGROUND
+
+
+def _find_cell(rgb: np.ndarray, luma: np.ndarray, background: np.ndarray) -> np.ndarray | None:
+    """The cell mask: the stained component holding most dark pixels, holes filled; None if none fits."""
+    size = rgb.shape[0]
+    labels, count = ndi.label(np.abs(rgb - background).sum(axis=-1) > _FOREGROUND_DISTANCE)
+    dark_counts = np.bincount(labels[luma < _NUCLEUS_LUMINANCE], minlength=count + 1)
+    dark_counts[0] = 0
+    if count == 0 or dark_counts.max() == 0:
+        return None
+    cell = ndi.binary_fill_holes(labels == int(np.argmax(dark_counts)))
+    border = np.concatenate([cell[0], cell[-1], cell[:, 0], cell[:, -1]]).mean()
+    if border > 0.25 or cell.mean() > 0.8 or cell.sum() < 0.01 * size * size:
+        return None
+    return cell
+
+
+def _nucleus(cell: np.ndarray, luma: np.ndarray, threshold: float, magenta: np.ndarray, scale: float):
+    """(nucleus mask, lobe count): the components of non-magenta pixels darker than threshold that are
+    at least 12 px (at 64 px) and 30 % of the largest, holes (nucleoli) filled.
+
+    Auer rods are magenta; primary granules (R ~ B) are not, so those lying over the nucleus stay part
+    of it (a chain of them cannot cut it in two) and those in the cytoplasm are too small to count.
+    """
+    labels, count = ndi.label(cell & (luma < threshold) & ~magenta)
+    if count == 0:
+        return None, 0
+    areas = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    keep = np.nonzero(areas >= max(12.0 * scale, 0.3 * areas.max()))[0] + 1
+    return ndi.binary_fill_holes(np.isin(labels, keep)), len(keep)
+
+
+def _elongation(ys: np.ndarray, xs: np.ndarray) -> tuple[float, float]:
+    """(length, long / short axis ratio) of a pixel set, from its second moments; length is that of
+    a uniform bar with the same variance along its long axis (a row of n pixels: n)."""
+    cov = np.cov(np.stack([ys, xs]).astype(float)) + np.eye(2) / 12  # + a unit pixel's own variance
+    small, large = np.linalg.eigvalsh(cov)
+    return math.sqrt(12.0 * large), math.sqrt(large / small)
+
+
+def _solidity(mask: np.ndarray, size: int) -> float:
+    """Area / convex-hull area of the mask opened by one pixel (granules stuck to the outline are no
+    notches); the hull is that of the pixel centres grown by half a pixel (a disc scores ~0.97-0.99)."""
+    steps = max(1, round(size / _REFERENCE_SIZE))  # a primary granule's radius: 1 px up to 64 px, 2 at 96-128
+    opened = mask
+    for _ in range(steps):
+        opened = _erode(opened)
+    for _ in range(steps):
+        opened = _dilate(opened)
+    ys, xs = np.nonzero(opened if opened.sum() >= 0.8 * mask.sum() else mask)
+    try:
+        hull = ConvexHull(np.c_[ys, xs].astype(float))
+    except (QhullError, ValueError):  # a line or a dot
+        return 1.0
+    return len(ys) / (hull.volume + hull.area / 2 + math.pi / 4)
+
+
+def _chromatin(rgb: np.ndarray, nucleus: np.ndarray) -> tuple[float, float]:
+    """(median darkness, its inter-quartile range) of the nucleus core, stain-free."""
+    core = _erode(nucleus)
+    if core.sum() < 4:
+        core = nucleus
+    stain, stained_darkness = _CHROMATIN_BASIS @ (255.0 - rgb[core]).T  # (2, n)
+    darkness = stained_darkness / np.maximum(stain, 1e-3)
+    q25, q50, q75 = np.percentile(darkness, [25, 50, 75])
+    return float(q50), float(q75 - q25)
+
+
+def _tone(pixels: np.ndarray, origin, contaminant: np.ndarray | None = None) -> float:
+    """Cytoplasm tone whose colour direction, seen from origin (RGB), best explains pixels (n, 3) RGB.
+
+    Origin white (255): the direction of the median pixel's optical density, which stain only scales.
+    Origin the background (a rim of blends with it): the direction of the summed pixels, where faint
+    blends weigh little. With contaminant (RGB of granules mixed into the pixels), the tone whose
+    plane (tone, contaminant) leaves the least residual.
+    """
+    od = origin - pixels.astype(np.float64)
+    palette = origin - _TONE_RGB
+    palette /= np.linalg.norm(palette, axis=1, keepdims=True)
+    if contaminant is None:
+        centre = np.median(od, axis=0) if np.isscalar(origin) else od.sum(axis=0)
+        return float(_TONES[np.argmax(palette @ (centre / max(np.linalg.norm(centre), 1e-6)))])
+    e1 = origin - np.asarray(contaminant, np.float64)
+    e1 /= max(np.linalg.norm(e1), 1e-6)
+    e2 = palette - np.outer(palette @ e1, e1)
+    e2 /= np.maximum(np.linalg.norm(e2, axis=1, keepdims=True), 1e-6)
+    residual = (od * od).sum(axis=1, keepdims=True) - (od @ e1)[:, None] ** 2 - (od @ e2.T) ** 2
+    return float(_TONES[np.argmin(residual.sum(axis=0))])
+
+
+def _fine_spots(luma: np.ndarray, red_minus_blue: np.ndarray, cytoplasm_rgb: np.ndarray) -> np.ndarray:
+    """Pixels of small spots darker or redder than the cytoplasm around them (secondary granules:
+    darker on lilac and pink, where their hue is the cytoplasm's; redder on blue, where their
+    luminance is the cytoplasm's)."""
+    darker = (ndi.grey_closing(luma, size=(3, 3)) - luma > 8) & (luma < float(cytoplasm_rgb @ _LUMA) - 5)
+    redness = float(cytoplasm_rgb[0] - cytoplasm_rgb[2])
+    redder = (red_minus_blue - ndi.grey_opening(red_minus_blue, size=(3, 3)) > 20) & (red_minus_blue > redness + 15)
+    return darker | redder
+
+
+def _rod_length(streaks: np.ndarray, radius: float) -> float:
+    """The longest elongated streak (axis ratio >= 3, >= 3 px, 8-connected) / cell radius; 0 if none."""
+    labels, _ = ndi.label(streaks, structure=np.ones((3, 3)))
+    longest = 0.0
+    for k, window in enumerate(ndi.find_objects(labels)):
+        ys, xs = np.nonzero(labels[window] == k + 1)
+        if len(ys) >= 3:
+            length, ratio = _elongation(ys, xs)
+            if ratio >= 3:
+                longest = max(longest, length / radius)
+    return longest
+
+
+def _check_image(image: np.ndarray) -> None:
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"image must be (H, W, 3) uint8, got {getattr(image, 'shape', None)} {getattr(image, 'dtype', type(image))}")
+    if image.shape[0] != image.shape[1] or image.shape[0] < MIN_SIZE:
+        raise ValueError(f"image must be square and at least {MIN_SIZE} px, got {image.shape[0]}x{image.shape[1]}")
+
+
+def measure(image: np.ndarray) -> Measurements:
+    """Measure the checklist features of one (H, W, 3) uint8 RGB image (square, >= 16 px)."""
+    _check_image(image)
+    rgb = image.astype(np.float32)
+    size = rgb.shape[0]
+    scale = (size / _REFERENCE_SIZE) ** 2
+    background = _background(rgb)
+    cell = _find_cell(rgb, rgb @ _LUMA, background)
+    if cell is None:
+        return Measurements(found_cell=False)
+    ys, xs = np.nonzero(cell)  # from here on, work in the cell's bounding box and a 2 px margin
+    window = slice(max(ys.min() - 2, 0), ys.max() + 3), slice(max(xs.min() - 2, 0), xs.max() + 3)
+    rgb, cell = rgb[window], cell[window]
+    luma = rgb @ _LUMA
+    cell_area = float(cell.sum())
+    radius = math.sqrt(cell_area / math.pi)
+
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    magenta = (r > b) & (g < b) & (r > 140) & (luma < 140)  # Auer rods, lobe filaments; not primary granules (R < 130)
+    orange = (r - b > 90) & (b < 115) & (g > b)  # eosinophilic granules
+
+    rough, _ = _nucleus(cell, luma, _NUCLEUS_LUMINANCE, magenta, scale)
+    if rough is None:
+        return Measurements(found_cell=False)
+    rim = cell & ~_dilate(rough)
+    nucleus_luma = float(np.median(luma[rough]))
+    cytoplasm_luma = float(np.median(luma[rim])) if rim.any() else _NUCLEUS_LUMINANCE
+    threshold = (nucleus_luma + max(cytoplasm_luma, nucleus_luma)) / 2
+    nucleus, lobes = _nucleus(cell, luma, threshold, magenta, scale)
+    if nucleus is None:
+        nucleus, lobes = rough, 1
+    chromatin, texture = _chromatin(rgb, nucleus)
+
+    ring = cell & ~_dilate(nucleus)  # cytoplasm off the nucleus edge
+    inner = ring & _erode(cell)  # and off the cell edge
+    near_rod = _dilate(magenta)
+    dark = inner & (luma < threshold) & ~near_rod
+    reference = inner & ~dark & ~orange
+    cytoplasm_rgb = np.median(rgb[reference], axis=0) if reference.any() else background
+    pale = (  # spots brighter than around them, nearer the background colour than the cytoplasm's
+        inner
+        & (luma - ndi.grey_opening(luma, size=(3, 3)) > 20)
+        & (np.abs(rgb - background).sum(axis=-1) < np.abs(rgb - cytoplasm_rgb).sum(axis=-1))
+    )
+    fine = inner & _fine_spots(luma, r - b, cytoplasm_rgb) & ~dark & ~orange & ~near_rod & ~_dilate(pale)
+    zone = max(float(inner.sum()), 1.0)
+
+    plain = inner & ~dark & ~fine & ~pale & ~magenta
+    if (plain & orange).sum() >= 3:  # eosinophilic granules: unmix them from the cytoplasm
+        contaminant = np.median(rgb[plain & orange], axis=0)
+        plain &= ~orange
+        tone = _tone(rgb[plain], 255.0, contaminant) if plain.any() else math.nan
+    elif plain.sum() >= _MIN_PLAIN_PIXELS:
+        tone = _tone(rgb[plain], 255.0)
+    elif ring.any():  # a rim a pixel or two wide: read it from its blends with the background
+        plain = ring
+        tone = _tone(rgb[ring], background)
+    else:
+        tone = math.nan
+    blue_minus_red = float(np.median(b[plain] - r[plain])) if plain.any() else math.nan
+
+    gy, gx = np.gradient(luma)
+    outline = _dilate(nucleus & ~_erode(nucleus)) & cell
+    steepest = float(np.percentile(np.sqrt(gx * gx + gy * gy)[outline], 90))
+    ys, xs = np.nonzero(nucleus)
+    return Measurements(
+        found_cell=True,
+        cell_diameter=2 * max(radius - _EDGE_SOFTNESS, 0.0) / size,
+        nc_ratio=float(nucleus.sum()) / (math.pi * max(radius - _EDGE_SOFTNESS, 1.0) ** 2),
+        lobes=lobes,
+        solidity=_solidity(nucleus, size),
+        axis_ratio=_elongation(ys, xs)[1],
+        chromatin=chromatin,
+        chromatin_texture=texture,
+        edge_width=(cytoplasm_luma - nucleus_luma) / max(steepest, 1e-6),
+        cytoplasm_tone=tone,
+        blue_minus_red=blue_minus_red,
+        dark_granules=float(dark.sum()) / zone,
+        fine_granules=float(fine.sum()) / zone,
+        orange_granules=float((inner & orange).sum()) / zone,
+        rod_length=_rod_length(ring & magenta & (r - b > cytoplasm_rgb[0] - cytoplasm_rgb[2] + 25), radius),
+        vacuoles=int(ndi.label(pale)[1]),
+    )
+
+
+# ---------------------------------------------------------------- judging
+
+
+def _inside(value: float, bounds: tuple[float, float], quantity: str, leniency: float) -> float:
+    """Margin of value inside bounds widened by `leniency` tolerances, in tolerance units (>= 0 passes)."""
+    if value is None or math.isnan(value):
+        return -math.inf
+    low, high = bounds
+    return min(value - low, high - value) / _TOLERANCES[quantity] + leniency
+
+
+def _all_inside(m: Measurements, ranges: Mapping[str, tuple[float, float]], leniency: float) -> float:
+    return min((_inside(getattr(m, q), bounds, q, leniency) for q, bounds in ranges.items()), default=math.inf)
+
+
+def _cell_size(m: Measurements, spec: CellTypeSpec, leniency: float) -> float:
+    return _inside(m.cell_diameter, spec.cell_size, "cell_diameter", leniency)
+
+
+def _nucleus_shape(m: Measurements, spec: CellTypeSpec, leniency: float) -> float:
+    best_shape = max(_all_inside(m, _SHAPES[shape], leniency) for shape in spec.nucleus_shapes)
+    counts = {"lobes": spec.lobes, "nc_ratio": spec.nc_ratio}
+    return min(best_shape, _all_inside(m, counts, leniency))
+
+
+def _chromatin_pattern(m: Measurements, spec: CellTypeSpec, leniency: float) -> float:
+    ranges = {"chromatin": spec.chromatin, "edge_width": _SHARP_EDGE}
+    if spec.chromatin[0] >= _PYKNOTIC:
+        ranges["chromatin_texture"] = _PYKNOTIC_TEXTURE
+    return _all_inside(m, ranges, leniency)
+
+
+def _cytoplasm_colour(m: Measurements, spec: CellTypeSpec, leniency: float) -> float:
+    return _inside(m.cytoplasm_tone, spec.cytoplasm_tone, "cytoplasm_tone", leniency)
+
+
+def _granules(m: Measurements, spec: CellTypeSpec, leniency: float) -> float:
+    return _all_inside(m, _GRANULES[spec.granules], leniency)
+
+
+def _inclusions(m: Measurements, spec: CellTypeSpec, leniency: float) -> float:
+    allowed = {kind for kind, _ in spec.inclusions}
+    ranges = dict(q_bounds for kind, q_bounds in _NO_INCLUSION.items() if kind not in allowed)
+    return _all_inside(m, ranges, leniency)
+
+
+_RULES = {
+    "cell_size": _cell_size,
+    "nucleus_shape": _nucleus_shape,
+    "chromatin": _chromatin_pattern,
+    "cytoplasm_colour": _cytoplasm_colour,
+    "granules": _granules,
+    "inclusions": _inclusions,
+}
+
+
+def _spec(declared_class: str) -> CellTypeSpec:
+    if declared_class not in SPECS:
+        raise ValueError(f"unknown declared class {declared_class!r}; known: {', '.join(CELL_TYPES)}")
+    return SPECS[declared_class]
+
+
+def _strictness_per_criterion(strictness: float | Mapping[str, float]) -> dict[str, float]:
+    """{criterion: strictness}: a number for all six, or a mapping (missing criteria at 1.0)."""
+    given = dict(strictness) if isinstance(strictness, Mapping) else dict.fromkeys(CRITERIA, strictness)
+    unknown = set(given) - set(CRITERIA)
+    if unknown:
+        raise ValueError(f"unknown criteria in strictness: {sorted(unknown)}; known: {', '.join(CRITERIA)}")
+    per_criterion = {criterion: float(given.get(criterion, 1.0)) for criterion in CRITERIA}
+    if not all(0 < value < math.inf for value in per_criterion.values()):
+        raise ValueError(f"strictness must be positive and finite, got {per_criterion}")
+    return per_criterion
+
+
+def judge_measurements(
+    measurements: Measurements, declared_class: str, strictness: float | Mapping[str, float] = 1.0
+) -> Verdict:
+    """The verdict on measured features against the declared class.
+
+    strictness scales each criterion's tolerances by 1 / strictness (1 the reference, > 1 stricter,
+    < 1 more lenient): one number for all criteria or {criterion: number}.
+    """
+    spec = _spec(declared_class)
+    per_criterion = _strictness_per_criterion(strictness)
+    if not measurements.found_cell:
+        return Verdict(declared_class, False, CRITERIA, measurements, dict.fromkeys(CRITERIA, -math.inf))
+    margins = {c: _RULES[c](measurements, spec, 1.0 / per_criterion[c]) for c in CRITERIA}
+    failed = tuple(c for c in CRITERIA if margins[c] < 0)
+    return Verdict(declared_class, not failed, failed, measurements, margins)
+
+
+def judge(image: np.ndarray, declared_class: str, strictness: float | Mapping[str, float] = 1.0) -> Verdict:
+    """Gamma(image, declared_class): measure one (H, W, 3) uint8 image and judge it against the class."""
+    _spec(declared_class)
+    return judge_measurements(measure(image), declared_class, strictness)
+
+
+def judge_batch(
+    images: np.ndarray, declared_classes: Sequence[str], strictness: float | Mapping[str, float] = 1.0
+) -> list[Verdict]:
+    """Verdicts on (N, H, W, 3) uint8 images, one declared class each."""
+    if not isinstance(images, np.ndarray) or images.ndim != 4:
+        raise ValueError(f"images must be (N, H, W, 3) uint8, got {getattr(images, 'shape', type(images))}")
+    if len(images) != len(declared_classes):
+        raise ValueError(f"{len(images)} images but {len(declared_classes)} declared classes")
+    for declared_class in set(declared_classes):
+        _spec(declared_class)
+    return [judge(image, c, strictness) for image, c in zip(images, declared_classes)]
+
+
+# ---------------------------------------------------------------- simulated experts
+
+
+def _unit_draw(*keys: object) -> float:
+    """A uniform draw in [0, 1) that depends only on keys (blake2b: stable across runs and platforms).
+
+    Not zlib.crc32 of the joined keys: CRC is affine, so two experts' draws on the same sample would
+    differ by a constant XOR and their flips would be correlated.
+    """
+    digest = hashlib.blake2b("\x1f".join(map(str, keys)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64
+
+
+@dataclass(frozen=True)
+class SimulatedExpert:
+    """One simulated pathologist: the reference rules at its own strictness, plus random disagreement.
+
+    strictness: one number or {criterion: number}, scaling tolerances by 1 / strictness (1.0 the
+    reference, > 1 stricter, < 1 more lenient). flip_rate: probability that a verdict is turned over,
+    decided by (seed, expert_id, sample_id) only, so re-judging a sample gives the same verdict. A
+    flip to implausible names the criterion whose margin is least; a flip to plausible clears failed.
+    """
+
+    expert_id: str
+    flip_rate: float = 0.05
+    strictness: float | Mapping[str, float] = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.flip_rate <= 1.0:
+            raise ValueError(f"flip_rate must lie in [0, 1], got {self.flip_rate}")
+        _strictness_per_criterion(self.strictness)
+
+    def flips(self, sample_id: str) -> bool:
+        return _unit_draw(self.seed, self.expert_id, sample_id) < self.flip_rate
+
+    def judge_measurements(self, measurements: Measurements, declared_class: str, sample_id: str) -> Verdict:
+        verdict = judge_measurements(measurements, declared_class, self.strictness)
+        if not self.flips(sample_id):
+            return verdict
+        if verdict.plausible:
+            closest = min(CRITERIA, key=lambda c: verdict.margins[c])
+            return Verdict(declared_class, False, (closest,), measurements, verdict.margins, flipped=True)
+        return Verdict(declared_class, True, (), measurements, verdict.margins, flipped=True)
+
+    def judge(self, image: np.ndarray, declared_class: str, sample_id: str) -> Verdict:
+        _spec(declared_class)
+        return self.judge_measurements(measure(image), declared_class, sample_id)

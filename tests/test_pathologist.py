@@ -1,0 +1,359 @@
+"""The simulated pathologist: golden numbers for the measurement primitives, true- and wrong-class
+verdicts on procedural cells, one feature pushed out of range at a time, garbage, simulated experts."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from pathalign_ray import pathologist
+from pathalign_ray.data.procedural import CELL_TYPES, cytoplasm_rgb, draw_features, generate, render_cell
+from pathalign_ray.pathologist import (
+    CRITERIA,
+    Measurements,
+    SimulatedExpert,
+    judge,
+    judge_batch,
+    judge_measurements,
+    measure,
+)
+
+PER_TYPE = 40
+BACKGROUND = (236, 226, 228)
+OPEN_CHROMATIN = (105, 62, 150)
+DENSE_CHROMATIN = (50, 26, 80)
+
+
+@pytest.fixture(scope="module", params=[64, 32])
+def measured(request):
+    """(size, labels, measurements) of PER_TYPE procedural cells of each of the ten types."""
+    data = generate(PER_TYPE, request.param, seed=2024, classes=CELL_TYPES)
+    return request.param, data.labels, [measure(image) for image in data.images]
+
+
+def _plausible_matrix(labels, measurements) -> np.ndarray:
+    """(true, declared) fraction of images judged plausible."""
+    matrix = np.zeros((len(CELL_TYPES), len(CELL_TYPES)))
+    for label, m in zip(labels, measurements):
+        for k, declared in enumerate(CELL_TYPES):
+            matrix[label, k] += judge_measurements(m, declared).plausible
+    return matrix / PER_TYPE
+
+
+# ---------------------------------------------------------------- golden numbers on drawn arrays
+
+
+def _canvas(size: int = 64) -> np.ndarray:
+    return np.broadcast_to(np.array(BACKGROUND, np.uint8), (size, size, 3)).copy()
+
+
+def _disc(image: np.ndarray, cy: float, cx: float, radius: float, colour, aspect: float = 1.0) -> np.ndarray:
+    """Paint a hard-edged disc (an ellipse, long axis along x, if aspect > 1); return its mask."""
+    y, x = np.mgrid[: image.shape[0], : image.shape[1]] + 0.5
+    mask = ((x - cx) / math.sqrt(aspect)) ** 2 + ((y - cy) * math.sqrt(aspect)) ** 2 <= radius**2
+    image[mask] = colour
+    return mask
+
+
+def _drawn_cell(nucleus_colour=DENSE_CHROMATIN, cytoplasm=cytoplasm_rgb(0.3), nucleus_radius=10.0, aspect=1.0):
+    image = _canvas()
+    cell = _disc(image, 32, 32, 20, cytoplasm)
+    nucleus = _disc(image, 32, 32, nucleus_radius, nucleus_colour, aspect)
+    return image, cell, nucleus
+
+
+def test_disc_gives_its_diameter_and_nc_ratio():
+    image, cell, nucleus = _drawn_cell()
+    m = measure(image)
+    assert m.found_cell and m.lobes == 1
+    assert m.cell_diameter == pytest.approx(40 / 64, abs=0.01)  # 2 x radius 20 px / 64 px
+    assert m.nc_ratio == pytest.approx(nucleus.sum() / cell.sum(), abs=0.02)  # (10/20)^2 = 0.25
+    assert m.axis_ratio == pytest.approx(1.0, abs=0.03) and m.solidity > 0.95
+    assert m.edge_width == pytest.approx(2.0, abs=0.3)  # a hard step: central differences spread it over 2 px
+
+
+def test_ellipse_gives_its_axis_ratio():
+    image, _, _ = _drawn_cell(aspect=1.44)
+    assert measure(image).axis_ratio == pytest.approx(1.44, abs=0.08)
+
+
+def test_two_separate_discs_are_two_lobes_and_a_c_shape_is_not_solid():
+    image = _canvas()
+    _disc(image, 32, 32, 20, cytoplasm_rgb(0.7))
+    _disc(image, 32, 24, 5, DENSE_CHROMATIN)
+    _disc(image, 32, 40, 5, DENSE_CHROMATIN)
+    assert measure(image).lobes == 2
+
+    image = _canvas()
+    _disc(image, 32, 32, 20, cytoplasm_rgb(0.7))
+    ring = _disc(image, 32, 32, 13, DENSE_CHROMATIN) & ~_disc(image, 32, 32, 9, cytoplasm_rgb(0.7))
+    image[:, 32:][ring[:, 32:]] = cytoplasm_rgb(0.7)  # keep the left half of the ring: a C
+    m = measure(image)
+    assert m.lobes == 1 and m.solidity < 0.7
+
+
+def test_chromatin_reads_open_and_dense_stain_free():
+    for colour, expected in ((OPEN_CHROMATIN, 0.0), (DENSE_CHROMATIN, 1.0)):
+        for stain in (0.88, 1.0, 1.12):  # optical density scaled by the stain strength
+            stained = tuple(int(round(255 - (255 - c) * stain)) for c in colour)
+            image, _, _ = _drawn_cell(nucleus_colour=stained)
+            assert measure(image).chromatin == pytest.approx(expected, abs=0.05)
+
+
+@pytest.mark.parametrize("tone", [0.0, 0.3, 0.55, 0.75, 1.0])
+def test_cytoplasm_tone_reads_the_palette(tone):
+    image, _, _ = _drawn_cell(cytoplasm=cytoplasm_rgb(tone))
+    m = measure(image)
+    assert m.cytoplasm_tone == pytest.approx(tone, abs=0.03)
+    assert (m.blue_minus_red > 50) == (tone < 0.2) and (m.blue_minus_red < 0) == (tone > 0.6)
+
+
+def test_granule_and_inclusion_spots_are_counted():
+    image, _, _ = _drawn_cell(cytoplasm=cytoplasm_rgb(0.55))
+    clean = measure(image)
+    assert (clean.dark_granules, clean.fine_granules, clean.orange_granules, clean.vacuoles) == (0, 0, 0, 0)
+    assert clean.rod_length == 0
+    spots = [(y, x) for y in range(16, 49, 4) for x in range(16, 49, 4) if 12 < math.hypot(y - 32, x - 32) < 17]
+    for y, x in spots:
+        image[y, x] = (232, 118, 58)  # eosinophilic orange
+    assert measure(image).orange_granules == pytest.approx(len(spots) / clean_zone(image), rel=0.3)
+    image, _, _ = _drawn_cell(cytoplasm=cytoplasm_rgb(0.55))
+    image[16, 26] = image[48, 38] = (236, 228, 236)  # two vacuoles
+    image[45, 20:30] = (186, 52, 104)  # an Auer rod, 10 px long
+    m = measure(image)
+    assert m.vacuoles == 2 and m.rod_length == pytest.approx(10 / 20, abs=0.1)  # / cell radius
+
+
+def clean_zone(image: np.ndarray) -> int:
+    """Pixels of the plain-cytoplasm zone of a _drawn_cell image (off the nucleus and cell edges)."""
+    cell = np.abs(image.astype(int) - BACKGROUND).sum(-1) > 30
+    nucleus = image.astype(float) @ [0.299, 0.587, 0.114] < 100
+    return int((ndi.binary_erosion(cell) & ~ndi.binary_dilation(nucleus)).sum())
+
+
+def test_margins_count_tolerances_inside_the_widened_range():
+    inside = pathologist._inside
+    assert inside(0.5, (0.4, 0.6), "cell_diameter", 1.0) == pytest.approx(0.1 / 0.04 + 1)
+    assert inside(0.64, (0.4, 0.6), "cell_diameter", 1.0) == pytest.approx(0.0)  # on the widened edge
+    assert inside(0.64, (0.4, 0.6), "cell_diameter", 0.5) < 0  # a stricter reader: half the tolerance
+    assert inside(math.nan, (0.4, 0.6), "cell_diameter", 1.0) == -math.inf
+
+
+# ---------------------------------------------------------------- procedural cells, true and wrong class
+
+
+def test_true_class_is_plausible(measured):
+    size, labels, measurements = measured
+    rates = np.diag(_plausible_matrix(labels, measurements))
+    floor = 0.95 if size >= 64 else 0.90
+    assert all(m.found_cell for m in measurements)
+    assert rates.min() >= floor, dict(zip(CELL_TYPES, rates.round(3)))
+
+
+def test_wrong_class_is_implausible(measured):
+    size, labels, measurements = measured
+    matrix = _plausible_matrix(labels, measurements)
+    wrong = matrix[~np.eye(len(CELL_TYPES), dtype=bool)]
+    assert 1 - wrong.mean() >= 0.95, matrix.round(2)
+    assert 1 - wrong.max() >= 0.85, matrix.round(2)  # the closest pairs, e.g. band vs metamyelocyte
+
+
+@pytest.mark.parametrize(
+    "true_class, declared, expected_failures",
+    [
+        ("lymphocyte", "segmented_neutrophil", {"nucleus_shape", "cytoplasm_colour"}),
+        ("segmented_neutrophil", "band_neutrophil", {"nucleus_shape"}),
+        ("myelocyte", "metamyelocyte", {"nucleus_shape"}),
+        ("eosinophil", "segmented_neutrophil", {"nucleus_shape", "granules"}),
+        ("orthochromatic_erythroblast", "lymphocyte", {"nucleus_shape", "cytoplasm_colour"}),
+        ("promyelocyte", "myeloblast", {"nucleus_shape", "granules"}),
+        ("monocyte", "myeloblast", {"nucleus_shape", "cytoplasm_colour"}),
+    ],
+)
+def test_wrong_class_fails_the_criteria_that_tell_them_apart(true_class, declared, expected_failures):
+    data = generate(10, 64, seed=7, classes=(true_class,))
+    for verdict in judge_batch(data.images, [declared] * len(data)):
+        assert expected_failures <= set(verdict.failed), verdict
+
+
+def test_verdict_does_not_depend_on_orientation():
+    data = generate(4, 64, seed=3, classes=CELL_TYPES)
+    for image, label in zip(data.images, data.labels):
+        verdicts = [judge(np.ascontiguousarray(np.rot90(image, k)), CELL_TYPES[label]) for k in range(4)]
+        assert len({v.failed for v in verdicts}) == 1
+
+
+# ---------------------------------------------------------------- one feature out of range
+
+
+def _wider_cell(features):
+    features["cell_size"] = 0.8  # a lymphocyte 1.6 times too wide (2.5 times the area)
+
+
+def _set(**changes):
+    def change(features):
+        features.update(changes)
+
+    return change
+
+
+OUT_OF_RANGE = {
+    "round nucleus on a segmented neutrophil": (
+        "segmented_neutrophil",
+        _set(nucleus_shape="round", lobes=1, nucleus_geometry={}),
+        "nucleus_shape",
+    ),
+    "pink cytoplasm on a myeloblast": (
+        "myeloblast",
+        _set(cytoplasm_tone=0.75, cytoplasm_rgb=cytoplasm_rgb(0.75)),
+        "cytoplasm_colour",
+    ),
+    "lymphocyte far too big": ("lymphocyte", _wider_cell, "cell_size"),
+    "secondary granules on a myeloblast": (
+        "myeloblast",
+        _set(granules="secondary", granule_density=0.2),
+        "granules",
+    ),
+    "primary granules on a myelocyte": ("myelocyte", _set(granules="primary", granule_density=0.2), "granules"),
+    "vacuoles in a lymphocyte": ("lymphocyte", _set(inclusions=["vacuoles"]), "inclusions"),
+    "Auer rod in a myelocyte": ("myelocyte", _set(inclusions=["auer_rod"]), "inclusions"),
+    "open chromatin in an orthochromatic erythroblast": (
+        "orthochromatic_erythroblast",
+        _set(chromatin=0.1),
+        "chromatin",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", OUT_OF_RANGE)
+def test_one_feature_out_of_range_fails_that_criterion(case):
+    cell_type, change, criterion = OUT_OF_RANGE[case]
+    failures = []
+    for j in range(20):
+        rng = np.random.default_rng([11, j])
+        features = draw_features(cell_type, rng)
+        change(features)
+        failures.append(judge(render_cell(features, 64, rng), cell_type).failed)
+    hits = np.mean([criterion in failed for failed in failures])
+    others = np.mean([bool(set(failed) - {criterion}) for failed in failures])
+    assert hits >= 0.9 and others <= 0.1, failures
+
+
+# ---------------------------------------------------------------- garbage
+
+
+@pytest.mark.parametrize("kind", ["noise", "blank", "black", "white"])
+@pytest.mark.parametrize("size", [32, 64])
+def test_garbage_is_implausible_with_every_criterion_failed(kind, size):
+    image = {
+        "noise": np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8),
+        "blank": np.broadcast_to(np.array(BACKGROUND, np.uint8), (size, size, 3)).copy(),
+        "black": np.zeros((size, size, 3), np.uint8),
+        "white": np.full((size, size, 3), 255, np.uint8),
+    }[kind]
+    verdict = judge(image, "myeloblast")
+    assert not verdict.measurements.found_cell
+    assert not verdict.plausible and verdict.failed == CRITERIA
+    assert all(margin == -math.inf for margin in verdict.margins.values())
+
+
+def test_heavily_blurred_cells_are_implausible():
+    data = generate(3, 64, seed=5, classes=CELL_TYPES)
+    blurred = ndi.gaussian_filter(data.images.astype(float), (0, 2.0, 2.0, 0)).round().astype(np.uint8)
+    verdicts = judge_batch(blurred, [CELL_TYPES[label] for label in data.labels])
+    assert not any(v.plausible for v in verdicts)
+    assert all("chromatin" in v.failed for v in verdicts)  # no chromatin pattern left to judge
+
+
+# ---------------------------------------------------------------- API contract
+
+
+def test_unknown_class_and_bad_input_are_rejected():
+    image, _, _ = _drawn_cell()
+    with pytest.raises(ValueError, match="'neutrophil'.*myeloblast, promyelocyte"):
+        judge(image, "neutrophil")
+    with pytest.raises(ValueError, match="2 images but 1 declared"):
+        judge_batch(np.stack([image, image]), ["myeloblast"])
+    with pytest.raises(ValueError, match="uint8"):
+        measure(image.astype(np.float32))
+    with pytest.raises(ValueError, match="square"):
+        measure(image[:, :40])
+
+
+def test_failed_criteria_come_in_checklist_order():
+    image, _, _ = _drawn_cell()
+    verdict = judge(image, "eosinophil")
+    assert verdict.failed == tuple(c for c in CRITERIA if c in verdict.failed) and len(verdict.failed) >= 2
+    assert set(verdict.margins) == set(CRITERIA)
+
+
+# ---------------------------------------------------------------- simulated experts
+
+
+@pytest.fixture(scope="module")
+def plausible_cell() -> Measurements:
+    data = generate(1, 64, seed=1, classes=("myelocyte",))
+    m = measure(data.images[0])
+    assert judge_measurements(m, "myelocyte").plausible
+    return m
+
+
+def test_expert_is_deterministic(plausible_cell):
+    expert = SimulatedExpert("dr_a", flip_rate=0.3, strictness=1.0, seed=4)
+    first = [expert.judge_measurements(plausible_cell, "myelocyte", f"s{i}").plausible for i in range(200)]
+    again = SimulatedExpert("dr_a", flip_rate=0.3, strictness=1.0, seed=4)
+    assert first == [again.judge_measurements(plausible_cell, "myelocyte", f"s{i}").plausible for i in range(200)]
+    other_seed = SimulatedExpert("dr_a", flip_rate=0.3, strictness=1.0, seed=5)
+    assert first != [other_seed.judge_measurements(plausible_cell, "myelocyte", f"s{i}").plausible for i in range(200)]
+
+
+@pytest.mark.parametrize("flip_rate", [0.05, 0.2])
+def test_flip_rate_and_disagreement_between_experts(plausible_cell, flip_rate):
+    n = 4000
+    a, b = (SimulatedExpert(name, flip_rate=flip_rate, seed=0) for name in ("dr_a", "dr_b"))
+    verdicts_a = [a.judge_measurements(plausible_cell, "myelocyte", f"sample-{i}") for i in range(n)]
+    verdicts_b = [b.judge_measurements(plausible_cell, "myelocyte", f"sample-{i}") for i in range(n)]
+    flips = np.mean([v.flipped for v in verdicts_a])
+    assert abs(flips - flip_rate) < 4 * math.sqrt(flip_rate * (1 - flip_rate) / n)
+    expected = 2 * flip_rate * (1 - flip_rate)  # independent flips
+    disagreement = np.mean([va.plausible != vb.plausible for va, vb in zip(verdicts_a, verdicts_b)])
+    assert abs(disagreement - expected) < 4 * math.sqrt(expected * (1 - expected) / n)
+
+
+def test_flipped_verdicts_name_a_plausible_reason(plausible_cell):
+    expert = SimulatedExpert("dr_a", flip_rate=1.0)
+    turned_down = expert.judge_measurements(plausible_cell, "myelocyte", "x")
+    assert not turned_down.plausible and turned_down.flipped
+    assert turned_down.failed == (min(CRITERIA, key=turned_down.margins.get),)
+    waved_through = expert.judge_measurements(plausible_cell, "lymphocyte", "x")
+    assert waved_through.plausible and waved_through.failed == ()
+
+
+def test_strictness_changes_the_plausible_rate(measured):
+    size, labels, measurements = measured
+    if size != 32:
+        pytest.skip("one size is enough")
+
+    def rate(expert, wrong):
+        return np.mean(
+            [
+                expert.judge_measurements(m, CELL_TYPES[(label + wrong) % len(CELL_TYPES)], f"{i}").plausible
+                for i, (label, m) in enumerate(zip(labels, measurements))
+            ]
+        )
+
+    reference, strict, lenient = (SimulatedExpert("e", 0.0, s) for s in (1.0, 4.0, 0.2))
+    assert rate(strict, 0) < rate(reference, 0) - 0.1
+    assert rate(lenient, 1) > rate(reference, 1) + 0.02  # a lenient reader passes some wrong classes
+    nucleus_only = SimulatedExpert("e", 0.0, {"nucleus_shape": 4.0})
+    assert rate(strict, 0) <= rate(nucleus_only, 0) < rate(reference, 0)
+
+
+def test_expert_rejects_bad_settings():
+    with pytest.raises(ValueError, match="flip_rate"):
+        SimulatedExpert("e", flip_rate=1.5)
+    with pytest.raises(ValueError, match="unknown criteria"):
+        SimulatedExpert("e", strictness={"colour": 2.0})
+    with pytest.raises(ValueError, match="positive"):
+        SimulatedExpert("e", strictness=0.0)
