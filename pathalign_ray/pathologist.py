@@ -117,7 +117,7 @@ _GRANULES = {  # granule kind: ranges of spot fractions of the cytoplasm (measur
 
 _PYKNOTIC = 0.9  # chromatin ranges from here up are pyknotic: dark and homogeneous
 _PYKNOTIC_TEXTURE = (0.0, 0.2)  # inter-quartile range of chromatin darkness
-_SHARP_EDGE = (0.0, 3.0)  # px, nucleus edge width
+_SHARP_EDGE = (0.0, 2.5)  # px, nucleus edge width: 1.0-2.3 drawn sharp at 32-128 px
 _NO_INCLUSION = {"auer_rod": ("rod_length", (0.0, 0.0)), "vacuoles": ("vacuoles", (0.0, 0.0))}
 
 # ---------------------------------------------------------------- measurement constants
