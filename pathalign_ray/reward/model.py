@@ -1,0 +1,118 @@
+"""The reward model: an image encoder and a class branch, concatenated, then a small MLP head.
+
+As the paper's authors: r_phi(x, c) takes the image AND the declared class, so the same image can
+be plausible as one cell type and implausible as another. Optional heads predict each checklist
+criterion's failure where the feedback names them. Saved as safetensors plus a JSON config:
+loading never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pathalign_ray.config import config_dataclass
+from pathalign_ray.feedback import CRITERIA
+
+WEIGHTS_FILE = "reward.safetensors"
+CONFIG_FILE = "reward.json"
+
+
+@config_dataclass
+class RewardModelConfig:
+    image_size: int = 32  # input side in pixels; other sizes are resized by the caller
+    channels: tuple[int, ...] = (32, 64, 128)  # conv channels per stage; each stage halves the resolution
+    class_embedding: int = 32  # width of the learned declared-class embedding
+    hidden: int = 128  # MLP head width
+    dropout: float = 0.1
+    criteria_heads: bool = True  # also predict which checklist criteria fail
+
+    def __post_init__(self) -> None:
+        if not self.channels:
+            raise ValueError("channels must name at least one stage")
+        if self.image_size < 2 ** len(self.channels):
+            raise ValueError(f"image_size {self.image_size} is too small for {len(self.channels)} stages")
+
+
+class RewardModel(nn.Module):
+    """forward(images (B, 3, H, W) in [-1, 1], class_ids (B,)) -> (B,) logits of P(plausible).
+
+    `criteria_logits` gives (B, 6) logits of P(criterion fails), in CRITERIA order.
+    """
+
+    def __init__(self, config: RewardModelConfig, class_names: list[str]):
+        super().__init__()
+        self.config = config
+        self.class_names = list(class_names)
+        layers, in_channels = [], 3
+        for out_channels in config.channels:
+            layers += [
+                nn.Conv2d(in_channels, out_channels, 3, padding=1),
+                nn.GroupNorm(min(8, out_channels), out_channels),
+                nn.SiLU(),
+                nn.Conv2d(out_channels, out_channels, 3, padding=1, stride=2),
+                nn.SiLU(),
+            ]
+            in_channels = out_channels
+        self.encoder = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.class_branch = nn.Embedding(len(class_names), config.class_embedding)
+        self.trunk = nn.Sequential(
+            nn.Linear(in_channels + config.class_embedding, config.hidden),
+            nn.SiLU(),
+            nn.Dropout(config.dropout),
+        )
+        self.plausible_head = nn.Linear(config.hidden, 1)
+        self.criteria_head = nn.Linear(config.hidden, len(CRITERIA)) if config.criteria_heads else None
+
+    def features(self, images: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+        return self.trunk(torch.cat([self.encoder(images), self.class_branch(class_ids)], dim=1))
+
+    def forward(self, images: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+        return self.plausible_head(self.features(images, class_ids)).squeeze(1)
+
+    def criteria_logits(self, images: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+        if self.criteria_head is None:
+            raise ValueError("this reward model has no criteria heads")
+        return self.criteria_head(self.features(images, class_ids))
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+        """(B,) P(plausible) in [0, 1], in eval mode."""
+        return torch.sigmoid(self(images, class_ids))
+
+    def class_ids(self, class_names: list[str]) -> torch.Tensor:
+        """Declared class names -> (B,) int64; an unknown name is a ValueError that names it."""
+        index = {name: i for i, name in enumerate(self.class_names)}
+        unknown = [name for name in class_names if name not in index]
+        if unknown:
+            raise ValueError(f"unknown class {unknown[0]!r}; the reward model knows {', '.join(self.class_names)}")
+        return torch.tensor([index[name] for name in class_names], dtype=torch.int64)
+
+
+def save_reward_model(model: RewardModel, out_dir: str | Path, info: dict) -> Path:
+    """Write reward.safetensors and reward.json (config, class names, and `info`: id, version, metrics)."""
+    from pathalign_ray.config import config_to_dict
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+    save_file(state, str(out_dir / WEIGHTS_FILE))
+    meta = {"config": config_to_dict(model.config), "class_names": model.class_names, **info}
+    (out_dir / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+    return out_dir
+
+
+def load_reward_model(model_dir: str | Path) -> tuple[RewardModel, dict]:
+    """Load what save_reward_model wrote, in eval mode: (model, metadata)."""
+    model_dir = Path(model_dir)
+    for needed in (WEIGHTS_FILE, CONFIG_FILE):
+        if not (model_dir / needed).is_file():
+            raise FileNotFoundError(f"{model_dir} is not a reward model: {needed} is missing")
+    meta = json.loads((model_dir / CONFIG_FILE).read_text())
+    model = RewardModel(RewardModelConfig(**meta["config"]), meta["class_names"])
+    model.load_state_dict(load_file(str(model_dir / WEIGHTS_FILE)))
+    return model.eval(), meta
