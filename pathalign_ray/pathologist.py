@@ -195,6 +195,14 @@ def _erode(mask: np.ndarray) -> np.ndarray:
     return out
 
 
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """The mask with every background region that does not reach the image border filled
+    (as scipy's binary_fill_holes, by one labelling instead of iterated dilations)."""
+    labels, _ = ndi.label(~mask)
+    outside = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    return mask | ~np.isin(labels, outside[outside > 0]) & (labels > 0)
+
+
 def _background(rgb: np.ndarray) -> np.ndarray:
     """The smear colour: median of the light, grey frame-border pixels (the default if few)."""
     ring = np.concatenate([rgb[0], rgb[-1], rgb[1:-1, 0], rgb[1:-1, -1]])
@@ -210,7 +218,7 @@ def _find_cell(rgb: np.ndarray, luma: np.ndarray, background: np.ndarray) -> np.
     dark_counts[0] = 0
     if count == 0 or dark_counts.max() == 0:
         return None
-    cell = ndi.binary_fill_holes(labels == int(np.argmax(dark_counts)))
+    cell = _fill_holes(labels == int(np.argmax(dark_counts)))
     border = np.concatenate([cell[0], cell[-1], cell[:, 0], cell[:, -1]]).mean()
     if border > 0.25 or cell.mean() > 0.8 or cell.sum() < 0.01 * size * size:
         return None
@@ -229,12 +237,14 @@ def _nucleus(cell: np.ndarray, luma: np.ndarray, threshold: float, magenta: np.n
         return None, 0
     areas = np.bincount(labels.ravel(), minlength=count + 1)[1:]
     keep = np.nonzero(areas >= max(12.0 * scale, 0.3 * areas.max()))[0] + 1
-    return ndi.binary_fill_holes(np.isin(labels, keep)), len(keep)
+    return _fill_holes(np.isin(labels, keep)), len(keep)
 
 
 def _elongation(ys: np.ndarray, xs: np.ndarray) -> tuple[float, float]:
     """(length, long / short axis ratio) of a pixel set, from its second moments; length is that of
     a uniform bar with the same variance along its long axis (a row of n pixels: n)."""
+    if len(ys) < 2:
+        return float(len(ys)), 1.0
     cov = np.cov(np.stack([ys, xs]).astype(float)) + np.eye(2) / 12  # + a unit pixel's own variance
     small, large = np.linalg.eigvalsh(cov)
     return math.sqrt(12.0 * large), math.sqrt(large / small)
@@ -294,10 +304,11 @@ def _fine_spots(luma: np.ndarray, red_minus_blue: np.ndarray, cytoplasm_rgb: np.
     """Pixels of small spots darker or redder than the cytoplasm around them (secondary granules:
     darker on lilac and pink, where their hue is the cytoplasm's; redder on blue, where their
     luminance is the cytoplasm's)."""
-    darker = (ndi.grey_closing(luma, size=(3, 3)) - luma > 8) & (luma < float(cytoplasm_rgb @ _LUMA) - 5)
+    cytoplasm_luma = float(cytoplasm_rgb @ _LUMA)
+    darker = (ndi.grey_closing(luma, size=(3, 3)) - luma > 8) & (luma < cytoplasm_luma - 5)
     redness = float(cytoplasm_rgb[0] - cytoplasm_rgb[2])
     redder = (red_minus_blue - ndi.grey_opening(red_minus_blue, size=(3, 3)) > 20) & (red_minus_blue > redness + 15)
-    return darker | redder
+    return darker | (redder & (luma < cytoplasm_luma + 8))  # not the pale edge of a vacuole
 
 
 def _rod_length(streaks: np.ndarray, radius: float) -> float:
@@ -315,9 +326,91 @@ def _rod_length(streaks: np.ndarray, radius: float) -> float:
 
 def _check_image(image: np.ndarray) -> None:
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-        raise ValueError(f"image must be (H, W, 3) uint8, got {getattr(image, 'shape', None)} {getattr(image, 'dtype', type(image))}")
+        shape, dtype = getattr(image, "shape", None), getattr(image, "dtype", type(image))
+        raise ValueError(f"image must be (H, W, 3) uint8, got {shape} {dtype}")
     if image.shape[0] != image.shape[1] or image.shape[0] < MIN_SIZE:
         raise ValueError(f"image must be square and at least {MIN_SIZE} px, got {image.shape[0]}x{image.shape[1]}")
+
+
+@dataclass(frozen=True)
+class _Nucleus:
+    mask: np.ndarray
+    lobes: int
+    threshold: float  # luminance half-way between nucleus and cytoplasm
+    luma: float  # median luminance of the nucleus
+    cytoplasm_luma: float  # and of the cytoplasm around it
+
+
+def _segment_nucleus(cell: np.ndarray, luma: np.ndarray, magenta: np.ndarray, scale: float) -> _Nucleus | None:
+    """Two passes: Y < 120 gives the nucleus and cytoplasm luminance, half-way between them the outline."""
+    rough, _ = _nucleus(cell, luma, _NUCLEUS_LUMINANCE, magenta, scale)
+    if rough is None:
+        return None
+    rim = cell & ~_dilate(rough)
+    nucleus_luma = float(np.median(luma[rough]))
+    cytoplasm_luma = float(np.median(luma[rim])) if rim.any() else _NUCLEUS_LUMINANCE
+    threshold = (nucleus_luma + max(cytoplasm_luma, nucleus_luma)) / 2
+    mask, lobes = _nucleus(cell, luma, threshold, magenta, scale)
+    if mask is None:
+        mask, lobes = rough, 1
+    return _Nucleus(mask, lobes, threshold, nucleus_luma, cytoplasm_luma)
+
+
+@dataclass(frozen=True)
+class _Cytoplasm:
+    ring: np.ndarray  # cytoplasm off the nucleus edge
+    inner: np.ndarray  # and off the cell edge: where spots are counted
+    colour: np.ndarray  # median RGB of its spot-free pixels
+    dark: np.ndarray  # primary granules
+    fine: np.ndarray  # secondary granules
+    orange: np.ndarray  # eosinophilic granules
+    pale: np.ndarray  # vacuoles
+    rods: np.ndarray  # Auer rods: streaks redder than the cytoplasm
+
+
+def _cytoplasm(rgb, luma, cell, nucleus: _Nucleus, magenta, background) -> _Cytoplasm:
+    r, b = rgb[..., 0], rgb[..., 2]
+    ring = cell & ~_dilate(nucleus.mask)
+    inner = ring & _erode(cell)
+    near_rod = _dilate(magenta)
+    orange = inner & (r - b > 90) & (b < 115) & (rgb[..., 1] > b)
+    dark = inner & (luma < nucleus.threshold) & ~near_rod
+    reference = inner & ~dark & ~orange
+    colour = np.median(rgb[reference], axis=0) if reference.any() else background
+    pale = (  # spots brighter than around them, nearer the background colour than the cytoplasm's
+        inner
+        & (luma - ndi.grey_opening(luma, size=(3, 3)) > 20)
+        & (np.abs(rgb - background).sum(axis=-1) < np.abs(rgb - colour).sum(axis=-1))
+    )
+    fine = inner & _fine_spots(luma, r - b, colour) & ~dark & ~orange & ~near_rod & ~_dilate(pale)
+    rods = ring & magenta & (r - b > colour[0] - colour[2] + 25)
+    return _Cytoplasm(ring, inner, colour, dark, fine, orange, pale, rods)
+
+
+def _cytoplasm_tone(rgb: np.ndarray, cytoplasm: _Cytoplasm, background: np.ndarray) -> tuple[float, float]:
+    """(tone, median B - R) of the plain cytoplasm; see _tone."""
+    c = cytoplasm
+    plain = c.inner & ~c.dark & ~c.fine & ~c.pale & ~_dilate(c.rods)
+    orange = plain & c.orange
+    plain &= ~c.orange
+    if orange.sum() >= 3 and plain.any():  # eosinophilic granules: unmix them from the cytoplasm
+        tone = _tone(rgb[plain], 255.0, np.median(rgb[orange], axis=0))
+    elif plain.sum() >= _MIN_PLAIN_PIXELS:
+        tone = _tone(rgb[plain], 255.0)
+    elif c.ring.any():  # a rim a pixel or two wide: read it from its blends with the background
+        plain = c.ring
+        tone = _tone(rgb[plain], background)
+    else:
+        return math.nan, math.nan
+    return tone, float(np.median(rgb[plain][:, 2] - rgb[plain][:, 0]))
+
+
+def _edge_width(luma: np.ndarray, cell: np.ndarray, nucleus: _Nucleus) -> float:
+    """(cytoplasm - nucleus luminance) / the steepest gradient on the nucleus outline, px."""
+    gy, gx = np.gradient(luma)
+    outline = _dilate(nucleus.mask & ~_erode(nucleus.mask)) & cell
+    steepest = float(np.percentile(np.sqrt(gx * gx + gy * gy)[outline], 90))
+    return (nucleus.cytoplasm_luma - nucleus.luma) / max(steepest, 1e-6)
 
 
 def measure(image: np.ndarray) -> Measurements:
@@ -325,7 +418,6 @@ def measure(image: np.ndarray) -> Measurements:
     _check_image(image)
     rgb = image.astype(np.float32)
     size = rgb.shape[0]
-    scale = (size / _REFERENCE_SIZE) ** 2
     background = _background(rgb)
     cell = _find_cell(rgb, rgb @ _LUMA, background)
     if cell is None:
@@ -334,74 +426,33 @@ def measure(image: np.ndarray) -> Measurements:
     window = slice(max(ys.min() - 2, 0), ys.max() + 3), slice(max(xs.min() - 2, 0), xs.max() + 3)
     rgb, cell = rgb[window], cell[window]
     luma = rgb @ _LUMA
-    cell_area = float(cell.sum())
-    radius = math.sqrt(cell_area / math.pi)
-
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    magenta = (r > b) & (g < b) & (r > 140) & (luma < 140)  # Auer rods, lobe filaments; not primary granules (R < 130)
-    orange = (r - b > 90) & (b < 115) & (g > b)  # eosinophilic granules
-
-    rough, _ = _nucleus(cell, luma, _NUCLEUS_LUMINANCE, magenta, scale)
-    if rough is None:
-        return Measurements(found_cell=False)
-    rim = cell & ~_dilate(rough)
-    nucleus_luma = float(np.median(luma[rough]))
-    cytoplasm_luma = float(np.median(luma[rim])) if rim.any() else _NUCLEUS_LUMINANCE
-    threshold = (nucleus_luma + max(cytoplasm_luma, nucleus_luma)) / 2
-    nucleus, lobes = _nucleus(cell, luma, threshold, magenta, scale)
+    magenta = (r > b) & (g < b) & (r > 140) & (luma < 140)  # Auer rods, lobe filaments; not primary granules
+    nucleus = _segment_nucleus(cell, luma, magenta, (size / _REFERENCE_SIZE) ** 2)
     if nucleus is None:
-        nucleus, lobes = rough, 1
-    chromatin, texture = _chromatin(rgb, nucleus)
-
-    ring = cell & ~_dilate(nucleus)  # cytoplasm off the nucleus edge
-    inner = ring & _erode(cell)  # and off the cell edge
-    near_rod = _dilate(magenta)
-    dark = inner & (luma < threshold) & ~near_rod
-    reference = inner & ~dark & ~orange
-    cytoplasm_rgb = np.median(rgb[reference], axis=0) if reference.any() else background
-    pale = (  # spots brighter than around them, nearer the background colour than the cytoplasm's
-        inner
-        & (luma - ndi.grey_opening(luma, size=(3, 3)) > 20)
-        & (np.abs(rgb - background).sum(axis=-1) < np.abs(rgb - cytoplasm_rgb).sum(axis=-1))
-    )
-    fine = inner & _fine_spots(luma, r - b, cytoplasm_rgb) & ~dark & ~orange & ~near_rod & ~_dilate(pale)
-    zone = max(float(inner.sum()), 1.0)
-
-    plain = inner & ~dark & ~fine & ~pale & ~magenta
-    if (plain & orange).sum() >= 3:  # eosinophilic granules: unmix them from the cytoplasm
-        contaminant = np.median(rgb[plain & orange], axis=0)
-        plain &= ~orange
-        tone = _tone(rgb[plain], 255.0, contaminant) if plain.any() else math.nan
-    elif plain.sum() >= _MIN_PLAIN_PIXELS:
-        tone = _tone(rgb[plain], 255.0)
-    elif ring.any():  # a rim a pixel or two wide: read it from its blends with the background
-        plain = ring
-        tone = _tone(rgb[ring], background)
-    else:
-        tone = math.nan
-    blue_minus_red = float(np.median(b[plain] - r[plain])) if plain.any() else math.nan
-
-    gy, gx = np.gradient(luma)
-    outline = _dilate(nucleus & ~_erode(nucleus)) & cell
-    steepest = float(np.percentile(np.sqrt(gx * gx + gy * gy)[outline], 90))
-    ys, xs = np.nonzero(nucleus)
+        return Measurements(found_cell=False)
+    cytoplasm = _cytoplasm(rgb, luma, cell, nucleus, magenta, background)
+    tone, blue_minus_red = _cytoplasm_tone(rgb, cytoplasm, background)
+    chromatin, texture = _chromatin(rgb, nucleus.mask)
+    radius = math.sqrt(cell.sum() / math.pi) - _EDGE_SOFTNESS
+    zone = max(float(cytoplasm.inner.sum()), 1.0)
     return Measurements(
         found_cell=True,
-        cell_diameter=2 * max(radius - _EDGE_SOFTNESS, 0.0) / size,
-        nc_ratio=float(nucleus.sum()) / (math.pi * max(radius - _EDGE_SOFTNESS, 1.0) ** 2),
-        lobes=lobes,
-        solidity=_solidity(nucleus, size),
-        axis_ratio=_elongation(ys, xs)[1],
+        cell_diameter=2 * max(radius, 0.0) / size,
+        nc_ratio=float(nucleus.mask.sum()) / (math.pi * max(radius, 1.0) ** 2),
+        lobes=nucleus.lobes,
+        solidity=_solidity(nucleus.mask, size),
+        axis_ratio=_elongation(*np.nonzero(nucleus.mask))[1],
         chromatin=chromatin,
         chromatin_texture=texture,
-        edge_width=(cytoplasm_luma - nucleus_luma) / max(steepest, 1e-6),
+        edge_width=_edge_width(luma, cell, nucleus),
         cytoplasm_tone=tone,
         blue_minus_red=blue_minus_red,
-        dark_granules=float(dark.sum()) / zone,
-        fine_granules=float(fine.sum()) / zone,
-        orange_granules=float((inner & orange).sum()) / zone,
-        rod_length=_rod_length(ring & magenta & (r - b > cytoplasm_rgb[0] - cytoplasm_rgb[2] + 25), radius),
-        vacuoles=int(ndi.label(pale)[1]),
+        dark_granules=float(cytoplasm.dark.sum()) / zone,
+        fine_granules=float(cytoplasm.fine.sum()) / zone,
+        orange_granules=float(cytoplasm.orange.sum()) / zone,
+        rod_length=_rod_length(cytoplasm.rods, max(radius, 1.0)),
+        vacuoles=int(ndi.label(cytoplasm.pale)[1]),
     )
 
 
