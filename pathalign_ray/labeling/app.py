@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import secrets
 import uuid
 from functools import lru_cache
@@ -24,6 +25,7 @@ from pathalign_ray.config import config_dataclass
 from pathalign_ray.feedback import CRITERIA, FeedbackRecord, FeedbackStore
 
 SESSION_COOKIE = "pathalign_session"
+COMPACT_EVERY = 200  # appends between compactions of the feedback store: reads stay fast, files stay few
 PAGE = Path(__file__).parent / "static" / "index.html"
 
 
@@ -81,6 +83,7 @@ def create_app(config: LabelConfig) -> FastAPI:
     }
     store = FeedbackStore(run_dir / "feedback")
     experts_by_token = {token: expert for expert, token in config.experts.items()}
+    appends = itertools.count(1)
     app = FastAPI(title="pathalign_ray labelling", docs_url=None, redoc_url=None)
 
     def expert_of(session: str | None) -> str:
@@ -184,6 +187,8 @@ def create_app(config: LabelConfig) -> FastAPI:
             raise HTTPException(422, str(error)) from None
         if result.duplicates:
             raise HTTPException(409, f"verdict {request.nonce} was already stored: a replayed request")
+        if next(appends) % COMPACT_EVERY == 0:
+            store.compact()
         return {"record_id": request.nonce}
 
     @app.get("/api/summary")
