@@ -1,0 +1,116 @@
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from pathalign_ray.objectives import (
+    PerClassRewardStats,
+    clipped_policy_loss,
+    ddim_step_with_log_prob,
+    reward_weighted_loss,
+    reward_weights,
+)
+
+
+@pytest.fixture
+def ddim():
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True)
+    scheduler.set_timesteps(10)
+    return scheduler
+
+
+def _step_inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, 3, 4, 4, generator=g) for _ in range(3)]
+
+
+@pytest.mark.parametrize("index", [0, 5, 9])
+def test_ddim_step_matches_diffusers(ddim, index):
+    model_output, sample, noise = _step_inputs()
+    t = int(ddim.timesteps[index])
+    prev_t = t - 1000 // 10
+    ours, _ = ddim_step_with_log_prob(
+        ddim.alphas_cumprod, ddim.final_alpha_cumprod, model_output, t, prev_t, sample, eta=0.7, noise=noise
+    )
+    theirs = ddim.step(model_output, t, sample, eta=0.7, variance_noise=noise).prev_sample
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_log_prob_is_the_gaussian_density(ddim):
+    model_output, sample, noise = _step_inputs(1)
+    t, prev_t = int(ddim.timesteps[3]), int(ddim.timesteps[3]) - 100
+    args = (ddim.alphas_cumprod, ddim.final_alpha_cumprod, model_output, t, prev_t, sample)
+    mean, _ = ddim_step_with_log_prob(*args, eta=1.0, noise=torch.zeros_like(noise))
+    prev, log_prob = ddim_step_with_log_prob(*args, eta=1.0, noise=noise)
+    alpha, alpha_prev = ddim.alphas_cumprod[t], ddim.alphas_cumprod[prev_t]
+    std = ((1 - alpha_prev) / (1 - alpha) * (1 - alpha / alpha_prev)).sqrt()
+    expected = torch.distributions.Normal(mean, std).log_prob(prev).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(log_prob, expected, rtol=1e-5, atol=1e-5)
+    _, rescored = ddim_step_with_log_prob(*args, eta=1.0, prev_sample=prev)
+    torch.testing.assert_close(rescored, log_prob)
+
+
+def test_log_prob_gradient_flows_through_the_mean_only(ddim):
+    model_output, sample, noise = _step_inputs(2)
+    model_output.requires_grad_(True)
+    t = int(ddim.timesteps[2])
+    prev, _ = ddim_step_with_log_prob(ddim.alphas_cumprod, ddim.final_alpha_cumprod, model_output.detach(), t, t - 100, sample, 1.0, noise)
+    _, log_prob = ddim_step_with_log_prob(
+        ddim.alphas_cumprod, ddim.final_alpha_cumprod, model_output, t, t - 100, sample, 1.0, prev_sample=prev
+    )
+    log_prob.sum().backward()
+    assert model_output.grad is not None and model_output.grad.abs().sum() > 0
+
+
+def test_deterministic_step_has_no_log_prob(ddim):
+    model_output, sample, noise = _step_inputs()
+    with pytest.raises(ValueError, match="eta must be > 0"):
+        ddim_step_with_log_prob(ddim.alphas_cumprod, ddim.final_alpha_cumprod, model_output, 900, 800, sample, 0.0, noise)
+
+
+def test_reward_weights():
+    rewards = torch.tensor([0.9, 0.2, 0.6, 0.4])
+    classes = torch.tensor([0, 0, 1, 1])
+    torch.testing.assert_close(reward_weights(rewards), rewards)
+    torch.testing.assert_close(reward_weights(rewards, "threshold", threshold=0.5), torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    normalised = reward_weights(rewards, "class_normalized", class_ids=classes, temperature=0.1)
+    centred = torch.tensor([0.35, -0.35, 0.1, -0.1]) / 0.1
+    torch.testing.assert_close(normalised, 4 * torch.softmax(centred, 0))
+    assert normalised.mean().item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="unknown reward weighting"):
+        reward_weights(rewards, "cubic")
+
+
+def test_reward_weighted_loss_golden():
+    loss, metrics = reward_weighted_loss(
+        torch.tensor([1.0, 2.0]), torch.tensor([0.5, 1.0]), torch.tensor([3.0, 1.0]), beta=0.3
+    )
+    assert loss.item() == pytest.approx((0.5 * 1 + 1.0 * 2) / 2 + 0.3 * 2.0)
+    assert metrics["loss_real"] == pytest.approx(2.0) and metrics["weight_mean"] == pytest.approx(0.75)
+    no_real, _ = reward_weighted_loss(torch.tensor([1.0]), torch.tensor([1.0]), None, beta=0.0)
+    assert no_real.item() == 1.0
+    with pytest.raises(ValueError, match="beta > 0 needs real_losses"):
+        reward_weighted_loss(torch.tensor([1.0]), torch.tensor([1.0]), None, beta=0.3)
+
+
+def test_clipped_policy_loss_golden():
+    old = torch.zeros(3)
+    new = torch.log(torch.tensor([1.5, 0.5, 1.1]))
+    advantages = torch.tensor([1.0, 1.0, -2.0])
+    loss, metrics = clipped_policy_loss(new, old, advantages, clip_range=0.2)
+    # per sample: max(-A r, -A clip(r)): [max(-1.5, -1.2), max(-0.5, -0.8), max(2.2, 2.2)]
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 2.2) / 3)
+    assert metrics["clipfrac"] == pytest.approx(2 / 3)
+    assert metrics["approx_kl"] == pytest.approx(0.5 * float((new**2).mean()))
+
+
+def test_per_class_advantages():
+    stats = PerClassRewardStats(buffer_size=4, min_count=2)
+    advantages = stats.advantages(np.array([1.0, 3.0, 10.0]), np.array([0, 0, 1]))
+    assert advantages[:2] == pytest.approx([-1.0, 1.0], abs=1e-5)
+    assert advantages[2] == pytest.approx((10 - np.mean([1, 3, 10])) / (np.std([1, 3, 10]) + 1e-6))
+    stats.advantages(np.array([5.0, 5.0, 5.0]), np.array([0, 0, 0]))
+    assert stats.state()["0"] == [3.0, 5.0, 5.0, 5.0]
+    restored = PerClassRewardStats(buffer_size=4, min_count=2)
+    restored.load_state(stats.state())
+    assert restored.state() == stats.state()
