@@ -72,11 +72,11 @@ def init_ray(
         )
 
 
-def deepspeed_config(scale: ScaleConfig, micro_batch_size: int, grad_clip: float) -> dict:
+def deepspeed_config(scale: ScaleConfig, micro_batch_size: int, grad_clip: float, accumulation_steps: int = 1) -> dict:
     """The DeepSpeed config of one Ray Train worker; the optimizer is a torch one, passed in."""
     return {
         "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": accumulation_steps,
         "gradient_clipping": grad_clip,
         "zero_optimization": {"stage": scale.zero_stage},
         "bf16": {"enabled": scale.precision == "bf16"},

@@ -142,14 +142,13 @@ def to_model_input(images: np.ndarray) -> torch.Tensor:
 
 
 def export_model(
-    unet: UNet2DModel, model_config: ModelConfig, class_names: list[str], out_dir: str | Path, info: dict
+    unet: UNet2DModel, scheduler: DDIMScheduler, class_names: list[str], out_dir: str | Path, info: dict
 ) -> Path:
     """Write a diffusers pipeline folder (unet/, scheduler/, model_index.json) plus class names.
 
     The result loads without this package: `UNet2DModel.from_pretrained(out_dir, subfolder="unet")`.
     """
     out_dir = Path(out_dir)
-    scheduler = DDIMScheduler.from_config(build_noise_scheduler(model_config).config)
     DDIMPipeline(unet=unet, scheduler=scheduler).save_pretrained(out_dir, safe_serialization=True)
     (out_dir / CLASS_NAMES_FILE).write_text(json.dumps(list(class_names)))
     (out_dir / MODEL_INFO_FILE).write_text(json.dumps(info, indent=2))

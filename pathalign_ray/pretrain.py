@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from diffusers import DDIMScheduler
 
-from pathalign_ray.cluster import ScaleConfig, deepspeed_config, init_ray, trainer_settings
+from pathalign_ray.cluster import ScaleConfig, init_ray, trainer_settings
 from pathalign_ray.config import config_dataclass, save_config
 from pathalign_ray.diffusion import (
     ModelConfig,
@@ -27,10 +26,17 @@ from pathalign_ray.diffusion import (
     draw_noise_and_timesteps,
     export_model,
 )
-
-EMA_FILE = "ema.safetensors"
-TRAIN_STATE_FILE = "train_state.json"
-DEEPSPEED_TAG = "deepspeed"
+from pathalign_ray.training import (
+    build_engine,
+    cycle_batches,
+    init_ema,
+    mean_over_workers,
+    read_checkpoint,
+    report_checkpoint,
+    restore_checkpoint,
+    update_ema,
+    worker_setup,
+)
 
 
 @config_dataclass
@@ -104,134 +110,72 @@ def pretrain(config: PretrainConfig) -> Path:
 
 def train_loop(loop_config: dict) -> None:
     """One Ray Train worker: a DeepSpeed engine over the UNet, resumed from the latest checkpoint."""
-    import deepspeed
     import ray.train
 
     config: PretrainConfig = loop_config["config"]
     class_names: list[str] = loop_config["class_names"]
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(config.scale.threads_per_worker)
-    device = _worker_device(config.scale)
-
+    rank, world_size, device = worker_setup(config.scale)
     unet = build_unet(config.model, num_classes=len(class_names))
     scheduler = build_noise_scheduler(config.model)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
-    warmup = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / max(1, config.train.warmup_steps))
+    engine, lr_schedule = build_engine(
+        unet,
+        config.scale,
+        lr=config.train.lr,
+        batch_size=config.train.batch_size,
+        grad_clip=config.train.grad_clip,
+        warmup_steps=config.train.warmup_steps,
+        weight_decay=config.train.weight_decay,
     )
-    engine, _, _, _ = deepspeed.initialize(
-        model=unet,
-        optimizer=optimizer,
-        lr_scheduler=warmup,
-        config=deepspeed_config(config.scale, config.train.batch_size, config.train.grad_clip),
-    )
-    ema = {name: p.detach().float().clone() for name, p in engine.module.named_parameters()}
-    step, history = _restore(engine, ema)
+    ema = init_ema(engine.module)
+    state = restore_checkpoint(engine, ema) or {"step": 0, "history": [], "class_names": class_names}
+    step, history = state["step"], state["history"]
     if rank == 0 and step:
         print(f"resumed pretraining at step {step}")
 
-    shard = ray.train.get_dataset_shard("train")
+    batches = cycle_batches(ray.train.get_dataset_shard("train"), config.train.batch_size)
     generator = torch.Generator().manual_seed(derive_seed(config.train.seed, rank, step))
     model_dtype = next(engine.module.parameters()).dtype
     window_start, window_images = time.perf_counter(), 0
     while step < config.train.steps:
-        for batch in shard.iter_torch_batches(batch_size=config.train.batch_size, drop_last=True):
-            images = batch["image"].to(device, model_dtype)
-            labels = batch["label"].to(device)
-            noise, timesteps = draw_noise_and_timesteps(
-                len(images), config.model.sample_size, config.model.num_train_timesteps, generator
-            )
-            loss = diffusion_loss_per_sample(
-                engine, scheduler, images, labels, noise.to(device, model_dtype), timesteps.to(device)
-            ).mean()
-            engine.backward(loss)
-            engine.step()
-            _update_ema(ema, engine.module, config.train.ema_decay)
-            step += 1
-            window_images += len(images) * world_size
-            if step % config.train.log_every == 0 or step % config.train.checkpoint_every == 0 or step == config.train.steps:
-                elapsed = time.perf_counter() - window_start
-                metrics = {
-                    "step": step,
-                    "loss": _mean_over_workers(loss.detach().float(), world_size),
-                    "images_per_s": window_images / elapsed,
-                    "lr": warmup.get_last_lr()[0],
-                }
-                history.append(metrics)
-                if rank == 0:
-                    print(
-                        f"pretrain step {step}/{config.train.steps} loss {metrics['loss']:.4f} "
-                        f"{metrics['images_per_s']:.1f} img/s"
-                    )
-                if step % config.train.checkpoint_every == 0 or step == config.train.steps:
-                    _report_checkpoint(engine, ema, step, history, class_names, rank, metrics)
-                else:
-                    ray.train.report(metrics)
-                window_start, window_images = time.perf_counter(), 0
-            if step >= config.train.steps:
-                break
-
-
-def _worker_device(scale: ScaleConfig) -> torch.device:
-    if scale.device == "cuda":
-        import ray.train.torch
-
-        return ray.train.torch.get_device()
-    return torch.device("cpu")
-
-
-@torch.no_grad()
-def _update_ema(ema: dict[str, torch.Tensor], module: torch.nn.Module, decay: float) -> None:
-    names = list(ema)
-    params = dict(module.named_parameters())
-    torch._foreach_lerp_([ema[n] for n in names], [params[n].detach().float() for n in names], 1.0 - decay)
-
-
-def _mean_over_workers(value: torch.Tensor, world_size: int) -> float:
-    if world_size > 1:
-        value = value.clone()
-        torch.distributed.all_reduce(value)
-        value /= world_size
-    return float(value)
-
-
-def _restore(engine, ema: dict[str, torch.Tensor]) -> tuple[int, list[dict]]:
-    """Load the latest checkpoint of this run, if any: (step, metric history)."""
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return 0, []
-    with checkpoint.as_directory() as checkpoint_dir:
-        checkpoint_dir = Path(checkpoint_dir)
-        engine.load_checkpoint(str(checkpoint_dir), tag=DEEPSPEED_TAG)
-        for name, tensor in load_file(checkpoint_dir / EMA_FILE).items():
-            ema[name].copy_(tensor)
-        state = json.loads((checkpoint_dir / TRAIN_STATE_FILE).read_text())
-    return state["step"], state["history"]
-
-
-def _report_checkpoint(engine, ema, step, history, class_names, rank, metrics) -> None:
-    """Every rank saves its DeepSpeed shard; rank 0 adds the EMA weights and the train state."""
-    import ray.train
-    from ray.train import Checkpoint
-
-    with tempfile.TemporaryDirectory() as tmp:
-        engine.save_checkpoint(tmp, tag=DEEPSPEED_TAG)
-        if rank == 0:
-            save_file({name: tensor.contiguous() for name, tensor in ema.items()}, str(Path(tmp) / EMA_FILE))
-            state = {"step": step, "history": history, "class_names": class_names}
-            (Path(tmp) / TRAIN_STATE_FILE).write_text(json.dumps(state))
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+        batch = next(batches)
+        images = batch["image"].to(device, model_dtype)
+        labels = batch["label"].to(device)
+        noise, timesteps = draw_noise_and_timesteps(
+            len(images), config.model.sample_size, config.model.num_train_timesteps, generator
+        )
+        loss = diffusion_loss_per_sample(
+            engine, scheduler, images, labels, noise.to(device, model_dtype), timesteps.to(device)
+        ).mean()
+        engine.backward(loss)
+        engine.step()
+        update_ema(ema, engine.module, config.train.ema_decay)
+        step += 1
+        window_images += len(images) * world_size
+        checkpoint_now = step % config.train.checkpoint_every == 0 or step == config.train.steps
+        if step % config.train.log_every == 0 or checkpoint_now:
+            metrics = {
+                "step": step,
+                "loss": mean_over_workers(loss, world_size),
+                "images_per_s": window_images / (time.perf_counter() - window_start),
+                "lr": lr_schedule.get_last_lr()[0],
+            }
+            history.append(metrics)
+            if rank == 0:
+                print(f"pretrain step {step}/{config.train.steps} loss {metrics['loss']:.4f} {metrics['images_per_s']:.1f} img/s")
+            if checkpoint_now:
+                report_checkpoint(engine, ema, {**state, "step": step, "history": history}, rank, metrics)
+            else:
+                ray.train.report(metrics)
+            window_start, window_images = time.perf_counter(), 0
 
 
 def _export_checkpoint(checkpoint_dir: Path, config: PretrainConfig, run_dir: Path) -> Path:
-    state = json.loads((checkpoint_dir / TRAIN_STATE_FILE).read_text())
+    ema, state = read_checkpoint(checkpoint_dir)
     unet = build_unet(config.model, num_classes=len(state["class_names"]))
-    unet.load_state_dict(load_file(checkpoint_dir / EMA_FILE), strict=True)
+    unet.load_state_dict(ema, strict=True)
     info = {"model_id": f"{run_dir.name}-pretrain", "step": state["step"], "dataset": config.data.dataset}
-    model_dir = export_model(unet, config.model, state["class_names"], run_dir / "model", info)
+    scheduler = DDIMScheduler.from_config(build_noise_scheduler(config.model).config)
+    model_dir = export_model(unet, scheduler, state["class_names"], run_dir / "model", info)
     with (run_dir / "pretrain_metrics.jsonl").open("w") as out:
         out.writelines(json.dumps(row) + "\n" for row in state["history"])
     return model_dir

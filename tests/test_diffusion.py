@@ -65,7 +65,8 @@ def test_uint8_round_trip():
 
 
 def test_export_loads_back(unet, tmp_path):
-    export_model(unet, TINY, ["a", "b", "c"], tmp_path / "model", {"model_id": "m", "step": 3})
+    scheduler = DDIMScheduler.from_config(build_noise_scheduler(TINY).config)
+    export_model(unet, scheduler, ["a", "b", "c"], tmp_path / "model", {"model_id": "m", "step": 3})
     loaded, scheduler, class_names, info = load_model(tmp_path / "model")
     assert class_names == ["a", "b", "c"] and info["step"] == 3
     assert isinstance(scheduler, DDIMScheduler)

@@ -1,0 +1,448 @@
+"""Finetuning the diffusion model with the reward, on Ray Train with DeepSpeed.
+
+Two objectives (pathalign_ray.objectives):
+- rwl, the paper's reward-weighted likelihood: a pool of synthetic samples scored once by the
+  reward (over HTTP from the Serve endpoint, or in-process), and real images for the beta term.
+- ddpo, policy gradient: every step each worker samples fresh trajectories with DDIM (eta > 0),
+  scores the final images with the reward, and takes PPO-clipped steps on each denoising step's
+  log-probability.
+Rerunning the same config resumes from the latest checkpoint; a worker that dies is replaced and
+the run resumes from its last checkpoint (FailureConfig).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from pathalign_ray.cluster import ScaleConfig, init_ray, trainer_settings
+from pathalign_ray.config import config_dataclass, save_config
+from pathalign_ray.diffusion import derive_seed
+from pathalign_ray.reward.functions import RewardSourceConfig
+
+
+@config_dataclass
+class ObjectiveConfig:
+    kind: Literal["rwl", "ddpo"] = "rwl"
+    beta: float = 0.3  # weight of the real-data term (the paper's default); 0 drops it
+    weighting: Literal["raw", "threshold", "class_normalized"] = "raw"  # rwl: w(r), see objectives.reward_weights
+    threshold: float = 0.5  # weighting=threshold: reward needed to count
+    temperature: float = 1.0  # weighting=class_normalized: softmax temperature
+    clip_range: float = 1e-4  # ddpo: importance-ratio clip (DDPO's default)
+    ddim_steps: int = 10  # ddpo: denoising steps per trajectory
+    eta: float = 1.0  # ddpo: DDIM stochasticity of the policy (> 0)
+    trajectories_per_step: int = 8  # ddpo: trajectories sampled per worker per step
+    inner_epochs: int = 1  # ddpo: passes over each batch of trajectories
+    advantage_clip: float = 5.0  # ddpo: advantages clipped to +-this
+    kl_coef: float = 0.0  # ddpo: weight of the drift penalty towards the pretrained model
+
+    def __post_init__(self) -> None:
+        if self.beta < 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if self.kind == "ddpo" and self.eta <= 0:
+            raise ValueError("ddpo needs eta > 0: a deterministic DDIM step has no log-probability")
+        if self.clip_range <= 0 or self.ddim_steps < 2 or self.trajectories_per_step < 1 or self.inner_epochs < 1:
+            raise ValueError("clip_range, trajectories_per_step and inner_epochs must be positive, ddim_steps >= 2")
+
+
+@config_dataclass
+class FinetuneDataConfig:
+    samples: tuple[str, ...] = ()  # rwl: sample folders (jobs/sample.py) forming the synthetic pool
+    real_dataset: str = ""  # a data set folder (jobs/make_dataset.py) for the beta term
+
+
+@config_dataclass
+class FinetuneTrainConfig:
+    steps: int = 200  # optimizer steps in total (ddpo: sample-then-update rounds)
+    batch_size: int = 16  # images per worker per step, for each term
+    lr: float = 1e-5  # AdamW learning rate
+    grad_clip: float = 1.0
+    ema_decay: float = 0.99  # exported weights are this exponential moving average
+    log_every: int = 10
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    eval_every: int = 50  # steps between scoring fresh samples (and at the end); 0: only at the end
+    eval_per_class: int = 4  # fresh samples per class at each evaluation
+    eval_ddim_steps: int = 20
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "eval_per_class"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@config_dataclass
+class FinetuneConfig:
+    run_dir: str = "runs/demo"  # checkpoints in RUN_DIR/NAME, the exported model in RUN_DIR/NAME-model
+    name: str = "finetune"  # this finetuning run's name inside run_dir
+    base_model: str = "runs/demo/model"  # the exported model to start from (jobs/pretrain.py)
+    objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
+    data: FinetuneDataConfig = dataclasses.field(default_factory=FinetuneDataConfig)
+    reward: RewardSourceConfig = dataclasses.field(default_factory=RewardSourceConfig)
+    train: FinetuneTrainConfig = dataclasses.field(default_factory=FinetuneTrainConfig)
+    scale: ScaleConfig = dataclasses.field(default_factory=ScaleConfig)
+    evaluate_with_pathologist: bool = True  # also report the simulated pathologist's plausibility of fresh samples
+
+    def __post_init__(self) -> None:
+        if self.objective.kind == "rwl" and not self.data.samples:
+            raise ValueError("objective rwl needs data.samples: the sample folders to weight")
+        if self.objective.beta > 0 and not self.data.real_dataset:
+            raise ValueError("objective.beta > 0 needs data.real_dataset")
+
+
+def finetune(config: FinetuneConfig) -> Path:
+    """Finetune on the cluster, export the EMA model to RUN_DIR/NAME-model, and return that folder."""
+    import ray
+    import ray.data
+    from ray.train.torch import TorchTrainer
+
+    from pathalign_ray.diffusion import load_model
+
+    run_dir = Path(config.run_dir).resolve()
+    unet, ddim, class_names, info = load_model(config.base_model)
+    save_config(config, run_dir / f"{config.name}.yaml")
+    init_ray(device=config.scale.device)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    datasets = {}
+    if config.objective.kind == "rwl":
+        datasets["synthetic"] = _synthetic_pool(config, class_names, unet.config.sample_size)
+    if config.objective.beta > 0:
+        from pathalign_ray.data.shards import ray_dataset
+
+        datasets["real"] = ray_dataset(config.data.real_dataset, "train").materialize()
+    base = ray.put((dict(unet.config), unet.state_dict(), dict(ddim.config)))
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": config, "class_names": class_names, "base": base, "base_info": info},
+        datasets=datasets,
+        **trainer_settings(config.scale, config.name, run_dir, config.train.keep_checkpoints),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"finetuning {config.name} in {run_dir} finished without a checkpoint")
+    with result.checkpoint.as_directory() as checkpoint_dir:
+        return _export(Path(checkpoint_dir), unet, ddim, class_names, info, config, run_dir)
+
+
+def _synthetic_pool(config: FinetuneConfig, class_names: list[str], size: int):
+    """The rwl pool as a Ray Dataset: image (3, H, W) in [-1, 1], label, reward (scored once, here)."""
+    import ray.data
+
+    from pathalign_ray.diffusion import to_model_input
+    from pathalign_ray.images import decode_image
+    from pathalign_ray.reward.functions import make_reward_fn
+    from pathalign_ray.sampling import read_manifest
+
+    images, classes = [], []
+    for folder in config.data.samples:
+        for row in read_manifest(folder).to_pylist():
+            if row["declared_class"] not in class_names:
+                raise ValueError(f"{folder}: sample {row['sample_id']} declares unknown class {row['declared_class']!r}")
+            path = Path(folder) / row["path"]
+            images.append(decode_image(path.read_bytes(), size, name=str(path)))
+            classes.append(row["declared_class"])
+    images = np.stack(images)
+    rewards, reward_info = make_reward_fn(config.reward)(images, classes)
+    print(f"scored {len(images)} synthetic samples with {reward_info.get('source')}: mean reward {rewards.mean():.3f}")
+    tensors = to_model_input(images).numpy()
+    return ray.data.from_items(
+        [
+            {"image": tensors[i], "label": class_names.index(classes[i]), "reward": float(rewards[i])}
+            for i in range(len(images))
+        ]
+    ).materialize()
+
+
+def train_loop(loop_config: dict) -> None:
+    """One Ray Train worker: load the base model, run the objective, checkpoint, resume."""
+    import ray
+    import ray.train
+    from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+
+    from pathalign_ray.reward.functions import make_reward_fn
+    from pathalign_ray.training import build_engine, init_ema, restore_checkpoint, worker_setup
+
+    config: FinetuneConfig = loop_config["config"]
+    class_names: list[str] = loop_config["class_names"]
+    rank, world_size, device = worker_setup(config.scale)
+    unet_config, state_dict, ddim_config = ray.get(loop_config["base"])
+    unet = UNet2DModel.from_config(unet_config)
+    unet.load_state_dict(state_dict)
+    reference = UNet2DModel.from_config(unet_config)
+    reference.load_state_dict(state_dict)
+    reference.to(device).eval().requires_grad_(False)
+    ddim = DDIMScheduler.from_config(ddim_config)
+    accumulation = 1
+    if config.objective.kind == "ddpo":
+        accumulation = (config.objective.ddim_steps - 1) * config.objective.inner_epochs  # the last step is deterministic
+    engine, _ = build_engine(
+        unet, config.scale, config.train.lr, config.train.batch_size, config.train.grad_clip,
+        accumulation_steps=accumulation,
+    )
+    ema = init_ema(engine.module)
+    state = restore_checkpoint(engine, ema) or {"step": 0, "history": [], "advantage_stats": {}}
+    if rank == 0 and state["step"]:
+        print(f"resumed {config.name} at step {state['step']}")
+    job = _Job(
+        config=config,
+        class_names=class_names,
+        rank=rank,
+        world_size=world_size,
+        device=device,
+        engine=engine,
+        ema=ema,
+        reference=reference,
+        noise_scheduler=DDPMScheduler.from_config(ddim_config),
+        ddim=ddim,
+        reward_fn=make_reward_fn(config.reward),
+        state=state,
+    )
+    job.run()
+
+
+@dataclasses.dataclass
+class _Job:
+    """The state of one worker's finetuning loop, so each objective's step is a short method."""
+
+    config: FinetuneConfig
+    class_names: list[str]
+    rank: int
+    world_size: int
+    device: torch.device
+    engine: object
+    ema: dict
+    reference: torch.nn.Module
+    noise_scheduler: object
+    ddim: object
+    reward_fn: object
+    state: dict
+
+    def run(self) -> None:
+        import ray.train
+
+        from pathalign_ray.objectives import PerClassRewardStats
+        from pathalign_ray.training import cycle_batches, update_ema
+
+        train = self.config.train
+        self.dtype = next(self.engine.module.parameters()).dtype
+        self.generator = torch.Generator().manual_seed(derive_seed(train.seed, self.rank, self.state["step"]))
+        self.synthetic = self.real = None
+        if self.config.objective.kind == "rwl":
+            self.synthetic = cycle_batches(ray.train.get_dataset_shard("synthetic"), train.batch_size)
+        if self.config.objective.beta > 0:
+            self.real = cycle_batches(ray.train.get_dataset_shard("real"), train.batch_size)
+        self.advantage_stats = PerClassRewardStats()
+        self.advantage_stats.load_state(self.state.get("advantage_stats", {}))
+        step_fn = self._rwl_step if self.config.objective.kind == "rwl" else self._ddpo_step
+        window_start, window_steps = time.perf_counter(), 0
+        while self.state["step"] < train.steps:
+            metrics = step_fn()
+            update_ema(self.ema, self.engine.module, train.ema_decay)
+            self.state["step"] += 1
+            step, window_steps = self.state["step"], window_steps + 1
+            checkpoint_now = step % train.checkpoint_every == 0 or step == train.steps
+            evaluate_now = step == train.steps or (train.eval_every and step % train.eval_every == 0)
+            if step % train.log_every == 0 or checkpoint_now or evaluate_now:
+                metrics = self._reduce(metrics)
+                metrics.update(step=step, step_time_s=(time.perf_counter() - window_start) / window_steps)
+                if evaluate_now:
+                    metrics.update(self._evaluate_fresh_samples())
+                self._log(metrics, checkpoint_now)
+                window_start, window_steps = time.perf_counter(), 0
+
+    def _rwl_step(self) -> dict:
+        """The paper's objective on one batch: both terms at the same timesteps, one forward pass."""
+        from pathalign_ray.diffusion import diffusion_loss_per_sample, draw_noise_and_timesteps
+        from pathalign_ray.objectives import reward_weighted_loss, reward_weights
+
+        objective = self.config.objective
+        batch = next(self.synthetic)
+        images, labels, rewards = batch["image"], batch["label"], batch["reward"]
+        count = len(images)
+        noise, timesteps = draw_noise_and_timesteps(
+            count, images.shape[-1], self.noise_scheduler.config.num_train_timesteps, self.generator
+        )
+        if self.real is not None:
+            real = next(self.real)
+            real_noise = torch.randn(real["image"].shape, generator=self.generator)
+            images, labels = torch.cat([images, real["image"]]), torch.cat([labels, real["label"]])
+            noise, timesteps = torch.cat([noise, real_noise]), torch.cat([timesteps, timesteps])
+        losses = diffusion_loss_per_sample(
+            self.engine, self.noise_scheduler, images.to(self.device, self.dtype), labels.to(self.device),
+            noise.to(self.device, self.dtype), timesteps.to(self.device),
+        )
+        weights = reward_weights(
+            rewards, objective.weighting, objective.threshold, class_ids=labels[:count], temperature=objective.temperature
+        ).to(losses.device)
+        real_losses = losses[count:] if self.real is not None else None
+        loss, metrics = reward_weighted_loss(losses[:count], weights, real_losses, objective.beta)
+        self.engine.backward(loss)
+        self.engine.step()
+        metrics.update(reward_mean=float(rewards.mean()), reward_std=float(rewards.std()))
+        metrics["kl_to_base"] = self._drift(images[:count], labels[:count], noise[:count], timesteps[:count])
+        return metrics
+
+    def _ddpo_step(self) -> dict:
+        """Sample trajectories, score them, normalise advantages per class, take clipped steps."""
+        from pathalign_ray.diffusion import to_uint8
+        from pathalign_ray.objectives import clipped_policy_loss, ddim_step_with_log_prob
+
+        objective = self.config.objective
+        trajectory = self._sample_trajectories()
+        class_ids = trajectory["class_ids"]
+        images = to_uint8(trajectory["latents"][-1])
+        rewards, _ = self.reward_fn(images, [self.class_names[i] for i in class_ids.tolist()])
+        advantages = self._advantages(rewards, class_ids.numpy())
+        advantages = torch.as_tensor(advantages, dtype=torch.float32).clamp(-objective.advantage_clip, objective.advantage_clip)
+        collected: list[dict] = []
+        for _ in range(objective.inner_epochs):
+            for j, (t, prev_t) in enumerate(trajectory["timesteps"]):
+                sample = trajectory["latents"][j].to(self.device, self.dtype)
+                labels = class_ids.to(self.device)
+                model_output = self.engine(sample, t, class_labels=labels).sample
+                _, log_prob = ddim_step_with_log_prob(
+                    self.ddim.alphas_cumprod.to(self.device), self.ddim.final_alpha_cumprod.to(self.device),
+                    model_output.float(), t, prev_t, sample.float(), objective.eta,
+                    prev_sample=trajectory["latents"][j + 1].to(self.device).float(),
+                )
+                loss, metrics = clipped_policy_loss(log_prob, trajectory["log_probs"][j].to(self.device), advantages.to(self.device), objective.clip_range)
+                if objective.kl_coef > 0:
+                    with torch.no_grad():
+                        reference_output = self.reference(sample, t, class_labels=labels).sample
+                    drift = ((model_output.float() - reference_output.float()) ** 2).mean()
+                    loss = loss + objective.kl_coef * drift
+                    metrics["kl_to_base"] = float(drift.detach())
+                self.engine.backward(loss)
+                self.engine.step()
+                collected.append(metrics)
+        metrics = {key: float(np.mean([m[key] for m in collected])) for key in collected[0]}
+        metrics.update(reward_mean=float(np.mean(rewards)), reward_std=float(np.std(rewards)))
+        return metrics
+
+    @torch.no_grad()
+    def _sample_trajectories(self) -> dict:
+        """DDIM from the current policy: latents x_T..x_0 and each stochastic step's log-probability.
+
+        The last step lands on alpha = 1, where the step has no variance and so no log-probability:
+        it is taken deterministically and not trained on (the policy's actions are the steps before).
+        """
+        from pathalign_ray.objectives import ddim_step_with_log_prob
+
+        objective = self.config.objective
+        count = objective.trajectories_per_step
+        step = self.state["step"]
+        first = (step * self.world_size + self.rank) * count
+        class_ids = torch.tensor([(first + i) % len(self.class_names) for i in range(count)])
+        labels = class_ids.to(self.device)
+        size = self.engine.module.config.sample_size
+        self.ddim.set_timesteps(objective.ddim_steps)
+        stride = self.ddim.config.num_train_timesteps // objective.ddim_steps
+        latents = [torch.randn(count, 3, size, size, generator=self.generator)]
+        log_probs, timesteps = [], []
+        for t in self.ddim.timesteps.tolist():
+            sample = latents[-1].to(self.device, self.dtype)
+            model_output = self.engine.module(sample, t, class_labels=labels).sample.float()
+            if t - stride < 0:
+                latents.append(self.ddim.step(model_output, t, sample.float(), eta=0.0).prev_sample.cpu())
+                break
+            noise = torch.randn(sample.shape, generator=self.generator).to(self.device)
+            prev, log_prob = ddim_step_with_log_prob(
+                self.ddim.alphas_cumprod.to(self.device), self.ddim.final_alpha_cumprod.to(self.device),
+                model_output, t, t - stride, sample.float(), objective.eta, noise=noise,
+            )
+            latents.append(prev.cpu())
+            log_probs.append(log_prob.cpu())
+            timesteps.append((t, t - stride))
+        latents[-1] = latents[-1].clamp(-1, 1)
+        return {"latents": latents, "log_probs": log_probs, "timesteps": timesteps, "class_ids": class_ids}
+
+    def _advantages(self, rewards: np.ndarray, class_ids: np.ndarray) -> np.ndarray:
+        """Per-class normalised advantages over every worker's rewards; this worker's slice."""
+        gathered = [(rewards, class_ids)]
+        if self.world_size > 1:
+            gathered = [None] * self.world_size
+            torch.distributed.all_gather_object(gathered, (rewards, class_ids))
+        all_rewards = np.concatenate([g[0] for g in gathered])
+        all_classes = np.concatenate([g[1] for g in gathered])
+        advantages = self.advantage_stats.advantages(all_rewards, all_classes)
+        self.state["advantage_stats"] = self.advantage_stats.state()
+        return advantages[self.rank * len(rewards) : (self.rank + 1) * len(rewards)]
+
+    @torch.no_grad()
+    def _drift(self, images, labels, noise, timesteps) -> float:
+        """Mean squared difference of predicted noise from the base model's: for Gaussian steps of equal
+        variance, the KL between the two models' denoising steps is proportional to it."""
+        noisy = self.noise_scheduler.add_noise(images, noise, timesteps).to(self.device, self.dtype)
+        labels, timesteps = labels.to(self.device), timesteps.to(self.device)
+        ours = self.engine.module(noisy, timesteps, class_labels=labels).sample.float()
+        base = self.reference(noisy, timesteps, class_labels=labels).sample.float()
+        return float(((ours - base) ** 2).mean())
+
+    def _evaluate_fresh_samples(self) -> dict:
+        """Rank 0 samples eval_per_class images per class (deterministic DDIM, fixed seeds) and scores them."""
+        if self.rank != 0:
+            return {}
+        from diffusers import DDIMScheduler
+
+        from pathalign_ray.diffusion import ddim_sample, to_uint8
+
+        train = self.config.train
+        labels = torch.arange(len(self.class_names)).repeat_interleave(train.eval_per_class)
+        seeds = [derive_seed(train.seed, int(c), j % train.eval_per_class) for j, c in enumerate(labels.tolist())]
+        scheduler = DDIMScheduler.from_config(self.ddim.config)
+        images = to_uint8(ddim_sample(self.engine.module, scheduler, labels.to(self.device), seeds, train.eval_ddim_steps))
+        classes = [self.class_names[i] for i in labels.tolist()]
+        rewards, _ = self.reward_fn(images, classes)
+        metrics = {"fresh_reward_mean": float(np.mean(rewards))}
+        if self.config.evaluate_with_pathologist:
+            from pathalign_ray.pathologist import judge
+
+            metrics["fresh_plausibility"] = float(np.mean([judge(image, name).plausible for image, name in zip(images, classes)]))
+        return metrics
+
+    def _reduce(self, metrics: dict) -> dict:
+        if self.world_size == 1:
+            return metrics
+        keys = sorted(metrics)
+        values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+        torch.distributed.all_reduce(values)
+        return {k: float(v) / self.world_size for k, v in zip(keys, values)}
+
+    def _log(self, metrics: dict, checkpoint_now: bool) -> None:
+        import ray.train
+
+        from pathalign_ray.training import report_checkpoint
+
+        self.state["history"].append(metrics)
+        if self.rank == 0:
+            shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "step")
+            print(f"{self.config.name} step {metrics['step']}/{self.config.train.steps} {shown}")
+        if checkpoint_now:
+            report_checkpoint(self.engine, self.ema, self.state, self.rank, metrics)
+        else:
+            ray.train.report(metrics)
+
+
+def _export(checkpoint_dir: Path, unet, ddim, class_names, base_info, config: FinetuneConfig, run_dir: Path) -> Path:
+    from pathalign_ray.diffusion import export_model
+    from pathalign_ray.training import read_checkpoint
+
+    ema, state = read_checkpoint(checkpoint_dir)
+    unet.load_state_dict(ema, strict=True)
+    info = {
+        "model_id": f"{run_dir.name}-{config.name}",
+        "step": state["step"],
+        "base_model": base_info.get("model_id"),
+        "objective": config.objective.kind,
+    }
+    model_dir = export_model(unet, ddim, class_names, run_dir / f"{config.name}-model", info)
+    with (run_dir / f"{config.name}_metrics.jsonl").open("w") as out:
+        out.writelines(json.dumps(row) + "\n" for row in state["history"])
+    return model_dir

@@ -1,0 +1,77 @@
+"""Reward functions chosen by name: each maps (images (N, H, W, 3) uint8, declared class names) to
+(rewards (N,) float in [0, 1], info dict).
+
+http: the Ray Serve scoring endpoint (pathalign_ray.reward.serve), the way finetuning jobs and
+    outside users score images. model: a reward model folder loaded in-process. pathologist: the
+    simulated pathologist's verdict as a 0/1 reward, for ablations and upper bounds only.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+
+from pathalign_ray.config import config_dataclass
+
+RewardFn = Callable[[np.ndarray, list[str]], tuple[np.ndarray, dict]]
+
+
+@config_dataclass
+class RewardSourceConfig:
+    kind: Literal["http", "model", "pathologist"] = "http"
+    url: str = "http://127.0.0.1:8000"  # kind=http: the scoring endpoint's base URL
+    model: str = ""  # kind=model: a reward model folder written by jobs/train_reward.py
+    timeout_s: float = 60.0  # kind=http: per request
+    batch_size: int = 64  # images per request or forward pass
+
+    def __post_init__(self) -> None:
+        if self.kind == "model" and not self.model:
+            raise ValueError("reward kind 'model' needs model=PATH")
+
+
+def make_reward_fn(config: RewardSourceConfig) -> RewardFn:
+    return {"http": _http, "model": _model, "pathologist": _pathologist}[config.kind](config)
+
+
+def _http(config: RewardSourceConfig) -> RewardFn:
+    from pathalign_ray.reward.client import RewardClient
+
+    client = RewardClient(config.url, timeout=config.timeout_s, max_batch=config.batch_size)
+
+    def score(images: np.ndarray, classes: list[str]) -> tuple[np.ndarray, dict]:
+        return np.asarray(client.score(images, classes), dtype=np.float64), {"source": config.url}
+
+    return score
+
+
+def _model(config: RewardSourceConfig) -> RewardFn:
+    from pathalign_ray.diffusion import to_model_input
+    from pathalign_ray.images import normalise_array
+    from pathalign_ray.reward.model import load_reward_model
+
+    model, meta = load_reward_model(config.model)
+    size = model.config.image_size
+
+    def score(images: np.ndarray, classes: list[str]) -> tuple[np.ndarray, dict]:
+        if images.shape[1] != size:
+            images = np.stack([normalise_array(image, size) for image in images])
+        class_ids = model.class_ids(list(classes))
+        scores = [
+            model.score(to_model_input(images[i : i + config.batch_size]), class_ids[i : i + config.batch_size])
+            for i in range(0, len(images), config.batch_size)
+        ]
+        return torch.cat(scores).numpy().astype(np.float64), {"source": meta.get("id", config.model)}
+
+    return score
+
+
+def _pathologist(config: RewardSourceConfig) -> RewardFn:
+    from pathalign_ray.pathologist import judge
+
+    def score(images: np.ndarray, classes: list[str]) -> tuple[np.ndarray, dict]:
+        verdicts = [judge(image, name) for image, name in zip(images, classes)]
+        return np.array([float(v.plausible) for v in verdicts]), {"source": "simulated pathologist"}
+
+    return score

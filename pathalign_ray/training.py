@@ -1,0 +1,119 @@
+"""What every Ray Train worker of a diffusion job does around its objective: the DeepSpeed engine,
+EMA weights, and checkpoints that resume.
+
+A checkpoint holds each rank's DeepSpeed shard, the EMA weights (rank 0) and a JSON train state
+(step, metric history, and whatever the job adds). Only ray.train and deepspeed wiring lives here;
+the objectives are in pathalign_ray.objectives and pathalign_ray.diffusion.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pathalign_ray.cluster import ScaleConfig, deepspeed_config
+
+EMA_FILE = "ema.safetensors"
+TRAIN_STATE_FILE = "train_state.json"
+DEEPSPEED_TAG = "deepspeed"
+
+
+def worker_setup(scale: ScaleConfig) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this Ray Train worker, with its torch thread count set."""
+    import ray.train
+
+    torch.set_num_threads(scale.threads_per_worker)
+    context = ray.train.get_context()
+    if scale.device == "cuda":
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+    else:
+        device = torch.device("cpu")
+    return context.get_world_rank(), context.get_world_size(), device
+
+
+def build_engine(
+    module: torch.nn.Module,
+    scale: ScaleConfig,
+    lr: float,
+    batch_size: int,
+    grad_clip: float,
+    warmup_steps: int = 0,
+    weight_decay: float = 0.0,
+    accumulation_steps: int = 1,
+):
+    """A DeepSpeed engine with a torch AdamW and linear warm-up. Returns (engine, lr scheduler).
+
+    With accumulation_steps > 1, engine.step() applies the optimizer every that many micro-steps.
+    """
+    import deepspeed
+
+    optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup_steps)))
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=warmup, config=deepspeed_config(scale, batch_size, grad_clip, accumulation_steps)
+    )
+    return engine, warmup
+
+
+def init_ema(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().float().clone() for name, p in module.named_parameters()}
+
+
+@torch.no_grad()
+def update_ema(ema: dict[str, torch.Tensor], module: torch.nn.Module, decay: float) -> None:
+    params = dict(module.named_parameters())
+    torch._foreach_lerp_(list(ema.values()), [params[n].detach().float() for n in ema], 1.0 - decay)
+
+
+def mean_over_workers(value: torch.Tensor, world_size: int) -> float:
+    if world_size > 1:
+        value = value.detach().float().clone()
+        torch.distributed.all_reduce(value)
+        value /= world_size
+    return float(value)
+
+
+def cycle_batches(shard, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches of a Ray Data shard, epoch after epoch, for as long as the loop asks."""
+    while True:
+        yield from shard.iter_torch_batches(batch_size=batch_size, drop_last=True)
+
+
+def restore_checkpoint(engine, ema: dict[str, torch.Tensor]) -> dict | None:
+    """Load this run's latest checkpoint into the engine and EMA; return its train state, or None."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as checkpoint_dir:
+        checkpoint_dir = Path(checkpoint_dir)
+        engine.load_checkpoint(str(checkpoint_dir), tag=DEEPSPEED_TAG)
+        for name, tensor in load_file(checkpoint_dir / EMA_FILE).items():
+            ema[name].copy_(tensor)
+        return json.loads((checkpoint_dir / TRAIN_STATE_FILE).read_text())
+
+
+def report_checkpoint(engine, ema: dict[str, torch.Tensor], state: dict, rank: int, metrics: dict) -> None:
+    """Every rank saves its DeepSpeed shard; rank 0 adds the EMA weights and the train state."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save_checkpoint(tmp, tag=DEEPSPEED_TAG)
+        if rank == 0:
+            save_file({name: tensor.contiguous() for name, tensor in ema.items()}, str(Path(tmp) / EMA_FILE))
+            (Path(tmp) / TRAIN_STATE_FILE).write_text(json.dumps(state))
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+
+def read_checkpoint(checkpoint_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(EMA weights, train state) of a checkpoint folder, on the driver."""
+    return load_file(checkpoint_dir / EMA_FILE), json.loads((checkpoint_dir / TRAIN_STATE_FILE).read_text())
