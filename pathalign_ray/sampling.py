@@ -37,10 +37,17 @@ class SampleConfig:
     threads_per_worker: int = 1  # torch threads and Ray CPUs per task
     device: Literal["cpu", "cuda"] = "cpu"
     overwrite: bool = False  # replace an existing out_dir; otherwise refuse, so no samples are lost
+    select: Literal["all", "uncertain"] = "all"  # uncertain: keep the k the reward model is least sure of
+    k: int = 0  # samples kept with select=uncertain, over all classes
+    reward_model: str = ""  # a reward model folder (RUN_DIR/reward); scores go to the manifest's reward column
 
     def __post_init__(self) -> None:
         if self.n_per_class < 1 or self.ddim_steps < 1 or self.batch_size < 1:
             raise ValueError("n_per_class, ddim_steps and batch_size must be >= 1")
+        if self.select == "uncertain" and (self.k < 1 or not self.reward_model):
+            raise ValueError("select=uncertain needs k >= 1 and a reward_model to score the samples")
+        if self.select == "all" and self.k:
+            raise ValueError(f"k={self.k} applies to select=uncertain only")
         if self.eta < 0:
             raise ValueError(f"eta must be >= 0, got {self.eta}")
 
@@ -55,6 +62,7 @@ def sample(config: SampleConfig) -> Path:
         raise FileExistsError(f"{out_dir} already holds samples; choose another out_dir or set overwrite=true")
     unet, scheduler, class_names, info = load_model(config.model)
     plan = _plan(config, class_names)
+    reward = _load_reward_model(config, plan)  # before sampling: a wrong path or class fails at once
 
     init_ray(device=config.device)
     weights = ray.put((dict(unet.config), unet.state_dict(), dict(scheduler.config)))
@@ -72,6 +80,8 @@ def sample(config: SampleConfig) -> Path:
         finished = sum(len(batches[i]) for i in results)
         print(f"sampled {finished}/{len(plan)} images ({finished / (time.perf_counter() - started):.1f} img/s)")
     images = np.concatenate([results[i] for i in range(len(batches))])
+    if reward is not None:
+        plan, images = _score_and_select(reward, config, plan, images)
 
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -114,7 +124,29 @@ def _plan(config: SampleConfig, class_names: list[str]) -> list[dict]:
     ]
 
 
+def _load_reward_model(config: SampleConfig, plan: list[dict]):
+    if not config.reward_model:
+        return None
+    from pathalign_ray.reward.model import load_reward_model
+
+    model, _ = load_reward_model(config.reward_model)
+    model.class_ids(sorted({row["declared_class"] for row in plan}))  # an unknown class is a ValueError naming it
+    return model
+
+
+def _score_and_select(reward, config: SampleConfig, plan: list[dict], images: np.ndarray) -> tuple[list, np.ndarray]:
+    """Score every image with the reward model; with select=uncertain keep the k most uncertain, in plan order."""
+    from pathalign_ray.reward.selection import most_uncertain, score_images
+
+    scores = score_images(reward, images, [row["declared_class"] for row in plan])
+    for row, score in zip(plan, scores):
+        row["reward"] = float(score)
+    keep = np.sort(most_uncertain(scores, config.k)) if config.select == "uncertain" else np.arange(len(plan))
+    return [plan[i] for i in keep], images[keep]
+
+
 def _write_manifest(plan: list[dict], path: Path, config: SampleConfig) -> None:
+    rewards = {"reward": pa.array([row["reward"] for row in plan], pa.float32())} if "reward" in plan[0] else {}
     table = pa.table(
         {
             "sample_id": pa.array([row["sample_id"] for row in plan], pa.string()),
@@ -125,6 +157,7 @@ def _write_manifest(plan: list[dict], path: Path, config: SampleConfig) -> None:
             "path": pa.array([row["path"] for row in plan], pa.string()),
             "ddim_steps": pa.array([config.ddim_steps] * len(plan), pa.int32()),
             "eta": pa.array([config.eta] * len(plan), pa.float32()),
+            **rewards,  # P(plausible) by config.reward_model
         }
     )
     pq.write_table(table, path)

@@ -1,0 +1,138 @@
+"""The closed loop, round after round: sample -> expert feedback -> reward model -> finetune.
+
+Round r samples from the model of round r-1 (the pretrained model in round 0) into
+RUN_DIR/rounds/r/samples; experts judge them (simulated pathologists, or people on the labelling
+page, the loop waiting until the round's quota is judged); the reward model is retrained on every
+verdict so far plus weak feedback from the real images; the diffusion model is finetuned with it.
+RUN_DIR/rounds.jsonl gets one row per round. A rerun skips the rounds already finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Literal
+
+from pathalign_ray.cluster import ScaleConfig
+from pathalign_ray.config import config_dataclass
+from pathalign_ray.finetune import FinetuneConfig, FinetuneDataConfig, FinetuneTrainConfig, ObjectiveConfig, finetune
+from pathalign_ray.reward.functions import RewardSourceConfig
+from pathalign_ray.reward.train import TrainRewardConfig, train_reward
+from pathalign_ray.sampling import SampleConfig, read_manifest, sample
+from pathalign_ray.simulated_feedback import SimulateFeedbackConfig, simulate_feedback
+
+ROUNDS_FILE = "rounds.jsonl"
+
+
+@config_dataclass
+class AlignFinetuneConfig:
+    objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
+    train: FinetuneTrainConfig = dataclasses.field(default_factory=FinetuneTrainConfig)
+    scale: ScaleConfig = dataclasses.field(default_factory=ScaleConfig)
+    evaluate_with_pathologist: bool = True  # report the simulated pathologist's plausibility of fresh samples
+
+
+@config_dataclass
+class AlignConfig:
+    run_dir: str = "runs/demo"  # holds model/ and data/ from pretraining; rounds/, feedback/, reward/ go here too
+    rounds: int = 2  # feedback rounds
+    feedback: Literal["simulated", "human"] = "simulated"  # human: wait for verdicts from the labelling page
+    quota: int = 0  # human: verdicts a round needs before the loop goes on; 0: every sample judged once
+    poll_s: float = 15.0  # human: seconds between looks at the feedback store
+    sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)  # model and out_dir set per round
+    simulate: SimulateFeedbackConfig = dataclasses.field(default_factory=SimulateFeedbackConfig)  # run_dir, samples, round set per round
+    reward: TrainRewardConfig = dataclasses.field(default_factory=TrainRewardConfig)  # run_dir set from run_dir
+    finetune: AlignFinetuneConfig = dataclasses.field(default_factory=AlignFinetuneConfig)  # models, pools, reward set per round
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+
+
+def align(config: AlignConfig) -> list[dict]:
+    """Run the rounds not yet finished; return every round's row."""
+    run_dir = Path(config.run_dir).resolve()
+    rows = read_rounds(run_dir)
+    for round_index in range(len(rows), config.rounds):
+        rows.append(run_round(config, run_dir, round_index))
+        with (run_dir / ROUNDS_FILE).open("a") as out:
+            out.write(json.dumps(rows[-1]) + "\n")
+        print(
+            f"[align] round {round_index}: plausibility of its samples {rows[-1]['plausibility']:.1%}, "
+            f"after finetuning {rows[-1]['fresh_plausibility_after']:.1%} ({rows[-1]['labels']} labels so far)"
+        )
+    return rows
+
+
+def read_rounds(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / ROUNDS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def model_of_round(run_dir: Path, round_index: int) -> Path:
+    """The model round `round_index` samples from: the pretrained one, then each round's finetuned one."""
+    return run_dir / "model" if round_index == 0 else run_dir / f"round{round_index - 1}-model"
+
+
+def run_round(config: AlignConfig, run_dir: Path, round_index: int) -> dict:
+    from pathalign_ray.feedback import FeedbackStore
+
+    started = time.perf_counter()
+    model = model_of_round(run_dir, round_index)
+    samples_rel = f"rounds/{round_index}/samples"
+    sample(dataclasses.replace(config.sample, model=str(model), out_dir=str(run_dir / samples_rel), seed=1000 + round_index, overwrite=True))
+    if config.feedback == "simulated":
+        simulate_feedback(dataclasses.replace(config.simulate, run_dir=str(run_dir), samples=samples_rel, round=round_index))
+    else:
+        _wait_for_verdicts(run_dir, samples_rel, config)
+    store = FeedbackStore(run_dir / "feedback")
+    round_ids = {row["sample_id"] for row in read_manifest(run_dir / samples_rel).to_pylist()}
+    round_verdicts = [row for row in store.consensus().to_pylist() if row["sample_id"] in round_ids]
+    reward_dir = train_reward(dataclasses.replace(config.reward, run_dir=str(run_dir)))
+    finetune(
+        FinetuneConfig(
+            run_dir=str(run_dir),
+            name=f"round{round_index}",
+            base_model=str(model),
+            objective=config.finetune.objective,
+            data=FinetuneDataConfig(
+                samples=tuple(str(run_dir / f"rounds/{r}/samples") for r in range(round_index + 1)),
+                real_dataset=config.reward.data.dataset,
+            ),
+            reward=RewardSourceConfig(kind="model", model=str(reward_dir)),
+            train=config.finetune.train,
+            scale=config.finetune.scale,
+            evaluate_with_pathologist=config.finetune.evaluate_with_pathologist,
+        )
+    )
+    after = [json.loads(line) for line in (run_dir / f"round{round_index}_metrics.jsonl").read_text().splitlines()][-1]
+    reward_info = json.loads((reward_dir / "reward.json").read_text())
+    return {
+        "round": round_index,
+        "model": str(model),
+        "labels": len(store.records()),
+        "plausibility": sum(r["verdict"] == "plausible" for r in round_verdicts) / max(1, len(round_verdicts)),
+        "reward_model": reward_info.get("model_id"),
+        "reward_auc": reward_info.get("metrics", {}).get("auc"),
+        "reward_mean": after.get("reward_mean"),
+        "fresh_reward_after": after.get("fresh_reward_mean"),
+        "fresh_plausibility_after": after.get("fresh_plausibility", float("nan")),
+        "wall_s": time.perf_counter() - started,
+    }
+
+
+def _wait_for_verdicts(run_dir: Path, samples_rel: str, config: AlignConfig) -> None:
+    """Block until people on the labelling page have judged the round's quota of samples."""
+    from pathalign_ray.feedback import FeedbackStore
+
+    sample_ids = {row["sample_id"] for row in read_manifest(run_dir / samples_rel).to_pylist()}
+    quota = config.quota or len(sample_ids)
+    store = FeedbackStore(run_dir / "feedback")
+    while True:
+        judged = sum(1 for row in store.latest().to_pylist() if row["sample_id"] in sample_ids)
+        if judged >= quota:
+            return
+        print(f"[align] waiting for verdicts on {samples_rel}: {judged}/{quota} (labelling page: jobs/label.py samples={samples_rel})")
+        time.sleep(config.poll_s)
