@@ -115,7 +115,7 @@ def run_round(config: AlignConfig, run_dir: Path, round_index: int) -> dict:
         "labels": len(store.records()),
         "plausibility": sum(r["verdict"] == "plausible" for r in round_verdicts) / max(1, len(round_verdicts)),
         "reward_model": reward_info.get("model_id"),
-        "reward_auc": reward_info.get("metrics", {}).get("auc"),
+        "reward_auc": reward_info.get("metrics", {}).get("test/expert/auc"),  # held-out verdicts on synthetic images
         "reward_mean": after.get("reward_mean"),
         "fresh_reward_after": after.get("fresh_reward_mean"),
         "fresh_plausibility_after": after.get("fresh_plausibility", float("nan")),

@@ -1,7 +1,8 @@
-"""The end-to-end demo on a local Ray cluster: make the data set, pretrain, sample, contact sheet.
+"""The end-to-end demo on a local Ray cluster: make the data set, pretrain, sample, contact sheet,
+then the feedback loop (simulated pathologists -> reward model -> finetuning) for a few rounds.
 
 Every path comes from run_dir, so one setting moves the whole run. Rerunning reuses the data set,
-resumes pretraining from its last checkpoint and replaces the samples.
+resumes pretraining from its last checkpoint, replaces the samples and skips finished rounds.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import dataclasses
 import time
 from pathlib import Path
 
+from pathalign_ray.align import AlignConfig, align
 from pathalign_ray.config import config_dataclass
 from pathalign_ray.data.make import MakeDatasetConfig, make_dataset
 from pathalign_ray.pretrain import PretrainConfig, pretrain
@@ -22,6 +24,7 @@ class DemoConfig:
     dataset: MakeDatasetConfig = dataclasses.field(default_factory=MakeDatasetConfig)  # out_dir is set from run_dir
     pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)  # run_dir and data from run_dir
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)  # model and out_dir from run_dir
+    align: AlignConfig = dataclasses.field(default_factory=AlignConfig)  # run_dir and the real data set from run_dir
 
 
 def run_demo(config: DemoConfig) -> Path:
@@ -44,5 +47,15 @@ def run_demo(config: DemoConfig) -> Path:
             config.sample, model=str(model_dir), out_dir=str(run_dir / "samples" / "pretrained"), overwrite=True
         )
     )
-    print(f"[demo] samples and contact sheet in {samples_dir} ({time.perf_counter() - started:.0f} s in all)")
+    print(f"[demo] samples and contact sheet in {samples_dir}")
+    reward = dataclasses.replace(
+        config.align.reward, data=dataclasses.replace(config.align.reward.data, dataset=str(data_dir))
+    )
+    rows = align(dataclasses.replace(config.align, run_dir=str(run_dir), reward=reward))
+    for row in rows:
+        print(
+            f"[demo] round {row['round']}: plausibility {row['plausibility']:.1%} of its samples, "
+            f"{row['fresh_plausibility_after']:.1%} after finetuning"
+        )
+    print(f"[demo] done in {time.perf_counter() - started:.0f} s; rounds in {run_dir / 'rounds.jsonl'}")
     return samples_dir
