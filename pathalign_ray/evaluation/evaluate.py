@@ -1,0 +1,516 @@
+"""Evaluate models the paper's four ways, the same way for each, on a Ray cluster; write report/.
+
+For each model (an exported model folder, sampled here, or a sample folder) and for the real
+held-out images as the reference:
+- fidelity: Frechet distance to the real training split, in each feature space;
+- diversity: precision, recall, density and coverage (Naeem et al. 2020) against the same;
+- utility: a classifier trained on the model's images with their declared classes, tested on the
+  real test split, beside the same classifier trained on the real training split (train-on-real);
+- plausibility: the simulated pathologist's verdicts per class and per criterion, and the experts'
+  consensus where the run's feedback store judged these very images; Wilson intervals throughout.
+
+Where the work runs: sampling through `sampling.sample` (Ray tasks); the domain encoder's training
+and every utility classifier in Ray tasks (one per training set, `workers` at a time); decoding,
+features and the pathologist's verdicts in one Ray Data pass (`map_batches` over an actor pool,
+one actor holding the encoder per worker). The metrics themselves are computed on the driver from
+the gathered features (they need all of them at once; see metrics.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from pathalign_ray.config import config_dataclass, config_to_dict
+from pathalign_ray.evaluation.classifier import ClassifierConfig
+from pathalign_ray.evaluation.sources import MODEL, ImageSet
+
+SPACES = ("domain", "inception")  # feature spaces, in report order
+
+
+@config_dataclass
+class EvalSamplingConfig:
+    n_per_class: int = 32  # images sampled per declared class from each exported model folder
+    ddim_steps: int = 50  # DDIM steps per image
+    eta: float = 0.0  # DDIM stochasticity
+    seed: int = 1000  # base seed; away from jobs/sample.py's 0, so the evaluation sees images feedback never judged
+    batch_size: int = 32  # images per Ray sampling task
+    reuse: bool = True  # keep REPORT/samples/NAME when it already holds this plan from this model step
+
+    def __post_init__(self) -> None:
+        if self.n_per_class < 1 or self.ddim_steps < 1 or self.batch_size < 1:
+            raise ValueError("sampling.n_per_class, ddim_steps and batch_size must be >= 1")
+
+
+@config_dataclass
+class EvalScaleConfig:
+    workers: int = 2  # Ray Data actors (features, verdicts) and classifier trainings at once
+    threads_per_worker: int = 1  # torch threads and Ray CPUs per actor and per sampling task
+    batch_size: int = 256  # images per Ray Data block and batch
+    device: Literal["cpu", "cuda"] = "cpu"  # for sampling and the feature actors (one GPU each with cuda)
+
+    def __post_init__(self) -> None:
+        if self.workers < 1 or self.threads_per_worker < 1 or self.batch_size < 1:
+            raise ValueError("scale.workers, threads_per_worker and batch_size must be >= 1")
+
+
+@config_dataclass
+class EvaluateConfig:
+    models: tuple[str, ...] = ()  # exported model folders and/or sample folders; one report column each
+    real: str = "runs/pretrain32/data"  # the real data set: train split = reference set, test split = held out
+    out_dir: str = "runs/pretrain32/report"  # report.md, report.html, metrics.json, PNGs, samples/
+    seed: int = 0  # the classifiers' initial weights, batches and augmentation
+    sampling: EvalSamplingConfig = dataclasses.field(default_factory=EvalSamplingConfig)
+    encoder: ClassifierConfig = dataclasses.field(default_factory=ClassifierConfig)  # the domain encoder's recipe
+    utility: ClassifierConfig = dataclasses.field(default_factory=ClassifierConfig)  # the utility classifier's recipe
+    cache_encoder: bool = True  # keep the domain encoder in REAL/.cache, keyed by dataset.json and recipe
+    inception_weights: str = ""  # local InceptionV3 FID weights (torch-fidelity's .pth); empty: space skipped
+    prdc_k: int = 5  # nearest neighbours of precision/recall/density/coverage (Naeem et al. use 5)
+    confidence: float = 0.95  # of the Wilson intervals
+    strictness: float = 1.0  # the simulated pathologist's (1 the reference; > 1 stricter)
+    grid_per_class: int = 8  # images per class in each sample grid
+    scale: EvalScaleConfig = dataclasses.field(default_factory=EvalScaleConfig)
+
+    def __post_init__(self) -> None:
+        if self.prdc_k < 1 or self.grid_per_class < 1:
+            raise ValueError("prdc_k and grid_per_class must be >= 1")
+        if not 0.0 < self.confidence < 1.0:
+            raise ValueError(f"confidence must lie in (0, 1), got {self.confidence}")
+        if not 0.0 < self.strictness < math.inf:
+            raise ValueError(f"strictness must be positive, got {self.strictness}")
+
+
+def evaluate(config: EvaluateConfig) -> Path:
+    """Evaluate config.models against config.real; returns the report folder."""
+    from pathalign_ray.cluster import init_ray
+    from pathalign_ray.data.shards import read_dataset_info
+    from pathalign_ray.evaluation import report
+    from pathalign_ray.evaluation.sources import model_kind, model_names, read_real_split, read_sample_folder
+
+    # Everything that can be wrong with the inputs fails here, before Ray starts.
+    if not config.models:
+        raise ValueError("name at least one model: an exported model folder or a sample folder (--models ...)")
+    info = read_dataset_info(config.real)
+    class_names, size = list(info["class_names"]), int(info["image_size"])
+    kinds = [model_kind(path) for path in config.models]
+    names = model_names(list(config.models))
+    if config.inception_weights:
+        from pathalign_ray.evaluation.features import check_inception_available
+
+        check_inception_available(config.inception_weights)
+    train, test = read_real_split(config.real, "train", class_names), read_real_split(config.real, "test", class_names)
+    if len(train) < 2 or len(test) < 1:
+        raise ValueError(f"{config.real} needs >= 2 train and >= 1 test images, has {len(train)} and {len(test)}")
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timings, notes, started = {}, [], time.perf_counter()
+
+    init_ray(device=config.scale.device)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # progress is printed per stage instead
+
+    clock = time.perf_counter()
+    sets: list[ImageSet] = []
+    for path, kind, name in zip(config.models, kinds, names):
+        if kind == MODEL:
+            folder = _sample_model(Path(path), out_dir / "samples" / name, class_names, config.sampling, config.scale)
+            sets.append(read_sample_folder(folder, name, class_names, kind=MODEL))
+            sets[-1].info["model"] = str(path)
+        else:
+            sets.append(read_sample_folder(path, name, class_names))
+    timings["samples_s"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    encoder_state, encoder_info = _domain_encoder(config, class_names, size, train, test)
+    timings["domain_encoder_s"] = time.perf_counter() - clock
+    print(
+        f"domain encoder: {'cached' if encoder_info['cached'] else 'trained'}, real test accuracy "
+        f"{encoder_info['test_metrics']['accuracy']:.3f} ({timings['domain_encoder_s']:.1f} s)"
+    )
+
+    from pathalign_ray.pathologist import SPECS
+
+    judged = all(name in SPECS for name in class_names)
+    if not judged:
+        notes.append("simulated pathologist skipped: the data set's classes are not all cell types it knows")
+    clock = time.perf_counter()
+    outputs = _features_and_verdicts(
+        config, encoder_state, encoder_info, size, class_names, [train, test, *sets], judged
+    )
+    timings["features_and_verdicts_s"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    spaces = ["domain"] + (["inception"] if config.inception_weights else [])
+    if not config.inception_weights:
+        notes.append("InceptionV3 space skipped: no inception_weights file given (it is never downloaded)")
+    fidelity, diversity = _fidelity_and_diversity(outputs, spaces, [test, *sets], train.name, config.prdc_k, notes)
+    timings["fidelity_and_diversity_s"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    utility = _utility(config, size, class_names, train, test, sets)
+    timings["utility_s"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    plausibility, runs = _plausibility(config, class_names, [test, *sets], outputs, judged, notes)
+    timings["plausibility_s"] = time.perf_counter() - clock
+
+    columns = [s.name for s in sets] + [test.name]
+    metrics = {
+        "config": config_to_dict(config),
+        "dataset": {"path": str(config.real), "class_names": class_names, "image_size": size, "counts": info["counts"]},
+        "columns": columns,
+        "sets": {
+            s.name: {
+                "kind": s.kind,
+                "path": str(s.path),
+                "n_images": len(s),
+                **s.info,
+                "per_class": dict(zip(class_names, np.bincount(s.labels, minlength=len(class_names)).tolist())),
+            }
+            for s in [*sets, test, train]
+        },
+        "domain_encoder": {k: v for k, v in encoder_info.items() if k != "state"},
+        "fidelity": fidelity,
+        "diversity": diversity,
+        "utility": utility,
+        "plausibility": plausibility,
+        "runs": runs,
+        "notes": notes,
+        "timings": timings,
+    }
+    clock = time.perf_counter()
+    grids = _grids(config, size, class_names, [*sets, test], out_dir)
+    report.write_report(metrics, grids, out_dir)
+    timings["report_s"] = time.perf_counter() - clock
+    timings["total_s"] = time.perf_counter() - started
+    report.write_metrics(metrics, out_dir)
+    print(f"evaluation done in {timings['total_s']:.1f} s: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+    return out_dir
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def _sample_model(
+    model: Path, out: Path, class_names: list[str], sampling: EvalSamplingConfig, scale: EvalScaleConfig
+) -> Path:
+    """Sample n_per_class images of each class the model and the data set share into `out` (reused if it holds them)."""
+    from pathalign_ray.diffusion import CLASS_NAMES_FILE, MODEL_INFO_FILE
+    from pathalign_ray.sampling import SampleConfig, read_manifest, sample
+
+    model_classes = json.loads((model / CLASS_NAMES_FILE).read_text())
+    classes = tuple(c for c in model_classes if c in class_names)
+    if not classes:
+        raise ValueError(f"{model} knows none of the data set's classes {class_names}")
+    step = (
+        json.loads((model / MODEL_INFO_FILE).read_text()).get("step", -1) if (model / MODEL_INFO_FILE).is_file() else -1
+    )
+    expected = {f"seed{sampling.seed}-{c}-{j:05d}" for c in classes for j in range(sampling.n_per_class)}
+    if sampling.reuse and (out / "manifest.parquet").is_file():
+        manifest = read_manifest(out)
+        same = (
+            set(manifest.column("sample_id").to_pylist()) == expected
+            and set(manifest.column("model_step").to_pylist()) == {step}
+            and set(manifest.column("ddim_steps").to_pylist()) == {sampling.ddim_steps}
+            and np.allclose(manifest.column("eta").to_numpy(), sampling.eta)
+        )
+        if same:
+            print(f"sampling: reusing {out} ({len(expected)} images of step {step})")
+            return out
+    print(f"sampling {len(expected)} images from {model} into {out}")
+    return sample(
+        SampleConfig(
+            model=str(model),
+            out_dir=str(out),
+            n_per_class=sampling.n_per_class,
+            classes=classes,
+            ddim_steps=sampling.ddim_steps,
+            eta=sampling.eta,
+            seed=sampling.seed,
+            batch_size=sampling.batch_size,
+            threads_per_worker=scale.threads_per_worker,
+            device=scale.device,
+            overwrite=True,
+        )
+    )
+
+
+# ---------------------------------------------------------------- classifiers (Ray tasks)
+
+
+def _decode_all(png: list[bytes], size: int, name: str) -> np.ndarray:
+    from pathalign_ray.images import decode_image
+
+    images = [decode_image(data, size, f"{name} image {i}") for i, data in enumerate(png)]
+    return np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
+
+
+@ray.remote
+def _train_and_test(
+    train: tuple[list[bytes], np.ndarray],
+    test: tuple[list[bytes], np.ndarray],
+    size: int,
+    num_classes: int,
+    config: ClassifierConfig,
+    seed: int,
+    keep_weights: bool,
+) -> dict:
+    """Train a classifier on `train` (PNG bytes, labels), score it on `test`: {"metrics", "final_loss", "state"?}."""
+    import torch
+
+    from pathalign_ray.evaluation.classifier import predict_proba, train_classifier
+    from pathalign_ray.evaluation.metrics import classification_metrics
+
+    torch.set_num_threads(config.threads)
+    model, losses = train_classifier(_decode_all(train[0], size, "train"), train[1], num_classes, config, seed)
+    probabilities = predict_proba(model, _decode_all(test[0], size, "test"))
+    out = {
+        "metrics": classification_metrics(test[1], probabilities),
+        "final_loss": float(np.mean(losses[-10:])),
+        "n_train": len(train[0]),
+    }
+    if keep_weights:
+        out["state"] = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    return out
+
+
+def _domain_encoder(config: EvaluateConfig, class_names: list[str], size: int, train: ImageSet, test: ImageSet):
+    """(state dict, info) of the domain encoder: from REAL/.cache when the key matches, else trained in a Ray task."""
+    from pathalign_ray.evaluation.features import encoder_cache_key, load_cached_encoder, save_encoder
+
+    key = encoder_cache_key(config.real, config.encoder, config.seed)
+    cached = load_cached_encoder(config.real, key) if config.cache_encoder else None
+    if cached is not None:
+        model, info = cached
+        return model.state_dict(), {**info, "cached": True}
+    print(f"domain encoder: training on {len(train)} real images ({config.encoder.steps} steps)")
+    result = ray.get(
+        _train_and_test.options(num_cpus=config.encoder.threads).remote(
+            (train.png, train.labels),
+            (test.png, test.labels),
+            size,
+            len(class_names),
+            config.encoder,
+            config.seed,
+            True,
+        )
+    )
+    info = {
+        "key": key,
+        "config": config_to_dict(config.encoder),
+        "seed": config.seed,
+        "class_names": class_names,
+        "image_size": size,
+        "feature_dim": int(config.encoder.channels[-1]),
+        "test_metrics": result["metrics"],
+        "final_loss": result["final_loss"],
+        "n_train": result["n_train"],
+    }
+    if config.cache_encoder:
+        from pathalign_ray.evaluation.features import encoder_from_state
+
+        model = encoder_from_state(tuple(config.encoder.channels), len(class_names), result["state"])
+        if save_encoder(model, info, config.real) is None:
+            print(f"domain encoder: {config.real} is read-only; not cached")
+    return result["state"], {**info, "cached": False}
+
+
+def _utility(
+    config: EvaluateConfig, size: int, class_names: list[str], train: ImageSet, test: ImageSet, sets: list[ImageSet]
+) -> dict:
+    """{set name: metrics} of a classifier trained on each set, plus "train_on_real"; all tested on real test images."""
+    test_ref = ray.put((test.png, test.labels))
+    remote = _train_and_test.options(num_cpus=config.utility.threads)
+    jobs = {"train_on_real": train, **{s.name: s for s in sets}}
+    pending = {
+        remote.remote(
+            ray.put((s.png, s.labels)), test_ref, size, len(class_names), config.utility, config.seed, False
+        ): name
+        for name, s in jobs.items()
+    }
+    results, started = {}, time.perf_counter()
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        name = pending.pop(done[0])
+        results[name] = ray.get(done[0])
+        print(
+            f"utility: {len(results)}/{len(jobs)} classifiers trained ({name}: accuracy "
+            f"{results[name]['metrics']['accuracy']:.3f}, {time.perf_counter() - started:.0f} s)"
+        )
+    return {name: {**results[name]["metrics"], "n_train": results[name]["n_train"]} for name in jobs}
+
+
+# ---------------------------------------------------------------- features and verdicts (Ray Data)
+
+
+class _Featurizer:
+    """A Ray Data actor: decodes a batch of PNGs, makes its features in every space, judges the rows asked for."""
+
+    def __init__(
+        self,
+        encoder_state: dict,
+        channels: tuple[int, ...],
+        num_classes: int,
+        size: int,
+        inception_weights: str,
+        threads: int,
+        strictness: float,
+    ):
+        import torch
+
+        from pathalign_ray.evaluation.features import encoder_from_state, load_inception
+
+        torch.set_num_threads(threads)
+        self.encoder = encoder_from_state(channels, num_classes, encoder_state)
+        self.inception = load_inception(inception_weights) if inception_weights else None
+        self.size, self.strictness = size, strictness
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from pathalign_ray.evaluation.classifier import extract_features
+        from pathalign_ray.evaluation.features import inception_features
+        from pathalign_ray.images import decode_image
+        from pathalign_ray.pathologist import CRITERIA, judge
+
+        names = [f"{s} image {i}" for s, i in zip(batch["set"], batch["index"])]
+        images = np.stack([decode_image(data, self.size, name) for data, name in zip(batch["image"], names)])
+        out = {"set": batch["set"], "index": batch["index"], "domain": extract_features(self.encoder, images)}
+        if self.inception is not None:
+            out["inception"] = inception_features(self.inception, images)
+        plausible, found_cell = np.zeros(len(images), bool), np.zeros(len(images), bool)
+        failed = np.zeros((len(images), len(CRITERIA)), bool)
+        for i in np.flatnonzero(batch["judge"]):
+            verdict = judge(images[i], str(batch["declared_class"][i]), self.strictness)
+            plausible[i], found_cell[i] = verdict.plausible, verdict.measurements.found_cell
+            failed[i] = [c in verdict.failed for c in CRITERIA]
+        return {**out, "plausible": plausible, "found_cell": found_cell, "failed": failed}
+
+
+def _features_and_verdicts(
+    config, encoder_state, encoder_info, size, class_names, sets: list[ImageSet], judged: bool
+) -> dict:
+    """{set name: {"domain": (N, D), "inception"?: (N, 2048), "plausible": (N,), "found_cell": (N,), "failed": (N, 6)}},
+    rows in each set's order. Real training images are not judged (nothing reads their verdicts)."""
+    import ray.data
+
+    rows = {"set": [], "index": [], "image": [], "declared_class": [], "judge": []}
+    for s in sets:
+        rows["set"] += [s.name] * len(s)
+        rows["index"] += list(range(len(s)))
+        rows["image"] += s.png
+        rows["declared_class"] += [class_names[label] for label in s.labels]
+        rows["judge"] += [judged and s.name != "real_train"] * len(s)
+    table = pa.table({**rows, "image": pa.array(rows["image"], pa.binary())})
+    step = config.scale.batch_size
+    blocks = [table.slice(start, step) for start in range(0, table.num_rows, step)]
+    dataset = ray.data.from_arrow(blocks).map_batches(
+        _Featurizer,
+        fn_constructor_kwargs={
+            "encoder_state": encoder_state,
+            "channels": tuple(encoder_info["config"]["channels"]),
+            "num_classes": len(class_names),
+            "size": size,
+            "inception_weights": config.inception_weights,
+            "threads": config.scale.threads_per_worker,
+            "strictness": config.strictness,
+        },
+        batch_size=step,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=config.scale.workers),
+        num_cpus=config.scale.threads_per_worker,
+        num_gpus=int(config.scale.device == "cuda"),
+    )
+    parts, done, started = [], 0, time.perf_counter()
+    print(f"features and verdicts: {table.num_rows} images on {config.scale.workers} Ray Data actors")
+    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        parts.append(batch)
+        done += len(batch["index"])
+        print(
+            f"features and verdicts: {done}/{table.num_rows} images "
+            f"({done / (time.perf_counter() - started):.0f} img/s)"
+        )
+    merged = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    out = {}
+    for s in sets:
+        mine = np.flatnonzero(merged["set"] == s.name)
+        mine = mine[np.argsort(merged["index"][mine])]
+        out[s.name] = {key: merged[key][mine] for key in merged if key not in ("set", "index")}
+    return out
+
+
+# ---------------------------------------------------------------- metrics on the driver
+
+
+def _fidelity_and_diversity(outputs, spaces, sets: list[ImageSet], reference: str, k: int, notes: list[str]):
+    """Per space and set: {"frechet_distance"} and {precision, recall, density, coverage} against `reference`."""
+    from pathalign_ray.evaluation.metrics import frechet_distance_of, precision_recall_density_coverage
+
+    fidelity, diversity = {}, {}
+    for space in spaces:
+        real = outputs[reference][space]
+        fidelity[space], diversity[space] = {}, {}
+        for s in sets:
+            fake = outputs[s.name][space]
+            fidelity[space][s.name] = {
+                "frechet_distance": frechet_distance_of(real, fake) if len(fake) >= 2 else math.nan
+            }
+            diversity[space][s.name] = precision_recall_density_coverage(real, fake, k)
+            if min(len(real), len(fake)) < k + 2:
+                notes.append(f"{space} diversity of {s.name}: NaN, a set has fewer than prdc_k + 2 = {k + 2} images")
+    return fidelity, diversity
+
+
+def _plausibility(config, class_names, sets: list[ImageSet], outputs, judged: bool, notes: list[str]):
+    """({"simulated": {set: summary}, "experts": {set: summary}}, {run name: rounds}) ."""
+    from pathalign_ray.evaluation.plausibility import plausibility_per_round, summarize_consensus, summarize_verdicts
+    from pathalign_ray.evaluation.sources import REAL, read_feedback, read_rounds, run_dir_of
+
+    simulated, experts, runs = {}, {}, {}
+    for s in sets:
+        if judged:
+            o = outputs[s.name]
+            simulated[s.name] = summarize_verdicts(
+                [class_names[label] for label in s.labels],
+                o["plausible"],
+                o["failed"],
+                o["found_cell"],
+                class_names,
+                config.confidence,
+            )
+        if s.kind == REAL:
+            continue
+        run_dir = run_dir_of(s.info.get("model", s.path))
+        feedback = read_feedback(run_dir, s)
+        if feedback is not None and feedback[0]:
+            experts[s.name] = summarize_consensus(feedback[0], class_names, config.confidence)
+        rounds, round_notes = read_rounds(run_dir)
+        notes += round_notes
+        per_round = plausibility_per_round(feedback[1], config.confidence) if feedback is not None else []
+        if rounds or per_round:
+            runs.setdefault(run_dir.name, {"run_dir": str(run_dir), "rounds": rounds, "feedback_rounds": per_round})
+    return {"simulated": simulated, "experts": experts}, runs
+
+
+def _grids(config, size, class_names, sets: list[ImageSet], out_dir: Path) -> dict[str, Path]:
+    """One contact sheet per set (rows: classes, grid_per_class images each): {set name: PNG path}."""
+    from pathalign_ray.images import contact_sheet
+
+    grids = {}
+    for s in sets:
+        chosen = np.concatenate(
+            [np.flatnonzero(s.labels == c)[: config.grid_per_class] for c in range(len(class_names))]
+        )
+        chosen = np.sort(chosen).astype(np.int64)
+        images = _decode_all([s.png[i] for i in chosen], size, s.name)
+        grids[s.name] = contact_sheet(
+            images, s.labels[chosen], class_names, out_dir / "grids" / f"{s.name}.png", per_class=config.grid_per_class
+        )
+    return grids
