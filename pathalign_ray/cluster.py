@@ -72,6 +72,23 @@ def init_ray(
         )
 
 
+def keep_serving(app_name: str) -> None:
+    """After a Serve deployment: under `ray job submit` return, since the app outlives the job; on a
+    local cluster, block until Ctrl-C and then delete the app."""
+    import time
+
+    from ray import serve
+
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    print("serving on a local Ray cluster; press Ctrl-C to stop")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.delete(app_name)
+
+
 def deepspeed_config(scale: ScaleConfig, micro_batch_size: int, grad_clip: float, accumulation_steps: int = 1) -> dict:
     """The DeepSpeed config of one Ray Train worker; the optimizer is a torch one, passed in."""
     return {

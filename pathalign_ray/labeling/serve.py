@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import time
-
 from ray import serve
 
-from pathalign_ray.cluster import init_ray
+from pathalign_ray.cluster import init_ray, keep_serving
 from pathalign_ray.labeling.app import LabelConfig, create_app
 
 APP_NAME = "labeling"
@@ -37,11 +34,4 @@ def serve_until_interrupted(config: LabelConfig) -> None:
     """jobs/label.py: deploy and print the URL; on a local cluster, keep it up until Ctrl-C."""
     url = start_labeling(config)
     print(f"labelling page: {url} (summary: {url}summary)")
-    if os.environ.get("RAY_ADDRESS"):
-        return  # submitted to a cluster: the deployment outlives this job
-    print("serving on a local Ray cluster; press Ctrl-C to stop")
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.delete(APP_NAME)
+    keep_serving(APP_NAME)

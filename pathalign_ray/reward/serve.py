@@ -23,8 +23,6 @@ import binascii
 import dataclasses
 import hashlib
 import json
-import os
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from ray import serve
 
+from pathalign_ray.cluster import keep_serving
 from pathalign_ray.config import config_dataclass
 from pathalign_ray.images import ImageError, decode_image, normalise_array, to_model_range
 
@@ -512,11 +511,4 @@ def serve_until_interrupted(config: ServeRewardConfig) -> None:
     """jobs/serve_reward.py: deploy and print the URL; on a local cluster, keep it up until Ctrl-C."""
     url = start_reward_server(config)
     print(f"reward endpoint: {url}v1/score (classes: {url}v1/classes, OpenAPI: {url}openapi.json)")
-    if os.environ.get("RAY_ADDRESS"):
-        return  # submitted to a cluster: the deployment outlives this job
-    print("serving on a local Ray cluster; press Ctrl-C to stop")
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.delete(APP_NAME)
+    keep_serving(APP_NAME)
