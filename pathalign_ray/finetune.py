@@ -107,6 +107,8 @@ def finetune(config: FinetuneConfig) -> Path:
 
     run_dir = Path(config.run_dir).resolve()
     unet, ddim, class_names, info = load_model(config.base_model)
+    if config.objective.beta > 0:
+        _check_real_classes(config.data.real_dataset, class_names)
     save_config(config, run_dir / f"{config.name}.yaml")
     init_ray(device=config.scale.device)
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -129,6 +131,16 @@ def finetune(config: FinetuneConfig) -> Path:
         raise RuntimeError(f"finetuning {config.name} in {run_dir} finished without a checkpoint")
     with result.checkpoint.as_directory() as checkpoint_dir:
         return _export(Path(checkpoint_dir), unet, ddim, class_names, info, config, run_dir)
+
+
+def _check_real_classes(dataset: str, class_names: list[str]) -> None:
+    """Real labels index the model's classes: the data set's classes must be the model's first ones
+    (a model with a new concept, pathalign_ray.concepts, has more classes than its real data)."""
+    from pathalign_ray.data.shards import read_dataset_info
+
+    real_classes = list(read_dataset_info(dataset)["class_names"])
+    if real_classes != class_names[: len(real_classes)]:
+        raise ValueError(f"{dataset}: its classes {real_classes} are not the model's first classes {class_names}")
 
 
 def _synthetic_pool(config: FinetuneConfig, class_names: list[str], size: int):

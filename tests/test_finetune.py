@@ -40,6 +40,71 @@ def _history(run_dir, name):
     return [json.loads(line) for line in (run_dir / f"{name}_metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.fixture(scope="module")
+def reward_endpoint(serve_port, tiny_pretrained, tmp_path_factory):
+    """A reward model for the tiny model's classes, served over HTTP on the session's Serve instance."""
+    import torch
+    from ray import serve
+
+    from pathalign_ray.diffusion import load_model
+    from pathalign_ray.reward.model import RewardModel, RewardModelConfig, save_reward_model
+    from pathalign_ray.reward.serve import APP_NAME, ServeRewardConfig, start_reward_server
+
+    _, _, model_dir = tiny_pretrained
+    unet, _, class_names, _ = load_model(model_dir)
+    torch.manual_seed(0)
+    reward = RewardModel(RewardModelConfig(image_size=unet.config.sample_size, channels=(8, 16), class_embedding=8, hidden=16), class_names)
+    reward_dir = save_reward_model(reward.eval(), tmp_path_factory.mktemp("reward") / "r", {"id": "ft-test", "version": 1})
+    url = start_reward_server(ServeRewardConfig(model=str(reward_dir), port=serve_port, max_batch_size=32))
+    yield url, reward_dir
+    serve.delete(APP_NAME)
+
+
+@pytest.mark.parametrize("objective", ["rwl", "ddpo"])
+def test_each_objective_finetunes_on_two_zero2_workers_scored_over_http(
+    objective, reward_endpoint, tiny_pretrained, tiny_samples, tiny_dataset, tmp_path, capsys
+):
+    import numpy as np
+    import torch
+    from diffusers import UNet2DModel
+
+    from pathalign_ray.images import decode_image
+
+    from pathalign_ray.reward.functions import RewardSourceConfig, make_reward_fn
+    from pathalign_ray.sampling import read_manifest
+
+    url, reward_dir = reward_endpoint
+    _, _, model_dir = tiny_pretrained
+    config = _config(
+        tmp_path, model_dir, tiny_samples, tiny_dataset,
+        f"name={objective}", f"objective.kind={objective}", "reward.kind=http", f"reward.url={url}",
+        "train.steps=3", "train.checkpoint_every=3", "train.eval_every=0",
+        "objective.ddim_steps=3", "objective.trajectories_per_step=2", "objective.kl_coef=0.1",
+    )
+    exported = finetune(config)
+    history = _history(tmp_path, objective)
+    assert [row["step"] for row in history] == [1, 2, 3]
+    terms = {"rwl": ("loss_weighted_synthetic", "loss_real", "weight_mean", "kl_to_base"),
+             "ddpo": ("policy_loss", "approx_kl", "clipfrac", "kl_to_base")}[objective]
+    for row in history:
+        assert all(np.isfinite(row[key]) for key in terms), row
+        assert 0.0 <= row["reward_mean"] <= 1.0 and row["reward_std"] >= 0.0
+    assert 0.0 <= history[-1]["fresh_plausibility"] <= 1.0 and "fresh_reward_mean" in history[-1]
+    if objective == "rwl":
+        # the pool was scored once, over HTTP, with exactly the scores the reward model gives in process
+        manifest = read_manifest(tiny_samples).to_pylist()
+        pixels = np.stack([decode_image((tiny_samples / row["path"]).read_bytes(), 16, "x") for row in manifest])
+        classes = [row["declared_class"] for row in manifest]
+        local, _ = make_reward_fn(RewardSourceConfig(kind="model", model=str(reward_dir)))(pixels, classes)
+        served, info = make_reward_fn(RewardSourceConfig(kind="http", url=url))(pixels, classes)
+        assert info["source"] == url and np.allclose(served, local, atol=1e-5)
+        assert f"scored {len(manifest)} synthetic samples with {url}" in capsys.readouterr().out
+        assert min(local) - 1e-6 <= history[0]["reward_mean"] <= max(local) + 1e-6
+    finetuned = UNet2DModel.from_pretrained(exported, subfolder="unet")
+    base = UNet2DModel.from_pretrained(model_dir, subfolder="unet")
+    assert any(not torch.equal(a, b) for a, b in zip(finetuned.parameters(), base.parameters()))
+
+
 def test_a_killed_worker_is_replaced_and_the_run_resumes(tiny_pretrained, tiny_samples, tiny_dataset, tmp_path):
     import ray
     from ray.util.state import list_actors

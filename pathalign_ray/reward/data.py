@@ -123,7 +123,7 @@ def build_examples(config: RewardDataConfig, run_dir: str | Path, image_size: in
     parts = []
     if config.feedback:
         votes = read_votes([_resolve(run_dir, store) for store in config.feedback], config.rounds)
-        class_names = real.class_names if real is not None else tuple(sorted({v["declared_class"] for v in votes}))
+        class_names = known_and_new_classes(real.class_names if real is not None else (), votes)
         parts.append(expert_examples(votes, run_dir, class_names, image_size, config.label))
     else:
         class_names = real.class_names
@@ -137,10 +137,20 @@ def build_examples(config: RewardDataConfig, run_dir: str | Path, image_size: in
         else:
             n_weak = len(real)
         parts.append(
-            weak_examples(real.images, real.labels, real.class_names, n_weak, config.wrong_class_fraction,
+            weak_examples(real.images, real.labels, class_names, n_weak, config.wrong_class_fraction,
                           config.seed, config.dataset_split)
         )
     return RewardExamples.concat(parts)
+
+
+def known_and_new_classes(real_classes: Sequence[str], votes: list[dict]) -> tuple[str, ...]:
+    """The real data set's classes, then (sorted) the declared classes only feedback knows of.
+
+    A new concept (pathalign_ray.concepts) has verdicts but no real image; the real classes keep
+    their indices, so weak feedback's labels still point at the right names.
+    """
+    new = sorted({v["declared_class"] for v in votes} - set(real_classes))
+    return (*real_classes, *new)
 
 
 def read_votes(stores: Sequence[Path], rounds: Sequence[int] = ()) -> list[dict]:
