@@ -98,6 +98,8 @@ def test_each_objective_finetunes_on_two_zero2_workers_scored_over_http(
         local, _ = make_reward_fn(RewardSourceConfig(kind="model", model=str(reward_dir)))(pixels, classes)
         served, info = make_reward_fn(RewardSourceConfig(kind="http", url=url))(pixels, classes)
         assert info["source"] == url and np.allclose(served, local, atol=1e-5)
+        through_handle, _ = make_reward_fn(RewardSourceConfig(kind="handle"))(pixels, classes)
+        assert np.allclose(through_handle, local, atol=1e-5)
         assert f"scored {len(manifest)} synthetic samples with {url}" in capsys.readouterr().out
         assert min(local) - 1e-6 <= history[0]["reward_mean"] <= max(local) + 1e-6
     finetuned = UNet2DModel.from_pretrained(exported, subfolder="unet")

@@ -2,7 +2,8 @@
 (rewards (N,) float in [0, 1], info dict).
 
 http: the Ray Serve scoring endpoint (pathalign_ray.reward.serve), the way finetuning jobs and
-    outside users score images. model: a reward model folder loaded in-process. pathologist: the
+    outside users score images. handle: the same deployment through a DeploymentHandle, for jobs
+    in the cluster that serves it (no HTTP, arrays sent as arrays). model: a reward model folder loaded in-process. pathologist: the
     simulated pathologist's verdict as a 0/1 reward, for ablations and upper bounds only.
 """
 
@@ -20,11 +21,12 @@ RewardFn = Callable[[np.ndarray, list[str]], tuple[np.ndarray, dict]]
 
 @config_dataclass
 class RewardSourceConfig:
-    kind: Literal["http", "model", "pathologist"] = "http"
+    kind: Literal["http", "handle", "model", "pathologist"] = "http"
     url: str = "http://127.0.0.1:8000"  # kind=http: the scoring endpoint's base URL
+    app: str = "reward"  # kind=handle: the Serve application's name (jobs/serve_reward.py deploys "reward")
     model: str = ""  # kind=model: a reward model folder written by jobs/train_reward.py
     timeout_s: float = 60.0  # kind=http: per request
-    batch_size: int = 64  # images per request or forward pass
+    batch_size: int = 32  # images per request or forward pass; at most the endpoint's max_images_per_request
 
     def __post_init__(self) -> None:
         if self.kind == "model" and not self.model:
@@ -32,7 +34,7 @@ class RewardSourceConfig:
 
 
 def make_reward_fn(config: RewardSourceConfig) -> RewardFn:
-    return {"http": _http, "model": _model, "pathologist": _pathologist}[config.kind](config)
+    return {"http": _http, "handle": _handle, "model": _model, "pathologist": _pathologist}[config.kind](config)
 
 
 def _http(config: RewardSourceConfig) -> RewardFn:
@@ -42,6 +44,17 @@ def _http(config: RewardSourceConfig) -> RewardFn:
 
     def score(images: np.ndarray, classes: list[str]) -> tuple[np.ndarray, dict]:
         return np.asarray(client.score(images, classes), dtype=np.float64), {"source": config.url}
+
+    return score
+
+
+def _handle(config: RewardSourceConfig) -> RewardFn:
+    from pathalign_ray.reward.client import HandleRewardClient
+
+    client = HandleRewardClient.from_app(config.app, max_batch=config.batch_size)
+
+    def score(images: np.ndarray, classes: list[str]) -> tuple[np.ndarray, dict]:
+        return client.score(images, classes), {"source": f"serve app {config.app}"}
 
     return score
 
