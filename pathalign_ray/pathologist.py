@@ -19,8 +19,9 @@ ragged outlines, a halo of smear around the cell, red cells touching it, a darke
 - segmentation works on a median-filtered copy (separable 3x3 median: speckle off, edges kept);
   features are read from the raw pixels, spots against the filtered copy.
 - cell: stained pixels (sum |RGB - background| > 30) form 4-connected components; the one holding most
-  dark pixels (Y < 120) within 0.35 frame widths of the centre is the first guess, its cytoplasm next
-  to the nucleus gives the cell's contrast. The outline is drawn at 0.4 of that contrast (30-90): half
+  dark pixels (Y < 120) within 0.35 frame widths of the centre is the first guess (with no dark pixel
+  there, the one at the centre: a cell without a nucleus), its cytoplasm next to the nucleus gives the
+  cell's contrast. The outline is drawn at 0.4 of that contrast (30-90): half
   covered edge pixels in, a halo of smear out (diameter bias < 0.006, sd 0.006 frame widths at
   32-128 px). Where an opening by half the inscribed radius cuts off > 5 % (a red cell or smear
   touching the cell through a neck), the opened cell is kept; what lies beyond 1.25 inscribed radii
@@ -28,12 +29,15 @@ ragged outlines, a halo of smear around the cell, red cells touching it, a darke
   quarter of the frame border or covering 80 % of the frame: no cell found. Diameter: of the disc of
   the mask's area.
 - nucleus: non-magenta pixels darker than a threshold half-way between nucleus and cytoplasm
-  luminance (both first estimated with Y < 120), in components of >= 12 px (at 64 px) and >= 30 % of
-  the largest, holes (nucleoli) filled. The half-way threshold puts the outline where a soft edge is
+  luminance (both first estimated with Y < 120), in components of >= 12 px (at 64 px), >= 1.5 % of the
+  cell and >= 30 % of the largest, holes (nucleoli) filled; under 4 % of the cell in all, no nucleus
+  (clumped granules): lobes and N:C 0, its shape, place and chromatin NaN. The half-way threshold puts the outline where a soft edge is
   half covered (unbiased N:C) and leaves the 35 %-opacity lobe filaments out: lobes = components (all
   correct at 32-128 px). Primary granules lying on the nucleus stay in it; magenta Auer rods do not.
   Shape: axis ratio (second moments) and solidity (area / convex hull of the pixel centres grown by
-  half a pixel, after an opening that removes granules stuck to the outline).
+  half a pixel, after an opening that removes granules stuck to the outline). Offset: its centroid
+  off the cell's, in cell radii (drawn offsets read back within +0.04; a nucleus half out of the
+  cytoplasm reads >= 0.43 at 32-64 px: the cell mask then holds both).
 - chromatin: each core pixel's optical density (255 - RGB) is fitted as
   stain x (open + darkness x (dense - open)); stain strength only scales optical density, so the
   median darkness (0 fine .. 1 pyknotic) is stain-free; texture = its inter-quartile range. Error sd
@@ -65,7 +69,9 @@ min(value - lo, hi - value) / tolerance + 1 / strictness; a criterion passes whe
 >= 0, and an image is plausible when all six pass.
 
 - cell_size: diameter in range.
-- nucleus_shape: lobe count and N:C in range, and one of the type's nucleus shapes fits.
+- nucleus_shape: lobe count, N:C and offset (up to the type's most eccentric) in range, and one of the
+  type's nucleus shapes fits. The nucleus's place in the cell is part of its description (central,
+  eccentric); one outside the cytoplasm fails here, as two nuclei (lobes) or none do.
 - chromatin: darkness in range (no upper bound for a pyknotic type: nothing is too dark to be
   pyknotic); homogeneous (low texture) if pyknotic; a readable pattern (texture <= 0.5: clumps, not
   grain) and a sharp nucleus edge (a grainy or blurred nucleus shows no chromatin pattern to judge).
@@ -107,6 +113,7 @@ MIN_SIZE = 16  # px, the smallest image side measured
 _TOLERANCES = {
     "cell_diameter": 0.04,  # frame widths; error sd 0.007
     "nc_ratio": 0.06,  # error sd 0.02; nuclei that reach the cell edge read low
+    "nucleus_offset": 0.1,  # cell radii; drawn offsets read back within +0.04 at 32-64 px
     "lobes": 0.5,  # count: exact at strictness 1, +-1 lobe below strictness 0.5
     "axis_ratio": 0.1,  # long / short axis
     "solidity": 0.05,
@@ -158,6 +165,9 @@ _OPEN_KEEP = 0.95  # the cell opened by half its inscribed radius replaces it wh
 _CAP = 1.25  # the cell lies within this many inscribed radii (+ 1 px) of its innermost point
 _VACUOLE_GRAIN = 8.0  # a vacuole stands out of the cell's grain (robust sd) this many times (and >= 20)
 _NUCLEUS_LUMINANCE = 120.0  # first-pass nucleus threshold, refined per image
+_CENTRE = 0.1  # frame widths: with no dark pixel near the centre, the stained component here is the cell
+_MIN_NC = 0.04  # a "nucleus" under this fraction of the cell is none: drawn >= 0.14
+_MIN_LOBE = 0.015  # and so is a piece under this fraction (a clump of granules): a lobe is drawn >= ~0.035
 _REFERENCE_SIZE = 64  # px; pixel-count thresholds are stated at this size and scale with size**2
 _MIN_PLAIN_PIXELS = 12  # fewer plain cytoplasm pixels: read the tone from the rim's blends
 _NUCLEUS_OPEN_OD = 255.0 - np.array([105.0, 62.0, 150.0])  # optical density of fine chromatin
@@ -173,8 +183,9 @@ class Measurements:
 
     found_cell: bool
     cell_diameter: float = math.nan  # cell diameter / frame width
-    nc_ratio: float = math.nan  # nucleus area / cell area
-    lobes: int = 0  # nucleus components
+    nc_ratio: float = math.nan  # nucleus area / cell area; 0 no nucleus
+    nucleus_offset: float = math.nan  # nucleus centroid off the cell's / cell radius
+    lobes: int = 0  # nucleus components; 0 no nucleus
     solidity: float = math.nan  # nucleus area / its convex hull's area
     axis_ratio: float = math.nan  # nucleus long / short axis
     chromatin: float = math.nan  # stain-free darkness: 0 fine and open .. 1 pyknotic
@@ -287,6 +298,8 @@ def _find_cell(smooth: np.ndarray, background: np.ndarray) -> np.ndarray | None:
     stained = distance > _FOREGROUND_DISTANCE
     yy, xx = np.mgrid[:size, :size] + 0.5 - size / 2
     seeds = (smooth @ _LUMA < _NUCLEUS_LUMINANCE) & (yy * yy + xx * xx < (_CENTRAL * size) ** 2)
+    if not seeds.any():  # no nucleus: the cell (a fragment of cytoplasm) is what lies at the centre
+        seeds = stained & (yy * yy + xx * xx < (_CENTRE * size) ** 2)
     cell = _pick(stained, seeds, fill=False)
     if cell is None:
         return None
@@ -314,7 +327,7 @@ def _find_cell(smooth: np.ndarray, background: np.ndarray) -> np.ndarray | None:
 
 def _nucleus(cell: np.ndarray, luma: np.ndarray, threshold: float, magenta: np.ndarray, scale: float):
     """(nucleus mask, lobe count): the components of non-magenta pixels darker than threshold that are
-    at least 12 px (at 64 px) and 30 % of the largest, holes (nucleoli) filled.
+    at least 12 px (at 64 px), 1.5 % of the cell and 30 % of the largest, holes (nucleoli) filled.
 
     Auer rods are magenta; primary granules (R ~ B) are not, so those lying over the nucleus stay part
     of it (a chain of them cannot cut it in two) and those in the cytoplasm are too small to count.
@@ -323,7 +336,9 @@ def _nucleus(cell: np.ndarray, luma: np.ndarray, threshold: float, magenta: np.n
     if count == 0:
         return None, 0
     areas = np.bincount(labels.ravel(), minlength=count + 1)[1:]
-    keep = np.nonzero(areas >= max(12.0 * scale, 0.3 * areas.max()))[0] + 1
+    keep = np.nonzero(areas >= max(12.0 * scale, _MIN_LOBE * cell.sum(), 0.3 * areas.max()))[0] + 1
+    if len(keep) == 0:  # dark specks only
+        return None, 0
     return _fill_holes(np.isin(labels, keep)), len(keep)
 
 
@@ -454,7 +469,14 @@ def _segment_nucleus(cell: np.ndarray, luma: np.ndarray, magenta: np.ndarray, sc
     mask, lobes = _nucleus(cell, luma, threshold, magenta, scale)
     if mask is None:
         mask, lobes = rough, 1
+    if mask.sum() < _MIN_NC * cell.sum():
+        return None
     return _Nucleus(mask, lobes, threshold, nucleus_luma, cytoplasm_luma)
+
+
+def _no_nucleus(cell: np.ndarray, luma: np.ndarray) -> _Nucleus:
+    """The nucleus of a cell that has none: an empty mask, dark granules still below the first-pass threshold."""
+    return _Nucleus(np.zeros_like(cell), 0, _NUCLEUS_LUMINANCE, math.nan, float(np.median(luma[cell])))
 
 
 @dataclass(frozen=True)
@@ -545,25 +567,31 @@ def measure(image: np.ndarray) -> Measurements:
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     magenta = (r > b) & (g < b) & (r > 140) & (luma < 140)  # Auer rods, lobe filaments; not primary granules
     scale = (size / _REFERENCE_SIZE) ** 2
-    nucleus = _segment_nucleus(cell, luma, magenta, scale)
-    if nucleus is None:
-        return Measurements(found_cell=False)
+    nucleus = _segment_nucleus(cell, luma, magenta, scale) or _no_nucleus(cell, luma)
     stained = _fill_holes(cell | (_dilate(cell) & (np.abs(smooth - background).sum(axis=-1) > _FOREGROUND_DISTANCE)))
     cytoplasm = _cytoplasm(rgb, luma, smooth, cell, stained, nucleus, magenta, background, scale)
     tone, blue_minus_red = _cytoplasm_tone(rgb, cytoplasm, background)
-    chromatin, texture = _chromatin(rgb, nucleus.mask)
     radius = math.sqrt(cell.sum() / math.pi)
     zone = max(float(cytoplasm.inner.sum()), 1.0)
+    if nucleus.lobes:
+        chromatin, texture = _chromatin(rgb, nucleus.mask)
+        offset = np.subtract(ndi.center_of_mass(nucleus.mask), ndi.center_of_mass(cell))
+        shape = {
+            "nucleus_offset": float(np.hypot(*offset)) / max(radius, 1.0),
+            "solidity": _solidity(nucleus.mask, size),
+            "axis_ratio": _elongation(*np.nonzero(nucleus.mask))[1],
+            "chromatin": chromatin,
+            "chromatin_texture": texture,
+            "edge_width": _edge_width(luma, cell, nucleus),
+        }
+    else:  # no nucleus: its shape, place and chromatin are not measurable (NaN)
+        shape = {}
     return Measurements(
         found_cell=True,
         cell_diameter=2 * max(radius, 0.0) / size,
         nc_ratio=float(nucleus.mask.sum()) / (math.pi * max(radius, 1.0) ** 2),
         lobes=nucleus.lobes,
-        solidity=_solidity(nucleus.mask, size),
-        axis_ratio=_elongation(*np.nonzero(nucleus.mask))[1],
-        chromatin=chromatin,
-        chromatin_texture=texture,
-        edge_width=_edge_width(luma, cell, nucleus),
+        **shape,
         cytoplasm_tone=tone,
         blue_minus_red=blue_minus_red,
         dark_granules=float(cytoplasm.dark.sum()) / zone,
@@ -595,7 +623,7 @@ def _cell_size(m: Measurements, spec: CellTypeSpec, leniency: float) -> float:
 
 def _nucleus_shape(m: Measurements, spec: CellTypeSpec, leniency: float) -> float:
     best_shape = max(_all_inside(m, _SHAPES[shape], leniency) for shape in spec.nucleus_shapes)
-    counts = {"lobes": spec.lobes, "nc_ratio": spec.nc_ratio}
+    counts = {"lobes": spec.lobes, "nc_ratio": spec.nc_ratio, "nucleus_offset": (0.0, spec.nucleus_offset[1])}
     return min(best_shape, _all_inside(m, counts, leniency))
 
 

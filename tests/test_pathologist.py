@@ -1,6 +1,6 @@
 """The simulated pathologist: golden numbers for the measurement primitives, true- and wrong-class
-verdicts on procedural cells, one feature pushed out of range at a time, garbage, images made by the
-diffusion model (read by eye), simulated experts."""
+verdicts on procedural cells, one feature pushed out of range at a time, deliberately broken images,
+garbage, images made by the diffusion model (read by eye), simulated experts."""
 
 import functools
 import math
@@ -12,11 +12,13 @@ from scipy import ndimage as ndi
 
 from pathalign_ray import pathologist
 from pathalign_ray.data.procedural import (
+    BROKEN_KINDS,
     CELL_TYPES,
     DEFAULT_CELL_TYPES,
     cytoplasm_rgb,
     draw_features,
     generate,
+    render_broken,
     render_cell,
 )
 from pathalign_ray.pathologist import (
@@ -251,6 +253,64 @@ def test_one_feature_out_of_range_fails_that_criterion(case):
     hits = np.mean([criterion in failed for failed in failures])
     others = np.mean([bool(set(failed) - {criterion}) for failed in failures])
     assert hits >= 0.9 and others <= 0.1, failures
+
+
+# ---------------------------------------------------------------- deliberately broken images
+
+BROKEN_PER_KIND = 20  # the full counts (240 per kind and size) are bench/pathologist_accuracy.py's
+
+
+def _broken_verdicts(kind: str, size: int) -> list:
+    cell_types = BROKEN_KINDS[kind][1] or CELL_TYPES
+    verdicts = []
+    for j in range(BROKEN_PER_KIND):
+        cell_type = cell_types[j % len(cell_types)]
+        verdicts.append(judge(render_broken(kind, cell_type, size, np.random.default_rng([13, size, j])), cell_type))
+    return verdicts
+
+
+@pytest.mark.parametrize("kind", BROKEN_KINDS)
+@pytest.mark.parametrize("size", [32, 64])
+def test_broken_images_are_implausible_for_the_right_criterion(kind, size):
+    expected = set(BROKEN_KINDS[kind][0])
+    verdicts = _broken_verdicts(kind, size)
+    assert not any(v.plausible for v in verdicts), [v.declared_class for v in verdicts if v.plausible]
+    named = np.mean([expected <= set(v.failed) for v in verdicts])
+    assert named >= 0.9, [v.failed for v in verdicts]
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_broken_images_are_read_for_what_they_are(size):
+    """Not merely rejected: two nuclei read as two pieces, a missing nucleus as none in a cell that is
+    found and sized, a nucleus half out of the cell as far off its centre; blank fields hold no cell."""
+    two = [v.measurements for v in _broken_verdicts("two_nuclei", size)]
+    assert np.mean([m.lobes == 2 for m in two]) >= 0.9, [m.lobes for m in two]
+    missing = [v for v in _broken_verdicts("no_nucleus", size)]
+    assert all(v.measurements.found_cell and v.measurements.lobes == 0 for v in missing)
+    assert np.mean(["cell_size" not in v.failed for v in missing]) >= 0.9
+    assert all(math.isnan(v.measurements.chromatin) for v in missing)
+    outside = [v.measurements for v in _broken_verdicts("nucleus_outside", size)]
+    beyond = [m.nucleus_offset > 0.4 for m in outside]  # the most eccentric type's 0.3, + its tolerance
+    assert np.mean(beyond) >= 0.9, [round(m.nucleus_offset, 2) for m in outside]
+    assert not any(v.measurements.found_cell for v in _broken_verdicts("blank", size))
+
+
+def test_broken_images_are_deterministic_and_checked():
+    first, again = (render_broken("two_nuclei", "myelocyte", 32, np.random.default_rng(5)) for _ in range(2))
+    assert np.array_equal(first, again) and first.shape == (32, 32, 3) and first.dtype == np.uint8
+    assert all(set(criteria) <= set(CRITERIA) for criteria, _ in BROKEN_KINDS.values())
+    assert "orthochromatic_erythroblast" not in BROKEN_KINDS["nucleus_outside"][1]  # it extrudes its nucleus
+    with pytest.raises(ValueError, match="unknown broken kind 'torn'"):
+        render_broken("torn", "myelocyte", 32, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="two_nuclei is drawn for"):
+        render_broken("two_nuclei", "eosinophil", 32, np.random.default_rng(0))  # bilobed: two pieces are right
+
+
+def test_measured_nucleus_offset_follows_the_drawn_one():
+    image = _canvas()
+    _disc(image, 32, 32, 20, cytoplasm_rgb(0.5))
+    _disc(image, 32, 38, 8, DENSE_CHROMATIN)  # 6 px off the centre of a 20 px radius cell: 0.3
+    assert measure(image).nucleus_offset == pytest.approx(0.3, abs=0.02)
 
 
 # ---------------------------------------------------------------- garbage

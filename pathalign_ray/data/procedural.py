@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Sequence
 
@@ -626,13 +626,24 @@ def _pixel_noise(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray
     return (levels - np.float32(3.5)).reshape(shape)
 
 
-def _paint_cell(image: np.ndarray, features: dict, frame: _Frame, rng: np.random.Generator) -> None:
-    """Paint the nucleated cell, layer by layer, over image: the (3, h, w) window that holds it."""
+def _paint_cell(
+    image: np.ndarray,
+    features: dict,
+    frame: _Frame,
+    rng: np.random.Generator,
+    nucleus_sd: tuple[np.ndarray, np.ndarray | None] | None = None,
+    contained: bool = True,
+) -> None:
+    """Paint the nucleated cell, layer by layer, over image: the (3, h, w) window that holds it.
+
+    nucleus_sd: (nucleus, filament) signed distances in place of the features' own (broken images);
+    contained: the nucleus is kept 1 px inside the cell outline.
+    """
     stain = features["stain"]
     cell_sd = _cell_sd(frame, rng)
     cell = _coverage(cell_sd, frame.softness)
-    nucleus_sd, filament_sd = _nucleus_sd(features, frame)
-    nucleus = _coverage(np.maximum(nucleus_sd, cell_sd + 1.0), frame.softness)  # kept inside the cell
+    nucleus_sd, filament_sd = nucleus_sd or _nucleus_sd(features, frame)
+    nucleus = _coverage(np.maximum(nucleus_sd, cell_sd + 1.0) if contained else nucleus_sd, frame.softness)
     cytoplasm = cell * (1.0 - nucleus)
 
     texture = 1.0 + 0.04 * _smooth_noise(frame.shape, frame.size, 6, rng)
@@ -706,3 +717,100 @@ def generate(n_per_class: int, size: int, seed: int, classes: Sequence[str] = DE
             features.append(drawn)
     labels = np.repeat(np.arange(len(classes), dtype=np.int64), n_per_class)
     return LabeledImages(images, labels, classes, features)
+
+
+# ---------------------------------------------------------------- broken images
+
+BROKEN_KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    # kind: (the checklist criteria a pathologist names for it, the cell types it is drawn for)
+    "two_nuclei": (  # two separate round nuclei: a binucleate cell (dysplasia), for the one-nucleus types
+        ("nucleus_shape",),
+        tuple(name for name in CELL_TYPES if SPECS[name].lobes == (1, 1)),
+    ),
+    "nucleus_outside": (  # the nucleus half out of the cytoplasm: no intact cell holds it so. Not drawn for
+        # the orthochromatic erythroblast, which extrudes its nucleus, nor for cells too big to show it in frame
+        ("nucleus_shape",),
+        ("myelocyte", "metamyelocyte", "band_neutrophil", "segmented_neutrophil", "lymphocyte", "eosinophil"),
+    ),
+    "wrong_cytoplasm_colour": (("cytoplasm_colour",), CELL_TYPES),  # a tone >= 0.3 off the type's range
+    "no_nucleus": (("nucleus_shape", "chromatin"), CELL_TYPES),  # cytoplasm only: a fragment, not a cell
+    "blank": (("cell_size", "nucleus_shape", "chromatin", "cytoplasm_colour", "granules", "inclusions"), ()),
+    "noise": (("cell_size", "nucleus_shape", "chromatin", "cytoplasm_colour", "granules", "inclusions"), ()),
+}  # blank: smear and red cells, no nucleated cell; noise: uniform RGB. Neither has a cell to check.
+_NUCLEUS_GAP = 0.2  # two nuclei: their gap / cell radius (and >= 2.5 px)
+_PROTRUSION = (0.4, 0.7)  # nucleus outside: fraction of its width beyond the cell outline
+_TONE_DISTANCE = 0.3  # wrong cytoplasm colour: at least this far from the type's tone range
+
+
+def _full_frame(features: dict, size: int) -> _Frame:
+    """A frame whose window is the whole image: broken parts may reach beyond the cell's own window."""
+    frame = _frame(features, size)
+    return _Frame(size, 0, 0, size, size, frame.left + frame.cx, frame.top + frame.cy, frame.radius, frame.softness)
+
+
+def _two_nuclei_sd(features: dict, frame: _Frame) -> np.ndarray:
+    """Signed distance to two round nuclei side by side along the orientation, _NUCLEUS_GAP apart,
+    sharing the type's N:C while that fits in 0.85 cell radii either side of the centre."""
+    gap = max(_NUCLEUS_GAP, 2.5 / frame.radius)  # / cell radius
+    area = min(features["nc_ratio"] / 2, ((0.85 - gap / 2) / 2) ** 2)  # each, / cell area
+    radius = math.sqrt(area)
+    halves = [
+        {**features, "nucleus_shape": "round", "nucleus_geometry": {}, "nc_ratio": area,
+         "nucleus_offset": radius + gap / 2, "orientation": features["orientation"] + turn}
+        for turn in (0.0, math.pi)
+    ]
+    return np.minimum(*(_nucleus_sd(half, frame)[0] for half in halves))
+
+
+def _push_nucleus_out(features: dict, rng: np.random.Generator) -> dict:
+    """Features with the nucleus moved out along its orientation until a _PROTRUSION of its width lies
+    beyond the cell outline, and the cell moved back by half that, to keep both in frame."""
+    nucleus_radius = math.sqrt(features["nc_ratio"])  # / cell radius, of a round nucleus of that area
+    beyond = 2 * nucleus_radius * _uniform(rng, _PROTRUSION)
+    angle = features["orientation"]
+    shift = beyond / 2 * features["cell_size"] / 2  # frame widths
+    centre = [features["center"][0] - shift * math.cos(angle), features["center"][1] - shift * math.sin(angle)]
+    return {**features, "nucleus_offset": 1.0 - nucleus_radius + beyond, "center": centre}
+
+
+def _off_range_tone(tone_range: tuple[float, float], rng: np.random.Generator) -> float:
+    """A cytoplasm tone in [0, 1] at least _TONE_DISTANCE from the range."""
+    below = max(tone_range[0] - _TONE_DISTANCE, 0.0)
+    above = max(1.0 - (tone_range[1] + _TONE_DISTANCE), 0.0)
+    pick = rng.uniform(0.0, below + above)
+    return pick if pick < below else tone_range[1] + _TONE_DISTANCE + (pick - below)
+
+
+def render_broken(kind: str, cell_type: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A deliberately broken image of cell_type, (size, size, 3) uint8: see BROKEN_KINDS.
+
+    The cell is drawn from the type's ranges (draw_features) and then broken in one way only, with the
+    renderer's own layers; blank and noise ignore cell_type.
+    """
+    if kind not in BROKEN_KINDS:
+        raise ValueError(f"unknown broken kind {kind!r}; known: {', '.join(BROKEN_KINDS)}")
+    if size < MIN_SIZE:
+        raise ValueError(f"size must be >= {MIN_SIZE}, got {size}")
+    if kind == "noise":
+        return rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    features = draw_features(cell_type, rng)
+    if BROKEN_KINDS[kind][1] and cell_type not in BROKEN_KINDS[kind][1]:
+        raise ValueError(f"{kind} is drawn for {', '.join(BROKEN_KINDS[kind][1])}, not {cell_type!r}")
+    nucleus_sd, contained, red_cell_radius = None, True, 1.0
+    if kind == "wrong_cytoplasm_colour":
+        tone = _off_range_tone(SPECS[cell_type].cytoplasm_tone, rng)
+        features.update(cytoplasm_tone=tone, cytoplasm_rgb=cytoplasm_rgb(tone))
+    elif kind == "nucleus_outside":
+        features = _push_nucleus_out(features, rng)
+        contained, red_cell_radius = False, features["nucleus_offset"] + math.sqrt(features["nc_ratio"])
+    frame = _full_frame(features, size)
+    if kind == "two_nuclei":
+        nucleus_sd = (_two_nuclei_sd(features, frame), None)
+    elif kind == "no_nucleus":
+        nucleus_sd = (np.full(frame.shape, np.inf, np.float32), None)
+    image = _background(size, rng)
+    _red_cells(image, replace(frame, radius=frame.radius * red_cell_radius), rng)
+    if kind != "blank":
+        _paint_cell(image, features, frame, rng, nucleus_sd, contained)
+    image += _pixel_noise(image.shape, rng)
+    return np.ascontiguousarray(np.clip(image, 0, 255).astype(np.uint8).transpose(1, 2, 0))
