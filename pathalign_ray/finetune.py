@@ -263,11 +263,18 @@ class _Job:
             evaluate_now = step == train.steps or (train.eval_every and step % train.eval_every == 0)
             if step % train.log_every == 0 or checkpoint_now or evaluate_now:
                 metrics = self._reduce(metrics)
-                metrics.update(step=step, step_time_s=(time.perf_counter() - window_start) / window_steps)
+                step_time = (time.perf_counter() - window_start) / window_steps
+                metrics.update(step=step, step_time_s=step_time, images_per_s=self._images_per_step() / step_time)
                 if evaluate_now:
                     metrics.update(self._evaluate_fresh_samples())
                 self._log(metrics, checkpoint_now)
                 window_start, window_steps = time.perf_counter(), 0
+
+    def _images_per_step(self) -> int:
+        """Images one optimizer step trains on, over all workers: synthetic (+ real) batches, or trajectories."""
+        if self.config.objective.kind == "ddpo":
+            return self.config.objective.trajectories_per_step * self.world_size
+        return self.config.train.batch_size * (2 if self.real is not None else 1) * self.world_size
 
     def _rwl_step(self) -> dict:
         """The paper's objective on one batch: both terms at the same timesteps, one forward pass."""
@@ -430,10 +437,12 @@ class _Job:
     def _log(self, metrics: dict, checkpoint_now: bool) -> None:
         import ray.train
 
+        from pathalign_ray.metrics import record_train_metrics
         from pathalign_ray.training import report_checkpoint
 
         self.state["history"].append(metrics)
         if self.rank == 0:
+            record_train_metrics(self.config.name, metrics)
             shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "step")
             print(f"{self.config.name} step {metrics['step']}/{self.config.train.steps} {shown}")
         if checkpoint_now:
