@@ -3,7 +3,8 @@
 Each Ray node exports them in Prometheus text at its metrics export port (`ray start
 --metrics-export-port`, or `MetricsExportPort` in `ray.nodes()`), named `ray_` + the name here,
 with Ray's own tags (SessionName, WorkerId, ...) beside the ones below. Values reach the export a
-metrics report interval (a few seconds) after they are recorded.
+metrics report interval (a few seconds) after they are recorded. Ray exports a histogram's `_sum`
+from bucket midpoints, so it is approximate; `_count` and the buckets are exact.
 
     training (tag `job`: pretrain, finetune or the finetuning run's name; recorded by rank 0 at each report):
       pathalign_train_step_seconds         wall time of one optimizer step, averaged over the report window

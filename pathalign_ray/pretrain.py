@@ -26,6 +26,7 @@ from pathalign_ray.diffusion import (
     draw_noise_and_timesteps,
     export_model,
 )
+from pathalign_ray.metrics import record_train_metrics
 from pathalign_ray.training import (
     build_engine,
     cycle_batches,
@@ -135,7 +136,7 @@ def train_loop(loop_config: dict) -> None:
     batches = cycle_batches(ray.train.get_dataset_shard("train"), config.train.batch_size)
     generator = torch.Generator().manual_seed(derive_seed(config.train.seed, rank, step))
     model_dtype = next(engine.module.parameters()).dtype
-    window_start, window_images = time.perf_counter(), 0
+    window_start, window_images, window_step = time.perf_counter(), 0, step
     while step < config.train.steps:
         batch = next(batches)
         images = batch["image"].to(device, model_dtype)
@@ -153,20 +154,23 @@ def train_loop(loop_config: dict) -> None:
         window_images += len(images) * world_size
         checkpoint_now = step % config.train.checkpoint_every == 0 or step == config.train.steps
         if step % config.train.log_every == 0 or checkpoint_now:
+            elapsed = time.perf_counter() - window_start
             metrics = {
                 "step": step,
                 "loss": mean_over_workers(loss, world_size),
-                "images_per_s": window_images / (time.perf_counter() - window_start),
+                "images_per_s": window_images / elapsed,
+                "step_time_s": elapsed / (step - window_step),
                 "lr": lr_schedule.get_last_lr()[0],
             }
             history.append(metrics)
             if rank == 0:
+                record_train_metrics("pretrain", metrics)
                 print(f"pretrain step {step}/{config.train.steps} loss {metrics['loss']:.4f} {metrics['images_per_s']:.1f} img/s")
             if checkpoint_now:
                 report_checkpoint(engine, ema, {**state, "step": step, "history": history}, rank, metrics)
             else:
                 ray.train.report(metrics)
-            window_start, window_images = time.perf_counter(), 0
+            window_start, window_images, window_step = time.perf_counter(), 0, step
 
 
 def _export_checkpoint(checkpoint_dir: Path, config: PretrainConfig, run_dir: Path) -> Path:

@@ -23,6 +23,7 @@ import binascii
 import dataclasses
 import hashlib
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from ray import serve
 from pathalign_ray.cluster import keep_serving
 from pathalign_ray.config import config_dataclass
 from pathalign_ray.images import ImageError, decode_image, normalise_array, to_model_range
+from pathalign_ray.metrics import record_endpoint_batch, record_endpoint_latency
 
 APP_NAME = "reward"
 DEPLOYMENT_NAME = "RewardScorer"
@@ -136,6 +138,7 @@ class RewardScorer:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-forward")
         self._current = _load(config.model)
         self._stats = {"batches": 0, "images": 0, "requests": 0}
+        self.app_name = serve.get_replica_context().app_name  # the tag of this replica's dashboard metrics
         self._score_batch.set_max_batch_size(config.max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(0.0)  # idle: a lone request runs at once (see _score_batch)
 
@@ -165,11 +168,14 @@ class RewardScorer:
 
         A bad input raises BadRequest (a ValueError) naming the fault.
         """
+        started = time.perf_counter()
         if isinstance(images, np.ndarray):
             pixels = self.validate_arrays(images, classes)
         else:
             pixels = self.decode(list(images), classes)
-        return await self.score_pixels(pixels, list(classes))
+        result = await self.score_pixels(pixels, list(classes))
+        record_endpoint_latency(time.perf_counter() - started, self.app_name)
+        return result
 
     def stats(self) -> dict:
         """Batches run, images and requests scored by this replica (for benchmarks and the dashboard)."""
@@ -237,6 +243,7 @@ class RewardScorer:
         self._stats["batches"] += 1
         self._stats["images"] += sum(len(s) for s in scores)
         self._stats["requests"] += len(batch)
+        record_endpoint_batch(sum(len(s) for s in scores), self.app_name)
         return [(s, loaded.info) for s in scores]
 
 
@@ -332,6 +339,7 @@ def create_app(scorer: RewardScorer) -> FastAPI:
     )
     async def score(request: Request):
         """Score images against their declared classes, batched with concurrent requests."""
+        started = time.perf_counter()
         body = await _read_capped(request, limit)
         content_type = request.headers.get("content-type", "").lower()
         if content_type.startswith("multipart/form-data"):
@@ -346,6 +354,7 @@ def create_app(scorer: RewardScorer) -> FastAPI:
         result = await scorer.score_pixels(pixels, classes)
         if any(s != s for s in result["scores"]):  # NaN: see _forward
             raise BadRequest(409, f"model {result['model']} no longer knows a class of this request: retry")
+        record_endpoint_latency(time.perf_counter() - started, scorer.app_name)
         return JSONResponse(result)
 
     @app.get("/v1/classes")

@@ -1,0 +1,161 @@
+"""Ray on a cluster: the launcher configs against Ray's own schema; jobs sent with `ray job submit` to
+a two-node cluster started with `ray start` on this machine, with token authentication on; faults:
+a job stopped with `ray job stop` and sent again, a worker node lost mid-run.
+
+Each node has one CPU and each Ray Train worker reserves one, so a 2-worker run puts one worker on
+each node, and a run that lost a node waits for a replacement (as an autoscaler would bring).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from conftest import TINY_PRETRAIN_OVERRIDES
+
+from pathalign_ray.local_cluster import LocalCluster
+
+pytestmark = pytest.mark.ray
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNTIME_ENV = {"excludes": [".git", "bench/results"]}  # as README.md submits jobs
+JOB_TIMEOUT_S = 480  # one tiny job: about 1 min on 2 idle cores, 3.5 min on busy ones
+TRAIN_GAUGES = ["ray_pathalign_train_images_per_second", "ray_pathalign_train_step_seconds", "ray_pathalign_train_loss"]
+
+
+def test_the_launcher_configs_follow_the_autoscaler_schema():
+    import ray
+
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    cloud, local = (yaml.safe_load((ROOT / name).read_text()) for name in ("cluster.yaml", "cluster-local.yaml"))
+    for config in (cloud, local):
+        jsonschema.validate(config, schema)
+        assert config["file_mounts"]["~/pathalign_ray"] == "."  # the code and configs/ reach every node
+        assert any("pip install" in command and "-e ~/pathalign_ray" in command for command in config["setup_commands"])
+        starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+        assert all("RAY_AUTH_MODE=token" in command for command in starts if " start " in command)
+    head = cloud["available_node_types"][cloud["head_node_type"]]
+    gpu = cloud["available_node_types"]["worker.gpu"]
+    assert head["node_config"]["InstanceType"].startswith("m")  # a CPU instance
+    assert gpu["node_config"]["InstanceType"].startswith("g") and 1 <= gpu["min_workers"] <= gpu["max_workers"]
+    assert any("torch==" in command and "index-url" not in command for command in cloud["setup_commands"])  # PyPI's CUDA build
+    assert local["provider"]["type"] == "local" and local["provider"]["worker_ips"]
+
+    broken = {**cloud, "available_node_types": {**cloud["available_node_types"], "worker.gpu": {**gpu, "min_worker": 1}}}
+    with pytest.raises(jsonschema.ValidationError, match="min_worker"):
+        jsonschema.validate(broken, schema)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head and a worker node, one CPU each; metrics reported every second. Stopped after the module."""
+    root = Path(tempfile.mkdtemp(prefix="pa_", dir="/tmp"))  # short: Ray's socket paths under it must fit 107 bytes
+    with LocalCluster(root, env={"RAY_metrics_report_interval_ms": "1000"}) as local:
+        local.start_head(num_cpus=1)
+        local.add_node(num_cpus=1)
+        yield local
+    assert not local.alive_nodes()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _pretrain(run_dir: Path, dataset: Path, steps: int, *overrides: str) -> list[str]:
+    overrides = [*TINY_PRETRAIN_OVERRIDES, f"run_dir={run_dir}", f"data.dataset={dataset}", f"train.steps={steps}", *overrides]
+    return ["python", "jobs/pretrain.py", *overrides]
+
+
+def _submit(cluster: LocalCluster, entrypoint: list[str], job_id: str, wait: bool = True):
+    """`ray job submit` from the project's root, as a user does; waits for the end unless wait=False."""
+    args = ["job", "submit", f"--submission-id={job_id}", f"--working-dir={ROOT}", f"--runtime-env-json={json.dumps(RUNTIME_ENV)}"]
+    return cluster.cli(*args, *([] if wait else ["--no-wait"]), "--", *entrypoint, timeout=JOB_TIMEOUT_S, check=False)
+
+
+def _status(cluster: LocalCluster, job_id: str) -> str:
+    """PENDING, RUNNING, SUCCEEDED, STOPPED or FAILED, read from `ray job status` as a user reads it."""
+    result = cluster.cli("job", "status", job_id)
+    output = result.stdout + result.stderr  # the CLI's logger writes to stderr
+    ended = {"succeeded": "SUCCEEDED", "was stopped": "STOPPED", "failed": "FAILED"}
+    if match := re.search(rf"Job '{job_id}' (succeeded|was stopped|failed)", output):
+        return ended[match.group(1)]
+    return re.search(rf"Status for job '{job_id}': (\w+)", output).group(1)
+
+
+def _history(run_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "pretrain_metrics.jsonl").read_text().splitlines()]
+
+
+def _wait_for_checkpoint(run_dir: Path, timeout: float = JOB_TIMEOUT_S) -> None:
+    deadline = time.time() + timeout
+    while not list((run_dir / "pretrain").glob("checkpoint_*")):
+        assert time.time() < deadline, f"no checkpoint in {run_dir / 'pretrain'} after {timeout} s"
+        time.sleep(0.2)
+
+
+def _scrape(cluster: LocalCluster) -> str:
+    """The Prometheus text of every node's metrics export port, joined."""
+    pages = []
+    for node in cluster.alive_nodes():
+        with urllib.request.urlopen(f"http://127.0.0.1:{node.ports['metrics']}/metrics", timeout=10) as response:
+            pages.append(response.read().decode())
+    return "\n".join(pages)
+
+
+def test_a_submitted_pretraining_job_runs_one_worker_on_each_node_and_exports_its_metrics(cluster, tiny_dataset, tmp_path):
+    job = _submit(cluster, _pretrain(tmp_path, tiny_dataset, 4), "pretrain-two-nodes")
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-2000:]
+    assert _status(cluster, "pretrain-two-nodes") == "SUCCEEDED"
+    logs = cluster.cli("job", "logs", "pretrain-two-nodes").stdout
+    assert "pretrain step 4/4" in logs and "model exported to" in logs
+    assert _history(tmp_path) == [1, 2, 3, 4]
+
+    workers = json.loads(cluster.cli("list", "actors", "--detail", "--format=json", "-f", "class_name=RayTrainWorker").stdout)
+    nodes = {row["node_id"] for row in cluster.node_table() if row["state"] == "ALIVE"}
+    assert {worker["node_id"] for worker in workers} == nodes and len(nodes) == 2, workers
+
+    # rank 0 set the training gauges; its node exports them as Prometheus text, tagged with the job
+    deadline = time.time() + 30
+    while not all(re.search(rf'^{name}{{[^}}]*job="pretrain"[^}}]*}} [0-9.e+-]+$', text := _scrape(cluster), re.M) for name in TRAIN_GAUGES):
+        assert time.time() < deadline, [line for line in text.splitlines() if "pathalign" in line][:20]
+        time.sleep(1)
+
+
+@pytest.mark.slow  # bench/faults.py
+@pytest.mark.timeout(1500)
+def test_a_stopped_job_sent_again_resumes_from_its_checkpoint(cluster, tiny_dataset, tmp_path):
+    entrypoint = _pretrain(tmp_path, tiny_dataset, 12, "train.checkpoint_every=3")
+    assert _submit(cluster, entrypoint, "stopped", wait=False).returncode == 0
+    _wait_for_checkpoint(tmp_path)
+    cluster.cli("job", "stop", "stopped", timeout=120)
+    assert _status(cluster, "stopped") == "STOPPED"
+
+    again = _submit(cluster, entrypoint, "sent-again")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
+    resumed_at = int(re.search(r"resumed pretraining at step (\d+)", again.stdout).group(1))
+    assert 3 <= resumed_at < 12 and resumed_at % 3 == 0
+    assert _history(tmp_path) == list(range(1, 13)), "the resumed run continues the step count"
+
+
+@pytest.mark.slow  # bench/faults.py
+@pytest.mark.timeout(1500)
+def test_training_survives_the_loss_of_a_worker_node(cluster, tiny_dataset, tmp_path):
+    entrypoint = _pretrain(tmp_path, tiny_dataset, 30, "train.checkpoint_every=3", "scale.max_failures=3")
+    assert _submit(cluster, entrypoint, "node-lost", wait=False).returncode == 0
+    _wait_for_checkpoint(tmp_path)
+    lost = next(node for node in cluster.alive_nodes() if node.name != "head")
+    cluster.remove_node(lost)
+    cluster.add_node(num_cpus=1)  # the replacement an autoscaler would start for min_workers
+    deadline = time.time() + JOB_TIMEOUT_S
+    while (status := _status(cluster, "node-lost")) in ("PENDING", "RUNNING"):
+        assert time.time() < deadline, "the job did not finish after the node was replaced"
+        time.sleep(1)
+    logs = cluster.cli("job", "logs", "node-lost").stdout
+    assert status == "SUCCEEDED", logs[-3000:]
+    assert re.search(r"resumed pretraining at step [1-9]", logs), "the new worker group restarted from a checkpoint"
+    assert _history(tmp_path) == list(range(1, 31))
