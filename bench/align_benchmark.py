@@ -98,9 +98,9 @@ def main() -> None:
     base = table["base"]
     checks = {
         label: {
-            "plausibility_gain_pp": 100 * (row["plausibility"] - base["plausibility"]),
-            "fid_change": row["domain_fid"] / base["domain_fid"] - 1,
-            "coverage_ratio": row["coverage"] / base["coverage"] if base["coverage"] else None,
+            "plausibility_gain_pp": 100 * (table[label]["plausibility"] - base["plausibility"]),
+            "fid_change": table[label]["domain_fid"] / base["domain_fid"] - 1,
+            "coverage_ratio": table[label]["coverage"] / base["coverage"] if base["coverage"] else None,
             "labels": rounds[label][-1]["labels"],
             "wall_s": walls[label],
         }

@@ -20,7 +20,6 @@ bench/results/tune_pareto.md. With --finetune-best it then runs jobs/finetune.py
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import time

@@ -156,13 +156,19 @@ class LocalCluster:
             raise RuntimeError(f"{' '.join(args)} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
         return result
 
+    def _get(self, path: str) -> dict:
+        """GET a dashboard API path with the cluster's token: a cheap poll, where each `ray` CLI call costs ~3 s of CPU."""
+        request = urllib.request.Request(f"{self.dashboard_url}{path}", headers={"Authorization": f"Bearer {self.token}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
     def node_table(self) -> list[dict]:
         """The GCS's view of the nodes: dicts with node_id, state, resources_total, ... (via the dashboard API)."""
-        request = urllib.request.Request(
-            f"{self.dashboard_url}/api/v0/nodes?limit=100", headers={"Authorization": f"Bearer {self.token}"}
-        )
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.loads(response.read())["data"]["result"]["result"]
+        return self._get("/api/v0/nodes?limit=100")["data"]["result"]["result"]
+
+    def job_status(self, submission_id: str) -> str:
+        """PENDING, RUNNING, SUCCEEDED, STOPPED or FAILED, from the job submission API."""
+        return self._get(f"/api/jobs/{submission_id}")["status"]
 
     def wait_for_nodes(self, n: int, timeout: float) -> None:
         """Until n nodes are ALIVE in the GCS, or RuntimeError naming the node logs."""

@@ -7,6 +7,7 @@ import os
 import pytest
 
 from pathalign_ray.cluster import job_env
+from pathalign_ray.diffusion import ModelConfig
 
 os.environ.update(job_env("cpu"))
 
@@ -45,6 +46,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+TINY_MODEL = ModelConfig(sample_size=16, block_out_channels=(8, 16), norm_num_groups=4, num_train_timesteps=100)
+
+
+@pytest.fixture(scope="module")
+def unet():
+    """A seeded 3-class UNet of TINY_MODEL's size, in eval mode."""
+    import torch
+
+    from pathalign_ray.diffusion import build_unet
+
+    torch.manual_seed(0)
+    return build_unet(TINY_MODEL, num_classes=3).eval()
 
 
 TINY_PRETRAIN_OVERRIDES = [

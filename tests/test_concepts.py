@@ -7,16 +7,7 @@ import pytest
 import torch
 
 from pathalign_ray.concepts import add_class, extend_class_embedding
-from pathalign_ray.diffusion import ModelConfig, build_unet, ddim_sample, export_model, load_model
-
-TINY = ModelConfig(sample_size=16, block_out_channels=(8, 16), norm_num_groups=4, num_train_timesteps=100)
-
-
-@pytest.fixture(scope="module")
-def unet():
-    torch.manual_seed(0)
-    return build_unet(TINY, num_classes=3).eval()
-
+from pathalign_ray.diffusion import ddim_sample, export_model, load_model
 
 def test_the_new_row_is_the_mean_of_its_init_classes_and_old_classes_draw_the_same_images(unet):
     from diffusers import DDIMScheduler

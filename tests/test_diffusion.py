@@ -1,12 +1,12 @@
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_MODEL
 from diffusers import DDIMScheduler
 
 from pathalign_ray.diffusion import (
     ModelConfig,
     build_noise_scheduler,
-    build_unet,
     ddim_sample,
     derive_seed,
     diffusion_loss_per_sample,
@@ -16,17 +16,9 @@ from pathalign_ray.diffusion import (
     to_uint8,
 )
 
-TINY = ModelConfig(sample_size=16, block_out_channels=(8, 16), norm_num_groups=4, num_train_timesteps=100)
-
-
-@pytest.fixture(scope="module")
-def unet():
-    torch.manual_seed(0)
-    return build_unet(TINY, num_classes=3).eval()
-
 
 def test_loss_is_mse_of_predicted_noise(unet):
-    scheduler = build_noise_scheduler(TINY)
+    scheduler = build_noise_scheduler(TINY_MODEL)
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     noise = torch.randn(2, 3, 16, 16)
     labels, timesteps = torch.tensor([0, 2]), torch.tensor([5, 90])
@@ -49,7 +41,7 @@ def test_class_label_changes_the_prediction(unet):
 
 
 def test_seed_fixes_the_image_whatever_the_batch(unet):
-    scheduler = DDIMScheduler.from_config(build_noise_scheduler(TINY).config)
+    scheduler = DDIMScheduler.from_config(build_noise_scheduler(TINY_MODEL).config)
     seeds = [derive_seed(0, c, j) for c in range(2) for j in range(2)]
     labels = torch.tensor([0, 0, 1, 1])
     together = ddim_sample(unet, scheduler, labels, seeds, num_inference_steps=3, eta=0.5)
@@ -65,7 +57,7 @@ def test_uint8_round_trip():
 
 
 def test_export_loads_back(unet, tmp_path):
-    scheduler = DDIMScheduler.from_config(build_noise_scheduler(TINY).config)
+    scheduler = DDIMScheduler.from_config(build_noise_scheduler(TINY_MODEL).config)
     export_model(unet, scheduler, ["a", "b", "c"], tmp_path / "model", {"model_id": "m", "step": 3})
     loaded, scheduler, class_names, info = load_model(tmp_path / "model")
     assert class_names == ["a", "b", "c"] and info["step"] == 3
