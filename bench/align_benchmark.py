@@ -1,6 +1,6 @@
 """The feedback loop on the 32 px benchmark: reward-weighted likelihood and policy gradient at the same label budget.
 
-    .venv/bin/python bench/pretrain32.py            # once: runs/pretrain32/{data,model}
+    .venv/bin/python bench/pretrain32.py --restore  # once: runs/pretrain32/{data,model} from the kept model (or pretrain it: no flag)
     .venv/bin/python bench/align_benchmark.py [--rounds 2] [key.sub=value ...]   # overrides apply to configs/align.yaml
 
 Each objective runs jobs/align.py's loop in its own run folder (runs/align32-rwl, runs/align32-ddpo,
@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of configs/align.yaml")
     args = parser.parse_args()
     if not (BASE / "model").is_dir():
-        raise SystemExit(f"{BASE / 'model'} is missing: run bench/pretrain32.py first")
+        raise SystemExit(f"{BASE / 'model'} is missing: run bench/pretrain32.py --restore first")
     started = time.perf_counter()
     finals, rounds, walls = {}, {}, {}
     for name in args.objectives:

@@ -1,9 +1,12 @@
 """The 32 px pretraining benchmark: procedural data set -> pretraining on 2 Ray Train workers -> samples.
 
     .venv/bin/python bench/pretrain32.py [key.sub=value ...]   # overrides apply to configs/pretrain.yaml
+    .venv/bin/python bench/pretrain32.py --restore             # runs/pretrain32 from the kept model, in a minute
 
 Writes bench/results/pretrain32.json (wall time per stage, loss curve), bench/results/pretrain32_loss.png
-and bench/results/pretrain32_contact_sheet.png (16 samples per class, DDIM 50 steps).
+and bench/results/pretrain32_contact_sheet.png (16 samples per class, DDIM 50 steps), and keeps the
+exported model in bench/models/pretrain32 (committed, a few MB: pretraining takes 16 to 55 minutes on
+2 cores, so the benchmarks built on it restore it with --restore rather than pretrain again).
 """
 
 from __future__ import annotations
@@ -25,9 +28,28 @@ from pathalign_ray.data.make import MakeDatasetConfig, make_dataset
 from pathalign_ray.pretrain import PretrainConfig, pretrain
 from pathalign_ray.sampling import SampleConfig, sample
 
+KEPT_MODEL = Path(__file__).resolve().parent / "models" / "pretrain32"
 
-def main(overrides: list[str]) -> None:
+
+def restore(config: PretrainConfig) -> None:
+    """runs/pretrain32 as a fresh run leaves it, from the kept model: the same data set (deterministic
+    per seed), the model, and the same samples (deterministic per seed); no pretraining."""
+    run_dir = Path(config.run_dir)
+    if (run_dir / "model").exists():
+        sys.exit(f"{run_dir / 'model'} exists; nothing to restore")
+    if not (KEPT_MODEL / "pathalign.json").is_file():
+        sys.exit(f"no kept model in {KEPT_MODEL}: run bench/pretrain32.py without --restore")
+    make_dataset(MakeDatasetConfig(out_dir=config.data.dataset, image_size=config.model.sample_size))
+    shutil.copytree(KEPT_MODEL, run_dir / "model")
+    sample(SampleConfig(model=str(run_dir / "model"), out_dir=str(run_dir / "samples" / "pretrained"), n_per_class=16))
+    print(f"restored {run_dir} from {KEPT_MODEL}")
+
+
+def main(argv: list[str]) -> None:
+    overrides = [arg for arg in argv if arg != "--restore"]
     config = load_config(PretrainConfig, "configs/pretrain.yaml", overrides)
+    if "--restore" in argv:
+        return restore(config)
     run_dir = Path(config.run_dir)
     if run_dir.exists():
         sys.exit(f"{run_dir} exists; move it away to measure a run from scratch")
@@ -64,6 +86,8 @@ def main(overrides: list[str]) -> None:
         "loss_curve": [[row["step"], round(row["loss"], 5)] for row in history],
     }
     write_result("pretrain32", figures)
+    shutil.rmtree(KEPT_MODEL, ignore_errors=True)
+    shutil.copytree(model_dir, KEPT_MODEL)
     print(json.dumps({k: v for k, v in figures.items() if k != "loss_curve"}, indent=2))
 
 

@@ -3,7 +3,7 @@
     .venv/bin/python bench/reward_auc.py [--n-per-class 64] [--experts 3] [key.sub=value ...]
 
 The overrides apply to configs/train_reward.yaml. Needs the 32 px model of bench/pretrain32.py
-(runs/pretrain32/model; `.venv/bin/python bench/pretrain32.py` makes it, about 16 minutes on 2 cores).
+(runs/pretrain32/model; `.venv/bin/python bench/pretrain32.py --restore` makes it from the kept model in a minute).
 
 1. Samples n_per_class images per class from it (DDIM 50 steps) into runs/reward_auc/samples/pretrained
    (reused when there, with the same count).
@@ -50,7 +50,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("overrides", nargs="*", help="key.sub=value for configs/train_reward.yaml")
     args = parser.parse_args(argv)
     if not (MODEL / "unet" / "config.json").is_file():
-        sys.exit(f"{MODEL} is missing: run `.venv/bin/python bench/pretrain32.py` first (it writes runs/pretrain32)")
+        sys.exit(f"{MODEL} is missing: run `.venv/bin/python bench/pretrain32.py --restore` first (it writes runs/pretrain32)")
     config = load_config(
         TrainRewardConfig, "configs/train_reward.yaml", [f"run_dir={RUN}", f"data.dataset={DATASET}", *args.overrides]
     )

@@ -4,7 +4,7 @@
 
 Its inputs are the 32 px benchmark run and a reward model trained on feedback about its samples:
 
-    .venv/bin/python bench/pretrain32.py                      # runs/pretrain32/{data,model,samples/pretrained}
+    .venv/bin/python bench/pretrain32.py --restore            # runs/pretrain32/{data,model,samples/pretrained}
     .venv/bin/python jobs/simulate_feedback.py run_dir=runs/pretrain32 samples=samples/pretrained experts=3
     .venv/bin/python jobs/train_reward.py --config configs/train_reward.yaml   # runs/pretrain32/reward
 
@@ -30,8 +30,8 @@ from pathalign_ray.config import config_to_dict, load_config
 from pathalign_ray.tune import SearchConfig, search
 
 INPUTS = {
-    "finetune.base_model": "bench/pretrain32.py",
-    "finetune.data.real_dataset": "bench/pretrain32.py",
+    "finetune.base_model": "bench/pretrain32.py --restore",
+    "finetune.data.real_dataset": "bench/pretrain32.py --restore",
     "finetune.reward.model": "jobs/simulate_feedback.py, then jobs/train_reward.py",
 }
 
@@ -44,7 +44,7 @@ def _missing_inputs(config: SearchConfig) -> list[str]:
     }
     missing = [f"{key}={path} (made by {INPUTS[key]})" for key, path in paths.items() if path and not Path(path).exists()]
     samples = [s for s in config.finetune.data.samples if not Path(s).exists()]
-    return missing + [f"finetune.data.samples: {s} (made by bench/pretrain32.py)" for s in samples]
+    return missing + [f"finetune.data.samples: {s} (made by bench/pretrain32.py --restore)" for s in samples]
 
 
 def main(argv: list[str]) -> None:
