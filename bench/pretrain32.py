@@ -31,6 +31,11 @@ from pathalign_ray.sampling import SampleConfig, sample
 KEPT_MODEL = Path(__file__).resolve().parent / "models" / "pretrain32"
 
 
+def sample_pretrained(run_dir: Path) -> Path:
+    """16 samples per class of run_dir/model in run_dir/samples/pretrained (the same images every time)."""
+    return sample(SampleConfig(model=str(run_dir / "model"), out_dir=str(run_dir / "samples" / "pretrained"), n_per_class=16))
+
+
 def restore(config: PretrainConfig) -> None:
     """runs/pretrain32 as a fresh run leaves it, from the kept model: the same data set (deterministic
     per seed), the model, and the same samples (deterministic per seed); no pretraining."""
@@ -41,7 +46,7 @@ def restore(config: PretrainConfig) -> None:
         sys.exit(f"no kept model in {KEPT_MODEL}: run bench/pretrain32.py without --restore")
     make_dataset(MakeDatasetConfig(out_dir=config.data.dataset, image_size=config.model.sample_size))
     shutil.copytree(KEPT_MODEL, run_dir / "model")
-    sample(SampleConfig(model=str(run_dir / "model"), out_dir=str(run_dir / "samples" / "pretrained"), n_per_class=16))
+    sample_pretrained(run_dir)
     print(f"restored {run_dir} from {KEPT_MODEL}")
 
 
@@ -58,9 +63,7 @@ def main(argv: list[str]) -> None:
     data_done = time.perf_counter()
     model_dir = pretrain(config)
     pretrain_done = time.perf_counter()
-    samples = sample(
-        SampleConfig(model=str(model_dir), out_dir=str(run_dir / "samples" / "pretrained"), n_per_class=16)
-    )
+    samples = sample_pretrained(model_dir.parent)
     sample_done = time.perf_counter()
 
     history = [json.loads(line) for line in (run_dir / "pretrain_metrics.jsonl").read_text().splitlines()]

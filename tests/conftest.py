@@ -76,6 +76,17 @@ TINY_PRETRAIN_OVERRIDES = [
 ]
 
 
+# the reward model and finetuning of one round of the align loop (AlignConfig's reward and finetune), tiny
+TINY_ALIGN_OVERRIDES = [
+    "reward.model.image_size=16", "reward.model.channels=[8,16]", "reward.model.hidden=16",
+    "reward.model.class_embedding=8", "reward.train.epochs=1", "reward.train.steps_per_epoch=2",
+    "reward.train.batch_size=8", "reward.data.test_fraction=0.25", "reward.scale.num_workers=1",
+    "finetune.train.steps=2", "finetune.train.batch_size=2", "finetune.train.checkpoint_every=2",
+    "finetune.train.log_every=1", "finetune.train.eval_every=0", "finetune.train.eval_per_class=1",
+    "finetune.train.eval_ddim_steps=2", "finetune.scale.num_workers=2",
+]  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def tiny_pretrained(ray_cluster, tiny_dataset, tmp_path_factory):
     """A tiny model pretrained on 2 Ray Train workers with ZeRO-2: 3 steps, then resumed to 5.

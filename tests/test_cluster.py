@@ -20,7 +20,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from conftest import TINY_PRETRAIN_OVERRIDES
+from conftest import TINY_ALIGN_OVERRIDES, TINY_PRETRAIN_OVERRIDES
 
 from pathalign_ray.local_cluster import LocalCluster
 
@@ -151,15 +151,8 @@ def _wait_for_end(cluster: LocalCluster, job_id: str) -> str:
 def _tiny_demo(run_dir: Path) -> list[str]:
     """jobs/demo.py on 16 px: data set, 4 pretraining steps, samples, one round of the align loop."""
     pretrain = [f"pretrain.{override}" for override in TINY_PRETRAIN_OVERRIDES]
-    align = [
-        "align.rounds=1", "align.sample.n_per_class=2", "align.sample.ddim_steps=2", "align.simulate.experts=2",
-        "align.reward.model.image_size=16", "align.reward.model.channels=[8,16]", "align.reward.model.hidden=16",
-        "align.reward.model.class_embedding=8", "align.reward.train.epochs=1", "align.reward.train.steps_per_epoch=2",
-        "align.reward.train.batch_size=8", "align.reward.data.test_fraction=0.25", "align.reward.scale.num_workers=1",
-        "align.finetune.train.steps=2", "align.finetune.train.batch_size=2", "align.finetune.train.checkpoint_every=2",
-        "align.finetune.train.log_every=1", "align.finetune.train.eval_per_class=1",
-        "align.finetune.train.eval_ddim_steps=2", "align.finetune.scale.num_workers=2",
-    ]
+    align = ["align.rounds=1", "align.sample.n_per_class=2", "align.sample.ddim_steps=2", "align.simulate.experts=2"]
+    align += [f"align.{override}" for override in TINY_ALIGN_OVERRIDES]
     return [
         "python", "jobs/demo.py", "--config", "configs/demo.yaml", f"run_dir={run_dir}",
         "dataset.image_size=16", "dataset.n_per_class=6", "dataset.classes=[myeloblast,lymphocyte,segmented_neutrophil]",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_ALIGN_OVERRIDES
 
 from pathalign_ray.concepts import add_class, extend_class_embedding
 from pathalign_ray.diffusion import ddim_sample, export_model, load_model
@@ -52,13 +53,7 @@ def test_one_round_of_the_loop_teaches_a_class_with_no_real_image(tiny_pretraine
         None,
         [
             f"run_dir={tmp_path}", "rounds=1", "sample.n_per_class=6", "sample.ddim_steps=2", "sample.classes=[eosinophil]",
-            "simulate.experts=2", f"reward.data.dataset={tiny_dataset}", "reward.model.image_size=16",
-            "reward.model.channels=[8,16]", "reward.model.hidden=16", "reward.model.class_embedding=8",
-            "reward.train.epochs=1", "reward.train.steps_per_epoch=2", "reward.train.batch_size=8",
-            "reward.data.test_fraction=0.25", "reward.scale.num_workers=1",
-            "finetune.train.steps=2", "finetune.train.batch_size=2", "finetune.train.checkpoint_every=2",
-            "finetune.train.eval_every=0", "finetune.train.eval_per_class=1", "finetune.train.eval_ddim_steps=2",
-            "finetune.scale.num_workers=2",
+            "simulate.experts=2", f"reward.data.dataset={tiny_dataset}", *TINY_ALIGN_OVERRIDES,
         ],
     )
     rows = align(config)
