@@ -244,12 +244,13 @@ class _Job:
 
         train = self.config.train
         self.dtype = next(self.engine.module.parameters()).dtype
-        self.generator = torch.Generator().manual_seed(derive_seed(train.seed, self.rank, self.state["step"]))
+        seed = derive_seed(train.seed, self.rank, self.state["step"])
+        self.generator = torch.Generator().manual_seed(seed)
         self.synthetic = self.real = None
         if self.config.objective.kind == "rwl":
-            self.synthetic = cycle_batches(ray.train.get_dataset_shard("synthetic"), train.batch_size)
+            self.synthetic = cycle_batches(ray.train.get_dataset_shard("synthetic"), train.batch_size, seed)
         if self.config.objective.beta > 0:
-            self.real = cycle_batches(ray.train.get_dataset_shard("real"), train.batch_size)
+            self.real = cycle_batches(ray.train.get_dataset_shard("real"), train.batch_size, seed + 1)
         self.advantage_stats = PerClassRewardStats()
         self.advantage_stats.load_state(self.state.get("advantage_stats", {}))
         step_fn = self._rwl_step if self.config.objective.kind == "rwl" else self._ddpo_step

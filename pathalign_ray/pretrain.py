@@ -133,8 +133,9 @@ def train_loop(loop_config: dict) -> None:
     if rank == 0 and step:
         print(f"resumed pretraining at step {step}")
 
-    batches = cycle_batches(ray.train.get_dataset_shard("train"), config.train.batch_size)
-    generator = torch.Generator().manual_seed(derive_seed(config.train.seed, rank, step))
+    seed = derive_seed(config.train.seed, rank, step)
+    batches = cycle_batches(ray.train.get_dataset_shard("train"), config.train.batch_size, seed)
+    generator = torch.Generator().manual_seed(seed)
     model_dtype = next(engine.module.parameters()).dtype
     window_start, window_images, window_step = time.perf_counter(), 0, step
     while step < config.train.steps:
