@@ -107,6 +107,8 @@ def finetune(config: FinetuneConfig) -> Path:
 
     run_dir = Path(config.run_dir).resolve()
     unet, ddim, class_names, info = load_model(config.base_model)
+    if config.reward.kind == "model":  # workers load it from another working directory: give them an absolute path
+        config = dataclasses.replace(config, reward=dataclasses.replace(config.reward, model=str(Path(config.reward.model).resolve())))
     if config.objective.beta > 0:
         _check_real_classes(config.data.real_dataset, class_names)
     save_config(config, run_dir / f"{config.name}.yaml")
