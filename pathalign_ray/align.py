@@ -77,9 +77,43 @@ def model_of_round(run_dir: Path, round_index: int) -> Path:
 
 
 def run_round(config: AlignConfig, run_dir: Path, round_index: int) -> dict:
+    started = time.perf_counter()
+    model = model_of_round(run_dir, round_index)
+    row = collect_feedback(config, run_dir, round_index)
+    finetune(
+        FinetuneConfig(
+            run_dir=str(run_dir),
+            name=f"round{round_index}",
+            base_model=str(model),
+            objective=config.finetune.objective,
+            data=FinetuneDataConfig(
+                samples=tuple(str(run_dir / f"rounds/{r}/samples") for r in range(round_index + 1)),
+                real_dataset=config.reward.data.dataset,
+            ),
+            reward=RewardSourceConfig(kind="model", model=row.pop("reward_dir")),
+            train=config.finetune.train,
+            scale=config.finetune.scale,
+            evaluate_with_pathologist=config.finetune.evaluate_with_pathologist,
+        )
+    )
+    after = [json.loads(line) for line in (run_dir / f"round{round_index}_metrics.jsonl").read_text().splitlines()][-1]
+    return {
+        **row,
+        "reward_mean": after.get("reward_mean"),
+        "fresh_reward_after": after.get("fresh_reward_mean"),
+        "fresh_plausibility_after": after.get("fresh_plausibility", float("nan")),
+        "wall_s": time.perf_counter() - started,
+    }
+
+
+def collect_feedback(config: AlignConfig, run_dir: Path, round_index: int) -> dict:
+    """The round before finetuning: sample from the round's model, get the verdicts, retrain the reward model.
+
+    Returns the round's row so far: model, labels (all verdicts stored), the plausibility of the
+    round's samples (consensus), the reward model's id, held-out AUC and folder (reward_dir).
+    """
     from pathalign_ray.feedback import FeedbackStore
 
-    started = time.perf_counter()
     model = model_of_round(run_dir, round_index)
     samples_rel = f"rounds/{round_index}/samples"
     sample(dataclasses.replace(config.sample, model=str(model), out_dir=str(run_dir / samples_rel), seed=1000 + round_index, overwrite=True))
@@ -91,23 +125,6 @@ def run_round(config: AlignConfig, run_dir: Path, round_index: int) -> dict:
     round_ids = {row["sample_id"] for row in read_manifest(run_dir / samples_rel).to_pylist()}
     round_verdicts = [row for row in store.consensus().to_pylist() if row["sample_id"] in round_ids]
     reward_dir = train_reward(dataclasses.replace(config.reward, run_dir=str(run_dir)))
-    finetune(
-        FinetuneConfig(
-            run_dir=str(run_dir),
-            name=f"round{round_index}",
-            base_model=str(model),
-            objective=config.finetune.objective,
-            data=FinetuneDataConfig(
-                samples=tuple(str(run_dir / f"rounds/{r}/samples") for r in range(round_index + 1)),
-                real_dataset=config.reward.data.dataset,
-            ),
-            reward=RewardSourceConfig(kind="model", model=str(reward_dir)),
-            train=config.finetune.train,
-            scale=config.finetune.scale,
-            evaluate_with_pathologist=config.finetune.evaluate_with_pathologist,
-        )
-    )
-    after = [json.loads(line) for line in (run_dir / f"round{round_index}_metrics.jsonl").read_text().splitlines()][-1]
     reward_info = json.loads((reward_dir / "reward.json").read_text())
     return {
         "round": round_index,
@@ -116,10 +133,7 @@ def run_round(config: AlignConfig, run_dir: Path, round_index: int) -> dict:
         "plausibility": sum(r["verdict"] == "plausible" for r in round_verdicts) / max(1, len(round_verdicts)),
         "reward_model": reward_info.get("model_id"),
         "reward_auc": reward_info.get("metrics", {}).get("test/expert/auc"),  # held-out verdicts on synthetic images
-        "reward_mean": after.get("reward_mean"),
-        "fresh_reward_after": after.get("fresh_reward_mean"),
-        "fresh_plausibility_after": after.get("fresh_plausibility", float("nan")),
-        "wall_s": time.perf_counter() - started,
+        "reward_dir": str(reward_dir),
     }
 
 

@@ -1,0 +1,125 @@
+"""What each part of the feedback objectives does to plausibility, from one round of feedback on the 32 px model.
+
+    .venv/bin/python bench/pretrain32.py --restore   # once: runs/pretrain32/{data,model}
+    .venv/bin/python bench/feedback_ablation.py      # about 25 minutes on 2 cores
+
+One feedback round as jobs/align.py runs it (256 samples, DDIM 20, judged by 3 simulated
+pathologists; a reward model trained on the verdicts and weak feedback), then one finetuning run per
+variant below from the same base model and the same pool, then the simulated pathologist's verdict
+on the same 16 fresh samples per class (DDIM 20, fixed seeds) of the base and of every finetuned model.
+
+Variants (jobs/finetune.py settings on top of configs/finetune.yaml; 2 Ray Train workers, ZeRO-2):
+- real_only: the beta term alone, no feedback (threshold 2: no reward reaches it, so every synthetic
+  weight is 0): what more training on the real images does by itself;
+- rwl_threshold: the reward-weighted term on the samples the reward model calls plausible, plus beta;
+- rwl_threshold_oracle: the same with the simulated pathologist's own verdict as the weight, an upper
+  bound on what better labels could give this objective;
+- ddpo: policy gradient against the reward model, at two learning rates.
+Writes bench/results/feedback_ablation.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench_common import write_result
+from pathalign_ray.align import AlignConfig, collect_feedback
+from pathalign_ray.config import load_config
+from pathalign_ray.evaluation.plausibility import rate
+from pathalign_ray.finetune import FinetuneConfig, finetune
+
+BASE = Path("runs/pretrain32")
+RUN = Path("runs/ablation32").resolve()
+FRESH_PER_CLASS = 16
+FRESH_DDIM_STEPS = 20
+RWL = ["objective.weighting=threshold", "train.lr=0.0001", "train.steps=150"]
+DDPO = [
+    "objective.kind=ddpo", "objective.beta=0", "objective.kl_coef=0.1", "objective.clip_range=0.0001",
+    "objective.trajectories_per_step=8", "objective.ddim_steps=10", "train.steps=60", "train.log_every=5",
+]
+VARIANTS = {
+    "real_only": [*RWL, "objective.threshold=2.0"],
+    "rwl_threshold": RWL,
+    "rwl_threshold_oracle": [*RWL, "reward.kind=pathologist"],
+    "ddpo_lr2e-5": [*DDPO, "train.lr=0.00002"],
+    "ddpo_lr1e-4": [*DDPO, "train.lr=0.0001"],
+}
+
+
+def feedback_round() -> dict:
+    """Round 0 of the align loop, finetuning left out: samples, verdicts, the reward model."""
+    RUN.mkdir(parents=True, exist_ok=True)
+    if not (RUN / "model").exists():
+        (RUN / "model").symlink_to((BASE / "model").resolve())
+    config = load_config(
+        AlignConfig, "configs/align.yaml",
+        [f"run_dir={RUN}", "rounds=1", "sample.n_per_class=32", f"reward.data.dataset={(BASE / 'data').resolve()}"],
+    )
+    return collect_feedback(config, RUN, 0)
+
+
+def finetune_variant(name: str, overrides: list[str]) -> tuple[Path, float]:
+    config = load_config(
+        FinetuneConfig, "configs/finetune.yaml",
+        [f"run_dir={RUN}", f"name={name}", f"base_model={BASE / 'model'}", f"data.samples=[{RUN / 'rounds/0/samples'}]",
+         f"data.real_dataset={BASE / 'data'}", "reward.kind=model", f"reward.model={RUN / 'reward'}",
+         "train.eval_every=0", "train.eval_per_class=1", "train.checkpoint_every=1000", *overrides],
+    )
+    started = time.perf_counter()
+    return finetune(config), time.perf_counter() - started
+
+
+def fresh_plausibility(model_dir: Path) -> dict:
+    """The simulated pathologist on FRESH_PER_CLASS samples per class, the same seeds for every model."""
+    import torch
+    from diffusers import DDIMScheduler
+
+    from pathalign_ray.diffusion import ddim_sample, derive_seed, load_model, to_uint8
+    from pathalign_ray.pathologist import judge
+
+    unet, ddim, class_names, _ = load_model(model_dir)
+    per_class = {}
+    for class_id, name in enumerate(class_names):
+        labels = torch.full((FRESH_PER_CLASS,), class_id)
+        seeds = [derive_seed(777, class_id, j) for j in range(FRESH_PER_CLASS)]
+        images = to_uint8(ddim_sample(unet.eval(), DDIMScheduler.from_config(ddim.config), labels, seeds, FRESH_DDIM_STEPS))
+        per_class[name] = [judge(image, name).plausible for image in images]
+    verdicts = np.concatenate(list(per_class.values()))
+    return {"plausible": rate(int(verdicts.sum()), len(verdicts), 0.95),
+            "per_class": {name: float(np.mean(v)) for name, v in per_class.items()}}
+
+
+def main(argv: list[str]) -> None:
+    if not (BASE / "model").is_dir():
+        sys.exit(f"{BASE / 'model'} is missing: run bench/pretrain32.py --restore first")
+    started = time.perf_counter()
+    round_row = feedback_round()
+    results = {"base": fresh_plausibility(BASE / "model")}
+    walls = {}
+    for name, overrides in VARIANTS.items():
+        model_dir, walls[name] = finetune_variant(name, overrides)
+        metrics = [json.loads(line) for line in (RUN / f"{name}_metrics.jsonl").read_text().splitlines()]
+        results[name] = dict(fresh_plausibility(model_dir), kl_to_base=metrics[-1].get("kl_to_base"),
+                             reward_mean_first=metrics[0].get("reward_mean"), reward_mean_last=metrics[-1].get("reward_mean"))
+        print(f"[ablation] {name}: {json.dumps(results[name])}", flush=True)
+    figures = {
+        "round": round_row,
+        "variants": VARIANTS,
+        "fresh_samples": {"per_class": FRESH_PER_CLASS, "ddim_steps": FRESH_DDIM_STEPS, "eta": 0.0},
+        "results": results,
+        "finetune_wall_s": walls,
+        "total_wall_s": time.perf_counter() - started,
+    }
+    write_result("feedback_ablation", figures)
+    for name, row in results.items():
+        plausible = row["plausible"]
+        print(f"{name:24s} {plausible['rate']:.3f} [{plausible['low']:.3f}, {plausible['high']:.3f}]")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
