@@ -6,11 +6,13 @@
 One feedback round as jobs/align.py runs it (256 samples, DDIM 20, judged by 3 simulated
 pathologists; a reward model trained on the verdicts and weak feedback), then one finetuning run per
 variant below from the same base model and the same pool, then the simulated pathologist's verdict
-on the same 16 fresh samples per class (DDIM 20, fixed seeds) of the base and of every finetuned model.
+on the same 16 fresh samples per class (fixed seeds) of the base and of every finetuned model, drawn
+two ways: DDIM 20 with eta 0 (the rounds' sampler) and DDIM 10 with eta 1 (DDPO's policy).
 
 Variants (jobs/finetune.py settings on top of configs/finetune.yaml; 2 Ray Train workers, ZeRO-2):
 - real_only: the beta term alone, no feedback (threshold 2: no reward reaches it, so every synthetic
   weight is 0): what more training on the real images does by itself;
+- rwl_paper: the paper's objective as configs/align.yaml sets it (raw reward weights, beta 0.3, lr 2e-5);
 - rwl_threshold: the reward-weighted term on the samples the reward model calls plausible, plus beta;
 - rwl_threshold_oracle: the same with the simulated pathologist's own verdict as the weight, an upper
   bound on what better labels could give this objective;
@@ -36,7 +38,8 @@ from pathalign_ray.finetune import FinetuneConfig, finetune
 BASE = Path("runs/pretrain32")
 RUN = Path("runs/ablation32").resolve()
 FRESH_PER_CLASS = 16
-FRESH_DDIM_STEPS = 20
+# (DDIM steps, eta) of the fresh samples: the rounds' sampler, and DDPO's policy (its trajectories)
+SAMPLERS = {"ddim20_eta0": (20, 0.0), "ddim10_eta1": (10, 1.0)}
 RWL = ["objective.weighting=threshold", "train.lr=0.0001", "train.steps=150"]
 DDPO = [
     "objective.kind=ddpo", "objective.beta=0", "objective.kl_coef=0.1", "objective.clip_range=0.0001",
@@ -44,6 +47,7 @@ DDPO = [
 ]
 VARIANTS = {
     "real_only": [*RWL, "objective.threshold=2.0"],
+    "rwl_paper": ["objective.weighting=raw", "train.lr=0.00002", "train.steps=100"],  # configs/align.yaml's settings
     "rwl_threshold": RWL,
     "rwl_threshold_oracle": [*RWL, "reward.kind=pathologist"],
     "ddpo_lr2e-5": [*DDPO, "train.lr=0.00002"],
@@ -75,7 +79,11 @@ def finetune_variant(name: str, overrides: list[str]) -> tuple[Path, float]:
 
 
 def fresh_plausibility(model_dir: Path) -> dict:
-    """The simulated pathologist on FRESH_PER_CLASS samples per class, the same seeds for every model."""
+    """{sampler: the simulated pathologist on FRESH_PER_CLASS samples per class}, the same seeds for every model."""
+    return {name: _plausibility(model_dir, steps, eta) for name, (steps, eta) in SAMPLERS.items()}
+
+
+def _plausibility(model_dir: Path, ddim_steps: int, eta: float) -> dict:
     import torch
     from diffusers import DDIMScheduler
 
@@ -87,7 +95,8 @@ def fresh_plausibility(model_dir: Path) -> dict:
     for class_id, name in enumerate(class_names):
         labels = torch.full((FRESH_PER_CLASS,), class_id)
         seeds = [derive_seed(777, class_id, j) for j in range(FRESH_PER_CLASS)]
-        images = to_uint8(ddim_sample(unet.eval(), DDIMScheduler.from_config(ddim.config), labels, seeds, FRESH_DDIM_STEPS))
+        scheduler = DDIMScheduler.from_config(ddim.config)
+        images = to_uint8(ddim_sample(unet.eval(), scheduler, labels, seeds, ddim_steps, eta=eta))
         per_class[name] = [judge(image, name).plausible for image in images]
     verdicts = np.concatenate(list(per_class.values()))
     return {"plausible": rate(int(verdicts.sum()), len(verdicts), 0.95),
@@ -110,15 +119,15 @@ def main(argv: list[str]) -> None:
     figures = {
         "round": round_row,
         "variants": VARIANTS,
-        "fresh_samples": {"per_class": FRESH_PER_CLASS, "ddim_steps": FRESH_DDIM_STEPS, "eta": 0.0},
+        "fresh_samples": {"per_class": FRESH_PER_CLASS, "samplers": SAMPLERS},
         "results": results,
         "finetune_wall_s": walls,
         "total_wall_s": time.perf_counter() - started,
     }
     write_result("feedback_ablation", figures)
     for name, row in results.items():
-        plausible = row["plausible"]
-        print(f"{name:24s} {plausible['rate']:.3f} [{plausible['low']:.3f}, {plausible['high']:.3f}]")
+        shown = [f"{sampler} {row[sampler]['plausible']['rate']:.3f}" for sampler in SAMPLERS]
+        print(f"{name:24s} " + "  ".join(shown))
 
 
 if __name__ == "__main__":
