@@ -67,11 +67,11 @@ def feedback_round() -> dict:
     return collect_feedback(config, RUN, 0)
 
 
-def finetune_variant(name: str, overrides: list[str]) -> tuple[Path, float]:
+def finetune_variant(name: str, overrides: list[str], reward_dir: str) -> tuple[Path, float]:
     config = load_config(
         FinetuneConfig, "configs/finetune.yaml",
         [f"run_dir={RUN}", f"name={name}", f"base_model={BASE / 'model'}", f"data.samples=[{RUN / 'rounds/0/samples'}]",
-         f"data.real_dataset={BASE / 'data'}", "reward.kind=model", f"reward.model={RUN / 'reward'}",
+         f"data.real_dataset={BASE / 'data'}", "reward.kind=model", f"reward.model={reward_dir}",
          "train.eval_every=0", "train.eval_per_class=1", "train.checkpoint_every=1000", *overrides],
     )
     started = time.perf_counter()
@@ -80,23 +80,26 @@ def finetune_variant(name: str, overrides: list[str]) -> tuple[Path, float]:
 
 def fresh_plausibility(model_dir: Path) -> dict:
     """{sampler: the simulated pathologist on FRESH_PER_CLASS samples per class}, the same seeds for every model."""
-    return {name: _plausibility(model_dir, steps, eta) for name, (steps, eta) in SAMPLERS.items()}
+    from pathalign_ray.diffusion import load_model
+
+    unet, ddim, class_names, _ = load_model(model_dir)
+    unet.eval()
+    return {name: _plausibility(unet, ddim, class_names, steps, eta) for name, (steps, eta) in SAMPLERS.items()}
 
 
-def _plausibility(model_dir: Path, ddim_steps: int, eta: float) -> dict:
+def _plausibility(unet, ddim, class_names: list[str], ddim_steps: int, eta: float) -> dict:
     import torch
     from diffusers import DDIMScheduler
 
-    from pathalign_ray.diffusion import ddim_sample, derive_seed, load_model, to_uint8
+    from pathalign_ray.diffusion import ddim_sample, derive_seed, to_uint8
     from pathalign_ray.pathologist import judge
 
-    unet, ddim, class_names, _ = load_model(model_dir)
     per_class = {}
     for class_id, name in enumerate(class_names):
         labels = torch.full((FRESH_PER_CLASS,), class_id)
         seeds = [derive_seed(777, class_id, j) for j in range(FRESH_PER_CLASS)]
         scheduler = DDIMScheduler.from_config(ddim.config)
-        images = to_uint8(ddim_sample(unet.eval(), scheduler, labels, seeds, ddim_steps, eta=eta))
+        images = to_uint8(ddim_sample(unet, scheduler, labels, seeds, ddim_steps, eta=eta))
         per_class[name] = [judge(image, name).plausible for image in images]
     verdicts = np.concatenate(list(per_class.values()))
     return {"plausible": rate(int(verdicts.sum()), len(verdicts), 0.95),
@@ -111,7 +114,7 @@ def main(argv: list[str]) -> None:
     results = {"base": fresh_plausibility(BASE / "model")}
     walls = {}
     for name, overrides in VARIANTS.items():
-        model_dir, walls[name] = finetune_variant(name, overrides)
+        model_dir, walls[name] = finetune_variant(name, overrides, round_row["reward_dir"])
         metrics = [json.loads(line) for line in (RUN / f"{name}_metrics.jsonl").read_text().splitlines()]
         results[name] = dict(fresh_plausibility(model_dir), kl_to_base=metrics[-1].get("kl_to_base"),
                              reward_mean_first=metrics[0].get("reward_mean"), reward_mean_last=metrics[-1].get("reward_mean"))
