@@ -69,19 +69,22 @@ def test_sampling_refuses_to_overwrite_and_unknown_classes(tiny_pretrained, tmp_
         sample(SampleConfig(model=str(model_dir), out_dir=str(tmp_path / "new"), classes=("basophil",)))
 
 
-def test_training_batches_mix_classes_and_reshuffle_each_epoch(ray_cluster):
+@pytest.mark.parametrize("max_in_memory_bytes", [2**20, 0], ids=["in_memory", "streamed"])
+def test_training_batches_mix_classes_and_reshuffle_each_epoch(ray_cluster, max_in_memory_bytes):
     """Data sets are stored sorted by class: unshuffled, every batch of 8 would hold a single class."""
+    import functools
     import itertools
 
     import ray.data
 
     from pathalign_ray.training import cycle_batches
 
+    cycle = functools.partial(cycle_batches, max_in_memory_bytes=max_in_memory_bytes)
     dataset = ray.data.from_items([{"label": i // 16} for i in range(64)]).materialize()
-    batches = [b["label"].tolist() for b in itertools.islice(cycle_batches(dataset.iterator(), 8, seed=3), 16)]
+    batches = [b["label"].tolist() for b in itertools.islice(cycle(dataset.iterator(), 8, seed=3), 16)]
     first_epoch, second_epoch = batches[:8], batches[8:]
     assert sorted(itertools.chain(*first_epoch)) == sorted(itertools.chain(*second_epoch)) == [i // 16 for i in range(64)]
     assert sum(len(set(b)) > 1 for b in first_epoch) >= 6
     assert first_epoch != second_epoch
-    again = [b["label"].tolist() for b in itertools.islice(cycle_batches(dataset.iterator(), 8, seed=3), 8)]
+    again = [b["label"].tolist() for b in itertools.islice(cycle(dataset.iterator(), 8, seed=3), 8)]
     assert again == first_epoch
