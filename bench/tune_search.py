@@ -8,6 +8,9 @@ Its inputs are the 32 px benchmark run and a reward model trained on feedback ab
     .venv/bin/python jobs/simulate_feedback.py run_dir=runs/pretrain32 samples=samples/pretrained experts=3
     .venv/bin/python jobs/train_reward.py --config configs/train_reward.yaml   # runs/pretrain32/reward
 
+The first trial runs the paper's setting (beta 0.3, raw reward weights, the finetune section's lr and
+steps: as_written_trial); the JSON says whether the best trial beats it on the objective.
+
 Long on 2 CPU cores: each trial finetunes up to 200 steps on 2 Ray Train workers, reporting (and
 probing 160 fresh samples) every 50 steps, one trial at a time; plan on several hours. Rerun the same
 command to resume a stopped search (Tune restores it from runs/pretrain32/tune/search).
@@ -64,6 +67,8 @@ def main(argv: list[str]) -> None:
         "trials": [{k: v for k, v in row.items()} for row in _rows(written["trials"])],
         "base_model": written["base"],
         "best": written["best"],
+        "as_written": written["as_written"],
+        "best_beats_as_written": _beats(written["best"], written["as_written"]),
         "best_config": str(written["best_config"]),
     }
     shutil.copy(written["plot"], RESULTS_DIR / "tune_objective_vs_beta.png")
@@ -76,6 +81,13 @@ def main(argv: list[str]) -> None:
         figures["wall_s"]["finetune_best"] = time.perf_counter() - clock
         figures["best_model"] = str(model_dir)
     print(f"wrote {write_result('tune_search', figures)}")
+
+
+def _beats(best: dict, as_written: dict | None) -> bool | None:
+    """Whether the best trial beats the paper's setting (the as-written trial); None without that trial."""
+    if as_written is None:
+        return None
+    return best["trial"] != as_written["trial"] and best["objective"] > as_written["objective"]
 
 
 def _rows(path: Path) -> list[dict]:

@@ -102,6 +102,9 @@ class SearchConfig:
     out_dir: str = "runs/pretrain32/tune"  # Tune's experiment, trial runs, tables and plot
     best_config: str = "configs/best_feedback.yaml"  # the best trial's FinetuneConfig, for jobs/finetune.py
     best_name: str = "tuned"  # `name` of the finetuning run the best config describes
+    # the first trial runs the finetune section's own values of the searched fields (the paper's beta 0.3
+    # and raw reward weights by default): the baseline the best trial is measured against
+    as_written_trial: bool = True
 
     def __post_init__(self) -> None:
         if self.num_trials < 1 or self.report_every < 1 or self.report_timeout_s <= 0 or self.time_budget_s < 0:
@@ -115,11 +118,31 @@ class SearchConfig:
                 raise ValueError(f"space.{key}: scale sizes every trial alike (and fixes how many run at once)")
             if (kind == "rwl" and key in DDPO_ONLY) or (kind == "ddpo" and key in RWL_ONLY):
                 raise ValueError(f"space.{key} has no effect with finetune.objective.kind={kind}")
+        if self.as_written_trial:
+            for key, value in as_written_params(self).items():
+                value_range = self.ranges[key]
+                if value_range.kind == "choice" and value not in value_range.values:
+                    raise ValueError(
+                        f"as_written_trial: finetune.{key}={value} is not among space.{key}'s values "
+                        f"{list(value_range.values)}; add it, or set as_written_trial=false"
+                    )
 
     @property
     def ranges(self) -> dict[str, ParamRange]:
         """The space as dotted FinetuneConfig keys ("objective.beta"): Tune's parameter names."""
         return {f"{section}.{name}": r for section, fields in self.space.items() for name, r in fields.items()}
+
+
+def as_written_params(search: SearchConfig) -> dict:
+    """The searched fields' values in the finetune section itself, as Tune params (dotted keys)."""
+    data = config_to_dict(search.finetune)
+    params = {}
+    for key in search.ranges:
+        node = data
+        for part in key.split("."):
+            node = node[part]
+        params[key] = node
+    return params
 
 
 def _check_key(dotted: str, kind: str) -> None:
@@ -405,19 +428,20 @@ def _tune_config(config: SearchConfig, concurrency: int):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    first = [as_written_params(config)] if config.as_written_trial else None
     if config.algorithm == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        searcher = OptunaSearch(seed=config.seed)
+        searcher = OptunaSearch(seed=config.seed, points_to_evaluate=first)
     elif config.algorithm == "hyperopt":
         from ray.tune.search.hyperopt import HyperOptSearch
 
-        searcher = HyperOptSearch(random_state_seed=config.seed)
+        searcher = HyperOptSearch(random_state_seed=config.seed, points_to_evaluate=first)
     else:
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
         # Tune ignores max_concurrent_trials for a generator (it warns): the limit goes to the generator itself
-        searcher = BasicVariantGenerator(random_state=config.seed, max_concurrent=concurrency)
+        searcher = BasicVariantGenerator(random_state=config.seed, max_concurrent=concurrency, points_to_evaluate=first)
     scheduler = None
     if config.asha.enabled:
         steps = config.ranges.get("train.steps")
@@ -445,6 +469,7 @@ def _trial_dirname(trial) -> str:
 def trial_rows(results, config: SearchConfig) -> list[dict]:
     """One row per trial: its params, its last report (the state it ended in), status, error, Pareto flag."""
     rows = []
+    as_written = as_written_params(config) if config.as_written_trial else None
     for result in results:
         metrics = result.metrics or {}
         params = {k: result.config.get(k) for k in config.ranges}
@@ -457,6 +482,7 @@ def trial_rows(results, config: SearchConfig) -> list[dict]:
             "step": step,
             **{k: metrics.get(k, math.nan) for k in METRICS},
             **params,
+            "as_written": params == as_written,
             "error": _last_line(result.error) if result.error else "",
         }
         rows.append(row)
@@ -501,9 +527,13 @@ def write_results(rows: list[dict], config: SearchConfig, base: dict) -> dict:
     best = max(scored, key=lambda r: r["objective"])
     best_path = write_best_config(best, config)
     print(f"best trial {best['trial']}: objective {best['objective']:.4g}; its config: {best_path}")
+    as_written = next((r for r in rows if r["as_written"]), None)
+    if as_written is not None:
+        print(f"as-written trial {as_written['trial']} (the finetune section's own values): "
+              f"objective {as_written['objective']:.4g}, status {as_written['status']}")
     return {
         "trials": out / "trials.csv", "pareto": out / "pareto.md", "plot": plot, "best_config": best_path, "best": best,
-        "base": base,
+        "as_written": as_written, "base": base,
     }
 
 

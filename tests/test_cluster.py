@@ -93,10 +93,23 @@ def _history(run_dir: Path) -> list[int]:
 
 
 def _wait_for_checkpoint(run_dir: Path, timeout: float = JOB_TIMEOUT_S) -> None:
+    """Until Ray Train has committed a checkpoint of the run to its snapshot, the one a rerun resumes from.
+
+    A checkpoint folder appears before the commit: a job stopped in between resumes from the
+    previous committed checkpoint (here none), as Ray Train intends.
+    """
+    snapshot = run_dir / "pretrain" / "checkpoint_manager_snapshot.json"
     deadline = time.time() + timeout
-    while not list((run_dir / "pretrain").glob("checkpoint_*")):
-        assert time.time() < deadline, f"no checkpoint in {run_dir / 'pretrain'} after {timeout} s"
+    while not (snapshot.is_file() and _committed_checkpoint(snapshot)):
+        assert time.time() < deadline, f"no committed checkpoint in {snapshot} after {timeout} s"
         time.sleep(0.2)
+
+
+def _committed_checkpoint(snapshot: Path) -> bool:
+    try:
+        return json.loads(snapshot.read_text()).get("latest_checkpoint_result") is not None
+    except json.JSONDecodeError:  # caught mid-write
+        return False
 
 
 def _scrape(cluster: LocalCluster) -> str:

@@ -41,6 +41,7 @@ def _search_args(out_dir, model_dir, samples, dataset, *overrides) -> list[str]:
         "probe.encoder.batch_size=16",
         "space.train.lr={kind: loguniform, low: 1.0e-4, high: 1.0e-3}",
         "space.train.steps={kind: choice, values: [2, 4]}",
+        "finetune.train.steps=4",  # the as-written trial's (the paper's beta 0.3, raw weights)
         f"finetune.run_dir={out_dir / 'best_run'}",
         f"finetune.base_model={model_dir}",
         f"finetune.data.samples=[{samples}]",
@@ -80,6 +81,9 @@ def test_a_stuck_search_fails_with_a_message_then_resumes_three_trials_and_jobs_
     rows = list(csv.DictReader((out_dir / "trials.csv").open()))
     assert len(rows) == 3 and all(row["status"] == "done" and row["error"] == "" for row in rows), rows
     assert {row["train.steps"] for row in rows} <= {"2", "4"}
+    (as_written,) = [row for row in rows if row["as_written"] == "True"]
+    assert (float(as_written["objective.beta"]), as_written["objective.weighting"]) == (0.3, "raw")
+    assert written["as_written"]["trial"] == as_written["trial"]
     for row in rows:
         assert int(row["step"]) == int(row["train.steps"])
         assert 0.0 <= float(row["plausibility"]) <= 1.0 and float(row["fid"]) > 0.0
@@ -114,6 +118,8 @@ def test_config_errors_before_ray_starts():
         load_config(SearchConfig, tune_yaml, ["space.train.steps={kind: uniform, low: 1, high: 9}"])
     with pytest.raises(ConfigError, match="loguniform needs low < high"):
         load_config(SearchConfig, tune_yaml, ["space.train.lr={kind: loguniform, low: 0, high: 1}"])
+    with pytest.raises(ConfigError, match=r"as_written_trial: finetune.train.steps=200 is not among space.train.steps's values \[50, 100\]"):
+        load_config(SearchConfig, tune_yaml, ["space.train.steps={kind: choice, values: [50, 100]}"])
     with pytest.raises(ConfigError, match="scale sizes every trial alike"):
         load_config(SearchConfig, tune_yaml, ["space.scale.num_workers={kind: choice, values: [1, 2]}"])
     ddpo = load_config(SearchConfig, tune_yaml, [
@@ -139,7 +145,10 @@ def test_each_search_algorithm_draws_from_the_configured_space(algorithm):
     assert tune_config.max_concurrent_trials == 2
     searcher = tune_config.search_alg
     assert searcher.set_search_properties("objective", "max", param_space(config.ranges))
-    params = searcher.suggest("trial-1")
+    first = searcher.suggest("trial-1")
+    assert first == {"objective.beta": 0.3, "objective.weighting": "raw", "objective.threshold": 0.5,
+                     "objective.temperature": 1.0, "train.lr": config.finetune.train.lr, "train.steps": 200}
+    params = searcher.suggest("trial-2")
     assert set(params) == set(config.ranges)
     assert 0.03 <= params["objective.beta"] <= 1.0 and params["train.steps"] in (100, 200)
     assert params["objective.weighting"] in ("raw", "threshold", "class_normalized")
@@ -160,16 +169,16 @@ def test_results_tables_plot_and_best_config_from_trial_rows(tmp_path):
             "trial": f"t{i}", "status": status, "step": step, "objective": objective, "gain": objective,
             "plausibility": plausibility, "fid": fid, "coverage": 0.5, "fid_penalty": 0.0, "coverage_penalty": 0.0,
             "objective.beta": beta, "objective.weighting": weighting, "objective.threshold": 0.5,
-            "objective.temperature": 1.0, "train.lr": lr, "train.steps": steps, "error": "",
+            "objective.temperature": 1.0, "train.lr": lr, "train.steps": steps, "as_written": i == 0, "error": "",
         })
     nan = float("nan")
-    rows.append({**rows[0], "trial": "t3", "status": "error", "step": None, "error": "TimeoutError: stuck",
+    rows.append({**rows[0], "trial": "t3", "status": "error", "as_written": False, "step": None, "error": "TimeoutError: stuck",
                  **dict.fromkeys(("objective", "gain", "plausibility", "fid", "coverage"), nan)})
     for row, on_front in zip(rows, [False, True, True, False]):  # t0 is beaten by t2 on both
         row["pareto"] = on_front
     written = write_results(rows, config, base={"plausibility": 0.3, "fid": 9.0, "coverage": 0.5})
 
-    assert written["best"]["trial"] == "t1"
+    assert written["best"]["trial"] == "t1" and written["as_written"]["trial"] == "t0"
     best = load_config(FinetuneConfig, written["best_config"])
     assert (best.objective.beta, best.objective.weighting, best.train.lr, best.train.steps) == (0.5, "threshold", 3e-5, 200)
     assert best.name == "tuned" and best.run_dir == str(tmp_path / "run")
