@@ -578,11 +578,28 @@ def plot_objective_vs_beta(rows: list[dict], config: SearchConfig, path: Path) -
     return path
 
 
+def _paths_relative_to_cwd(config: FinetuneConfig) -> FinetuneConfig:
+    """The search made the input paths absolute for its trials; those under the working directory go back to
+    relative, so the best config stays usable from another checkout of the project."""
+
+    def relative(path: str) -> str:
+        return str(Path(path).relative_to(Path.cwd())) if path and Path(path).is_relative_to(Path.cwd()) else path
+
+    return dataclasses.replace(
+        config,
+        base_model=relative(config.base_model),
+        data=dataclasses.replace(
+            config.data, samples=tuple(map(relative, config.data.samples)), real_dataset=relative(config.data.real_dataset)
+        ),
+        reward=dataclasses.replace(config.reward, model=relative(config.reward.model)),
+    )
+
+
 def write_best_config(best: dict, config: SearchConfig) -> Path:
     """The best trial's FinetuneConfig, at the step count its objective was measured at, for jobs/finetune.py."""
     params = {k: best[k] for k in config.ranges}
     params["train.steps"] = int(best["step"])
-    finetune = trial_config(config, params, config.finetune.run_dir, config.best_name)
+    finetune = _paths_relative_to_cwd(trial_config(config, params, config.finetune.run_dir, config.best_name))
     header = (
         f"# jobs/tune.py: the best of {config.num_trials} trials (trial {best['trial']}): objective "
         f"{best['objective']:.4g}, plausibility {best['plausibility']:.4g}, FID {best['fid']:.4g}, "

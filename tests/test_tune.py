@@ -160,6 +160,7 @@ def test_results_tables_plot_and_best_config_from_trial_rows(tmp_path):
 
     config = load_config(SearchConfig, ROOT / "configs" / "tune.yaml", [
         f"out_dir={tmp_path}", f"best_config={tmp_path / 'best.yaml'}", f"finetune.run_dir={tmp_path / 'run'}",
+        f"finetune.base_model={Path.cwd() / 'runs' / 'base'}",  # as the search resolves it for its trials
     ])
     params = [(0.1, "raw", 1e-5, 100), (0.5, "threshold", 3e-5, 200), (0.9, "class_normalized", 1e-4, 200)]
     scores = [(0.30, 9.0, 0.05, "stopped early", 50), (0.45, 11.0, 0.10, "done", 200), (0.40, 8.0, 0.02, "done", 200)]
@@ -182,6 +183,8 @@ def test_results_tables_plot_and_best_config_from_trial_rows(tmp_path):
     best = load_config(FinetuneConfig, written["best_config"])
     assert (best.objective.beta, best.objective.weighting, best.train.lr, best.train.steps) == (0.5, "threshold", 3e-5, 200)
     assert best.name == "tuned" and best.run_dir == str(tmp_path / "run")
+    assert best.base_model == "runs/base", "inputs under the working directory go back to relative"
+    assert best.data.real_dataset == "runs/pretrain32/data"
     pareto = (tmp_path / "pareto.md").read_text().splitlines()
     assert [line.split(" | ")[0] for line in pareto[2:]] == ["| t2", "| t1"]  # by FID
     assert len(list(csv.DictReader((tmp_path / "trials.csv").open()))) == 4
