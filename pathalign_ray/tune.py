@@ -553,6 +553,7 @@ def plot_objective_vs_beta(rows: list[dict], config: SearchConfig, path: Path) -
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     beta = [r.get("objective.beta", config.finetune.objective.beta) for r in rows]
     figure, axes = plt.subplots(figsize=(5, 3.5), dpi=120)
@@ -564,10 +565,14 @@ def plot_objective_vs_beta(rows: list[dict], config: SearchConfig, path: Path) -
         best = max(scored, key=lambda i: rows[i]["objective"])
         axes.scatter([beta[best]], [rows[best]["objective"]], marker="*", s=160, facecolors="none",
                      edgecolors="red", label=f"best ({rows[best]['trial']})")
+        written = [i for i in scored if rows[i].get("as_written")]
+        axes.scatter([beta[i] for i in written], [rows[i]["objective"] for i in written], marker="D", s=90,
+                     facecolors="none", edgecolors="black", label="as written (the paper's setting)")
     else:
         axes.text(0.5, 0.5, "no trial reported an objective", ha="center", transform=axes.transAxes)
     if scored and getattr(config.ranges.get("objective.beta"), "kind", "") == "loguniform":
         axes.set_xscale("log")
+        axes.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap over a decade
     axes.axhline(0.0, color="grey", linewidth=0.8)
     axes.set_xlabel("beta (weight of the real-data term)")
     axes.set_ylabel("objective (plausibility gain - penalties)")
