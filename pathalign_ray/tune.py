@@ -388,18 +388,24 @@ def search(config: SearchConfig) -> dict:
 
 def _resolved(config: SearchConfig) -> SearchConfig:
     """Absolute paths: Tune runs trials in their own working directories."""
-    f = config.finetune
-    finetune = dataclasses.replace(
-        f,
-        base_model=str(Path(f.base_model).resolve()),
-        data=dataclasses.replace(
-            f.data,
-            samples=tuple(str(Path(s).resolve()) for s in f.data.samples),
-            real_dataset=str(Path(f.data.real_dataset).resolve()) if f.data.real_dataset else "",
-        ),
-        reward=dataclasses.replace(f.reward, model=str(Path(f.reward.model).resolve()) if f.reward.model else ""),
-    )
+    finetune = _map_input_paths(config.finetune, lambda path: str(Path(path).resolve()))
     return dataclasses.replace(config, finetune=finetune, out_dir=str(Path(config.out_dir).resolve()))
+
+
+def _map_input_paths(finetune: FinetuneConfig, convert) -> FinetuneConfig:
+    """The finetune section with convert(path) applied to each input path that is set."""
+
+    def each(path: str) -> str:
+        return convert(path) if path else path
+
+    return dataclasses.replace(
+        finetune,
+        base_model=each(finetune.base_model),
+        data=dataclasses.replace(
+            finetune.data, samples=tuple(map(each, finetune.data.samples)), real_dataset=each(finetune.data.real_dataset)
+        ),
+        reward=dataclasses.replace(finetune.reward, model=each(finetune.reward.model)),
+    )
 
 
 def _corner_params(space: dict[str, ParamRange]) -> list[dict]:
@@ -584,20 +590,10 @@ def plot_objective_vs_beta(rows: list[dict], config: SearchConfig, path: Path) -
 
 
 def _paths_relative_to_cwd(config: FinetuneConfig) -> FinetuneConfig:
-    """The search made the input paths absolute for its trials; those under the working directory go back to
+    """_resolved made the input paths absolute for the trials; those under the working directory go back to
     relative, so the best config stays usable from another checkout of the project."""
-
-    def relative(path: str) -> str:
-        return str(Path(path).relative_to(Path.cwd())) if path and Path(path).is_relative_to(Path.cwd()) else path
-
-    return dataclasses.replace(
-        config,
-        base_model=relative(config.base_model),
-        data=dataclasses.replace(
-            config.data, samples=tuple(map(relative, config.data.samples)), real_dataset=relative(config.data.real_dataset)
-        ),
-        reward=dataclasses.replace(config.reward, model=relative(config.reward.model)),
-    )
+    cwd = Path.cwd()
+    return _map_input_paths(config, lambda path: str(Path(path).relative_to(cwd)) if Path(path).is_relative_to(cwd) else path)
 
 
 def write_best_config(best: dict, config: SearchConfig) -> Path:
