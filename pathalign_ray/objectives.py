@@ -140,10 +140,16 @@ def clipped_policy_loss(
 
 
 class PerClassRewardStats:
-    """Running reward mean and std per declared class, for DDPO's per-prompt advantage normalisation.
+    """DDPO's per-prompt advantage normalisation, per declared class.
 
-    Keeps the last `buffer_size` rewards per class; a class with fewer than `min_count` rewards is
-    normalised with the statistics of all rewards seen in the call instead.
+    The baseline of a reward is the mean of the OTHER rewards of its class in the same batch
+    (leave-one-out, as RLOO), so each class's advantages in a batch sum to zero: the update never
+    pushes the likelihood of all the policy's samples up or down at once. A baseline from a buffer
+    of past rewards does, and feeds on itself: once the reward falls, every new sample is below the
+    buffer's mean, each step lowers the likelihood of everything the policy draws, and the reward
+    falls further (seen at lr 1e-4: 0.62 to 0.007 in 60 steps). The scale is the running standard
+    deviation of the class's last `buffer_size` rewards; a class seen fewer than `min_count` times
+    uses the batch's.
     """
 
     def __init__(self, buffer_size: int = 256, min_count: int = 16):
@@ -152,16 +158,23 @@ class PerClassRewardStats:
         self._buffers: dict[int, np.ndarray] = {}
 
     def advantages(self, rewards: np.ndarray, class_ids: np.ndarray) -> np.ndarray:
-        """(B,) rewards and class ids -> (B,) advantages (reward - class mean) / (class std + 1e-6)."""
+        """(B,) rewards and class ids -> (B,) advantages (reward - leave-one-out class mean) / (class std + 1e-6).
+
+        A class drawn once in the batch has no other reward to compare with: its advantage is 0.
+        """
         rewards = np.asarray(rewards, dtype=np.float64)
         class_ids = np.asarray(class_ids)
-        advantages = np.empty_like(rewards)
+        advantages = np.zeros_like(rewards)
         for class_id in np.unique(class_ids):
             chosen = class_ids == class_id
             buffer = np.concatenate([self._buffers.get(int(class_id), np.empty(0)), rewards[chosen]])
             self._buffers[int(class_id)] = buffer = buffer[-self.buffer_size :]
-            reference = buffer if len(buffer) >= self.min_count else rewards
-            advantages[chosen] = (rewards[chosen] - reference.mean()) / (reference.std() + 1e-6)
+            count = int(chosen.sum())
+            if count < 2:
+                continue
+            others_mean = (rewards[chosen].sum() - rewards[chosen]) / (count - 1)
+            scale = (buffer if len(buffer) >= self.min_count else rewards).std()
+            advantages[chosen] = (rewards[chosen] - others_mean) / (scale + 1e-6)
         return advantages
 
     def state(self) -> dict[str, list[float]]:

@@ -107,10 +107,21 @@ def test_clipped_policy_loss_golden():
 def test_per_class_advantages():
     stats = PerClassRewardStats(buffer_size=4, min_count=2)
     advantages = stats.advantages(np.array([1.0, 3.0, 10.0]), np.array([0, 0, 1]))
-    assert advantages[:2] == pytest.approx([-1.0, 1.0], abs=1e-5)
-    assert advantages[2] == pytest.approx((10 - np.mean([1, 3, 10])) / (np.std([1, 3, 10]) + 1e-6))
+    # class 0: leave-one-out baselines 3 and 1, scaled by the std of its rewards [1, 3]; class 1 is alone
+    assert advantages == pytest.approx([-2.0, 2.0, 0.0], abs=1e-5)
     stats.advantages(np.array([5.0, 5.0, 5.0]), np.array([0, 0, 0]))
     assert stats.state()["0"] == [3.0, 5.0, 5.0, 5.0]
+
+
+def test_per_class_advantages_sum_to_zero_per_class_whatever_came_before():
+    """A falling reward must not make every advantage negative (the buffer-baseline collapse)."""
+    stats = PerClassRewardStats(buffer_size=64, min_count=4)
+    stats.advantages(np.full(8, 0.9), np.repeat([0, 1], 4))  # high rewards in the past
+    class_ids = np.repeat([0, 1], 4)
+    advantages = stats.advantages(np.array([0.1, 0.2, 0.0, 0.3, 0.05, 0.0, 0.1, 0.2]), class_ids)
+    for class_id in (0, 1):
+        assert advantages[class_ids == class_id].sum() == pytest.approx(0.0, abs=1e-9)
+    assert (advantages > 0).any()
     restored = PerClassRewardStats(buffer_size=4, min_count=2)
     restored.load_state(stats.state())
     assert restored.state() == stats.state()
