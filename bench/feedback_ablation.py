@@ -1,7 +1,8 @@
 """What each part of the feedback objectives does to plausibility, from one round of feedback on the 32 px model.
 
     .venv/bin/python bench/pretrain32.py --restore   # once: runs/pretrain32/{data,model}
-    .venv/bin/python bench/feedback_ablation.py      # about 25 minutes on 2 cores
+    .venv/bin/python bench/feedback_ablation.py      # about 40 minutes on 2 cores
+    .venv/bin/python bench/feedback_ablation.py --only ddpo_lr1e-4,rwl_threshold_oracle_eta1_pool
 
 One feedback round as jobs/align.py runs it (256 samples, DDIM 20, judged by 3 simulated
 pathologists; a reward model trained on the verdicts and weak feedback), then one finetuning run per
@@ -16,12 +17,17 @@ Variants (jobs/finetune.py settings on top of configs/finetune.yaml; 2 Ray Train
 - rwl_threshold: the reward-weighted term on the samples the reward model calls plausible, plus beta;
 - rwl_threshold_oracle: the same with the simulated pathologist's own verdict as the weight, an upper
   bound on what better labels could give this objective;
-- ddpo: policy gradient against the reward model, at two learning rates.
-Writes bench/results/feedback_ablation.json.
+- rwl_threshold_oracle_eta1_pool: the oracle-weighted objective on a pool drawn with DDPO's
+  stochastic sampler (DDIM 10, eta 1; 40% plausible on the base) instead of the rounds' DDIM 20;
+- ddpo: policy gradient against the reward model, at two learning rates, and at the higher one
+  with four times the trajectories per step.
+Writes bench/results/feedback_ablation.json; with --only, the base and the named variants go to
+bench/results/feedback_ablation_only.json instead.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -40,6 +46,7 @@ RUN = Path("runs/ablation32").resolve()
 FRESH_PER_CLASS = 16
 # (DDIM steps, eta) of the fresh samples: the rounds' sampler, and DDPO's policy (its trajectories)
 SAMPLERS = {"ddim20_eta0": (20, 0.0), "ddim10_eta1": (10, 1.0)}
+STOCHASTIC_POOL = RUN / "pool_ddim10_eta1"  # 32 per class from the base, DDIM 10 with eta 1
 RWL = ["objective.weighting=threshold", "train.lr=0.0001", "train.steps=150"]
 DDPO = [
     "objective.kind=ddpo", "objective.beta=0", "objective.kl_coef=0.1", "objective.clip_range=0.0001",
@@ -52,6 +59,8 @@ VARIANTS = {
     "rwl_threshold_oracle": [*RWL, "reward.kind=pathologist"],
     "ddpo_lr2e-5": [*DDPO, "train.lr=0.00002"],
     "ddpo_lr1e-4": [*DDPO, "train.lr=0.0001"],
+    "rwl_threshold_oracle_eta1_pool": [*RWL, "reward.kind=pathologist", f"data.samples=[{STOCHASTIC_POOL}]"],
+    "ddpo_lr1e-4_32_trajectories": [*DDPO, "train.lr=0.0001", "objective.trajectories_per_step=32", "train.steps=30", "train.log_every=3"],
 }
 
 
@@ -65,6 +74,16 @@ def feedback_round() -> dict:
         [f"run_dir={RUN}", "rounds=1", "sample.n_per_class=32", f"reward.data.dataset={(BASE / 'data').resolve()}"],
     )
     return collect_feedback(config, RUN, 0)
+
+
+def stochastic_pool() -> Path:
+    """The base model's samples drawn with DDPO's sampler, made once."""
+    from pathalign_ray.sampling import SampleConfig, sample
+
+    if not (STOCHASTIC_POOL / "manifest.parquet").is_file():
+        sample(SampleConfig(model=str(BASE / "model"), out_dir=str(STOCHASTIC_POOL), n_per_class=32,
+                            ddim_steps=10, eta=1.0, seed=4242, overwrite=True))
+    return STOCHASTIC_POOL
 
 
 def finetune_variant(name: str, overrides: list[str], reward_dir: str) -> tuple[Path, float]:
@@ -107,13 +126,22 @@ def _plausibility(unet, ddim, class_names: list[str], ddim_steps: int, eta: floa
 
 
 def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help="comma-separated variants to run (default: all)")
+    args = parser.parse_args(argv)
+    chosen = args.only.split(",") if args.only else list(VARIANTS)
+    unknown = sorted(set(chosen) - set(VARIANTS))
+    if unknown:
+        sys.exit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     if not (BASE / "model").is_dir():
         sys.exit(f"{BASE / 'model'} is missing: run bench/pretrain32.py --restore first")
     started = time.perf_counter()
     round_row = feedback_round()
+    stochastic_pool()
     results = {"base": fresh_plausibility(BASE / "model")}
     walls = {}
-    for name, overrides in VARIANTS.items():
+    for name in chosen:
+        overrides = VARIANTS[name]
         model_dir, walls[name] = finetune_variant(name, overrides, round_row["reward_dir"])
         metrics = [json.loads(line) for line in (RUN / f"{name}_metrics.jsonl").read_text().splitlines()]
         results[name] = dict(fresh_plausibility(model_dir), kl_to_base=metrics[-1].get("kl_to_base"),
@@ -121,13 +149,13 @@ def main(argv: list[str]) -> None:
         print(f"[ablation] {name}: {json.dumps(results[name])}", flush=True)
     figures = {
         "round": round_row,
-        "variants": VARIANTS,
+        "variants": {name: VARIANTS[name] for name in chosen},
         "fresh_samples": {"per_class": FRESH_PER_CLASS, "samplers": SAMPLERS},
         "results": results,
         "finetune_wall_s": walls,
         "total_wall_s": time.perf_counter() - started,
     }
-    write_result("feedback_ablation", figures)
+    write_result("feedback_ablation_only" if args.only else "feedback_ablation", figures)
     for name, row in results.items():
         shown = [f"{sampler} {row[sampler]['plausible']['rate']:.3f}" for sampler in SAMPLERS]
         print(f"{name:24s} " + "  ".join(shown))
