@@ -125,3 +125,51 @@ def test_per_class_advantages_sum_to_zero_per_class_whatever_came_before():
     restored = PerClassRewardStats(buffer_size=4, min_count=2)
     restored.load_state(stats.state())
     assert restored.state() == stats.state()
+
+
+def test_policy_gradient_raises_a_smooth_reward(ddim):
+    """The pieces compose into an ascent: DDIM trajectories with log-probabilities, leave-one-out
+    advantages, the clipped surrogate; a few steps raise the images' brightness on fixed noise."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
+    optimizer = torch.optim.Adam(unet.parameters(), lr=1e-3)
+    stats = PerClassRewardStats(min_count=4)
+    stride = ddim.config.num_train_timesteps // len(ddim.timesteps)
+
+    def trajectories(seed):
+        g = torch.Generator().manual_seed(seed)
+        latents, log_probs = [torch.randn(16, 3, 8, 8, generator=g)], []
+        with torch.no_grad():
+            for t in ddim.timesteps.tolist()[:-1]:  # the stochastic steps
+                noise = torch.randn(16, 3, 8, 8, generator=g)
+                prev, log_prob = ddim_step_with_log_prob(
+                    ddim.alphas_cumprod, ddim.final_alpha_cumprod, unet(latents[-1], t).sample, t, t - stride,
+                    latents[-1], eta=1.0, noise=noise,
+                )
+                latents.append(prev)
+                log_probs.append(log_prob)
+        return latents, log_probs
+
+    def brightness(latents):
+        return latents[-1].clamp(-1, 1).mean(dim=(1, 2, 3))
+
+    before = brightness(trajectories(seed=999)[0]).mean()
+    for step in range(12):
+        latents, old_log_probs = trajectories(seed=step)
+        advantages = torch.as_tensor(stats.advantages(brightness(latents).numpy(), np.arange(16) % 2), dtype=torch.float32)
+        optimizer.zero_grad()
+        for j, t in enumerate(ddim.timesteps.tolist()[:-1]):
+            _, log_prob = ddim_step_with_log_prob(
+                ddim.alphas_cumprod, ddim.final_alpha_cumprod, unet(latents[j], t).sample, t, t - stride,
+                latents[j], eta=1.0, prev_sample=latents[j + 1],
+            )
+            loss, _ = clipped_policy_loss(log_prob, old_log_probs[j], advantages, clip_range=1e-4)
+            loss.backward()
+        optimizer.step()
+    after = brightness(trajectories(seed=999)[0]).mean()
+    assert after > before + 0.02  # measured: 0.071 -> 0.108
