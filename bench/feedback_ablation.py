@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -93,6 +94,9 @@ def finetune_variant(name: str, overrides: list[str], reward_dir: str) -> tuple[
          f"data.real_dataset={BASE / 'data'}", "reward.kind=model", f"reward.model={reward_dir}",
          "train.eval_every=0", "train.eval_per_class=1", "train.checkpoint_every=1000", *overrides],
     )
+    for folder in (RUN / name, RUN / f"{name}-model"):  # a finished run of the same name would only be resumed
+        shutil.rmtree(folder, ignore_errors=True)
+    (RUN / f"{name}_metrics.jsonl").unlink(missing_ok=True)
     started = time.perf_counter()
     return finetune(config), time.perf_counter() - started
 
