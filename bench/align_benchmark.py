@@ -40,9 +40,9 @@ OBJECTIVES = {
 def run_objective(name: str, rounds: int, overrides: list[str]) -> tuple[Path, list[dict], float]:
     """The align loop for one objective in runs/align32-NAME; (its last model, round rows, wall s)."""
     run_dir = Path(f"runs/align32-{name}").resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not (run_dir / "model").exists():
-        (run_dir / "model").symlink_to((BASE / "model").resolve())
+    shutil.rmtree(run_dir, ignore_errors=True)  # align() resumes a run's finished rounds: measure afresh
+    run_dir.mkdir(parents=True)
+    (run_dir / "model").symlink_to((BASE / "model").resolve())
     config = load_config(
         AlignConfig, "configs/align.yaml",
         [f"run_dir={run_dir}", f"rounds={rounds}", f"reward.data.dataset={(BASE / 'data').resolve()}",
