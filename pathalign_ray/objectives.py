@@ -143,7 +143,8 @@ class PerClassRewardStats:
     """DDPO's per-prompt advantage normalisation, per declared class.
 
     The baseline of a reward is the mean of the OTHER rewards of its class in the same batch
-    (leave-one-out, as RLOO), so each class's advantages in a batch sum to zero: the update never
+    (leave-one-out, as RLOO; for a class drawn once, the batch's other rewards), so each class's
+    advantages in a batch sum to zero: the update never
     pushes the likelihood of all the policy's samples up or down at once. A baseline from a buffer
     of past rewards does, and feeds on itself once the reward falls: every new sample is below the
     buffer's mean, each step lowers the likelihood of everything the policy draws (measured: mean
@@ -159,7 +160,7 @@ class PerClassRewardStats:
     def advantages(self, rewards: np.ndarray, class_ids: np.ndarray) -> np.ndarray:
         """(B,) rewards and class ids -> (B,) advantages (reward - leave-one-out class mean) / (class std + 1e-6).
 
-        A class drawn once in the batch has no other reward to compare with: its advantage is 0.
+        A class drawn once in the batch is compared with the mean of the batch's other rewards.
         """
         rewards = np.asarray(rewards, dtype=np.float64)
         class_ids = np.asarray(class_ids)
@@ -168,10 +169,10 @@ class PerClassRewardStats:
             chosen = class_ids == class_id
             buffer = np.concatenate([self._buffers.get(int(class_id), np.empty(0)), rewards[chosen]])
             self._buffers[int(class_id)] = buffer = buffer[-self.buffer_size :]
-            count = int(chosen.sum())
-            if count < 2:
+            peers = chosen if chosen.sum() > 1 else np.ones_like(chosen)
+            if peers.sum() < 2:
                 continue
-            others_mean = (rewards[chosen].sum() - rewards[chosen]) / (count - 1)
+            others_mean = (rewards[peers].sum() - rewards[chosen]) / (peers.sum() - 1)
             scale = (buffer if len(buffer) >= self.min_count else rewards).std()
             advantages[chosen] = (rewards[chosen] - others_mean) / (scale + 1e-6)
         return advantages

@@ -107,8 +107,9 @@ def test_clipped_policy_loss_golden():
 def test_per_class_advantages():
     stats = PerClassRewardStats(buffer_size=4, min_count=2)
     advantages = stats.advantages(np.array([1.0, 3.0, 10.0]), np.array([0, 0, 1]))
-    # class 0: leave-one-out baselines 3 and 1, scaled by the std of its rewards [1, 3]; class 1 is alone
-    assert advantages == pytest.approx([-2.0, 2.0, 0.0], abs=1e-5)
+    # class 0: leave-one-out baselines 3 and 1, scaled by the std of its rewards [1, 3]; class 1 is
+    # alone: the batch's other rewards are its baseline, the batch's spread its scale
+    assert advantages == pytest.approx([-2.0, 2.0, (10 - 2) / np.std([1, 3, 10])], abs=1e-5)
     stats.advantages(np.array([5.0, 5.0, 5.0]), np.array([0, 0, 0]))
     assert stats.state()["0"] == [3.0, 5.0, 5.0, 5.0]
 
