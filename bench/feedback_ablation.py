@@ -60,7 +60,7 @@ VARIANTS = {
     "rwl_threshold_oracle": [*RWL, "reward.kind=pathologist"],
     "ddpo_lr2e-5": [*DDPO, "train.lr=0.00002"],
     "ddpo_lr1e-4": [*DDPO, "train.lr=0.0001"],
-    "rwl_threshold_oracle_eta1_pool": [*RWL, "reward.kind=pathologist", f"data.samples=[{STOCHASTIC_POOL}]"],
+    "rwl_threshold_oracle_eta1_pool": [*RWL, "reward.kind=pathologist", f"data.samples=[{STOCHASTIC_POOL}]"],  # needs stochastic_pool()
     "ddpo_lr1e-4_32_trajectories": [*DDPO, "train.lr=0.0001", "objective.trajectories_per_step=32", "train.steps=30", "train.log_every=3"],
 }
 
@@ -141,7 +141,8 @@ def main(argv: list[str]) -> None:
         sys.exit(f"{BASE / 'model'} is missing: run bench/pretrain32.py --restore first")
     started = time.perf_counter()
     round_row = feedback_round()
-    stochastic_pool()
+    if any(f"data.samples=[{STOCHASTIC_POOL}]" in VARIANTS[name] for name in chosen):
+        stochastic_pool()
     results = {"base": fresh_plausibility(BASE / "model")}
     walls = {}
     for name in chosen:

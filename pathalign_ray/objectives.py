@@ -143,9 +143,9 @@ class PerClassRewardStats:
     """DDPO's per-prompt advantage normalisation, per declared class.
 
     The baseline of a reward is the mean of the OTHER rewards of its class in the same batch
-    (leave-one-out, as RLOO; for a class drawn once, the batch's other rewards), so each class's
-    advantages in a batch sum to zero: the update never
-    pushes the likelihood of all the policy's samples up or down at once. A baseline from a buffer
+    (leave-one-out, as RLOO; for a class drawn once, the batch's other rewards), so the advantages
+    of a class drawn more than once sum to zero: the update never pushes the likelihood of all the
+    policy's samples up or down at once. A baseline from a buffer
     of past rewards does, and feeds on itself once the reward falls: every new sample is below the
     buffer's mean, each step lowers the likelihood of everything the policy draws (measured: mean
     advantage -1.2 after 60 steps at lr 1e-4). The scale is the running standard deviation of the
