@@ -20,7 +20,9 @@ Variants (jobs/finetune.py settings on top of configs/finetune.yaml; 2 Ray Train
 - rwl_threshold_oracle_eta1_pool: the oracle-weighted objective on a pool drawn with DDPO's
   stochastic sampler (DDIM 10, eta 1; 40% plausible on the base) instead of the rounds' DDIM 20;
 - ddpo: policy gradient against the reward model, at two learning rates, and at the higher one
-  with four times the trajectories per step.
+  with four times the trajectories per step; with 8 trajectories per class a step against the
+  reward model and against the simulated pathologist itself (the oracle: is the reward model what
+  the policy fails on?), each step's trajectories judged by the pathologist too.
 Writes bench/results/feedback_ablation.json; with --only, the base and the named variants go to
 bench/results/feedback_ablation_only.json instead.
 """
@@ -47,12 +49,16 @@ RUN = Path("runs/ablation32").resolve()
 FRESH_PER_CLASS = 16
 # (DDIM steps, eta) of the fresh samples: the rounds' sampler, and DDPO's policy (its trajectories)
 SAMPLERS = {"ddim20_eta0": (20, 0.0), "ddim10_eta1": (10, 1.0)}
+CURVES = ("step", "reward_mean", "trajectory_plausibility")  # kept per logged step in the JSON
 STOCHASTIC_POOL = RUN / "pool_ddim10_eta1"  # 32 per class from the base, DDIM 10 with eta 1
 RWL = ["objective.weighting=threshold", "train.lr=0.0001", "train.steps=150"]
 DDPO = [
     "objective.kind=ddpo", "objective.beta=0", "objective.kl_coef=0.1", "objective.clip_range=0.0001",
     "objective.trajectories_per_step=8", "objective.ddim_steps=10", "train.steps=60", "train.log_every=5",
 ]
+# 8 trajectories per class a step (2 workers x 32), every step logged, the EMA short enough to follow 30 steps
+DDPO_64 = [*DDPO, "train.lr=0.0001", "objective.trajectories_per_step=32", "train.steps=30", "train.log_every=1",
+           "train.ema_decay=0.9"]
 VARIANTS = {
     "real_only": [*RWL, "objective.threshold=2.0"],
     "rwl_paper": ["objective.weighting=raw", "train.lr=0.00002", "train.steps=100"],  # configs/align.yaml's settings
@@ -62,6 +68,8 @@ VARIANTS = {
     "ddpo_lr1e-4": [*DDPO, "train.lr=0.0001"],
     "rwl_threshold_oracle_eta1_pool": [*RWL, "reward.kind=pathologist", f"data.samples=[{STOCHASTIC_POOL}]"],  # needs stochastic_pool()
     "ddpo_lr1e-4_32_trajectories": [*DDPO, "train.lr=0.0001", "objective.trajectories_per_step=32", "train.steps=30", "train.log_every=3"],
+    "ddpo_64_trajectories_every_step": [*DDPO_64],
+    "ddpo_64_trajectories_oracle": [*DDPO_64, "reward.kind=pathologist"],
 }
 
 
@@ -150,7 +158,8 @@ def main(argv: list[str]) -> None:
         model_dir, walls[name] = finetune_variant(name, overrides, round_row["reward_dir"])
         metrics = [json.loads(line) for line in (RUN / f"{name}_metrics.jsonl").read_text().splitlines()]
         results[name] = dict(fresh_plausibility(model_dir), kl_to_base=metrics[-1].get("kl_to_base"),
-                             reward_mean_first=metrics[0].get("reward_mean"), reward_mean_last=metrics[-1].get("reward_mean"))
+                             reward_mean_first=metrics[0].get("reward_mean"), reward_mean_last=metrics[-1].get("reward_mean"),
+                             per_logged_step={key: [row[key] for row in metrics] for key in CURVES if key in metrics[0]})
         print(f"[ablation] {name}: {json.dumps(results[name])}", flush=True)
     figures = {
         "round": round_row,

@@ -1,12 +1,12 @@
 """Reward-model AUC on held-out SYNTHETIC verdicts: expert + weak feedback against weak feedback alone.
 
-    .venv/bin/python bench/reward_auc.py [--n-per-class 64] [--experts 3] [key.sub=value ...]
+    .venv/bin/python bench/reward_auc.py [--n-per-class 64] [--ddim-steps 50] [--experts 3] [key.sub=value ...]
 
 The overrides apply to configs/train_reward.yaml. Needs the 32 px model of bench/pretrain32.py
 (runs/pretrain32/model; `.venv/bin/python bench/pretrain32.py --restore` makes it from the kept model in a minute).
 
-1. Samples n_per_class images per class from it (DDIM 50 steps) into runs/reward_auc/samples/pretrained
-   (reused when there, with the same count).
+1. Samples n_per_class images per class from it (DDIM, 50 steps by default) into
+   runs/reward_auc/samples/pretrained (reused when there, with the same count and steps).
 2. Simulated pathologists (pathalign_ray.pathologist, through simulated_feedback) judge them into
    runs/reward_auc/feedback.
 3. Trains the reward model on 2 Ray Train workers on those verdicts plus weak feedback from the real
@@ -46,6 +46,7 @@ MIN_MINORITY = 10  # held-out verdicts of the rarer kind below which the AUC is 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-per-class", type=int, default=64, help="synthetic images per declared class")
+    parser.add_argument("--ddim-steps", type=int, default=50, help="DDIM steps per synthetic image")
     parser.add_argument("--experts", type=int, default=3, help="simulated pathologists")
     parser.add_argument("overrides", nargs="*", help="key.sub=value for configs/train_reward.yaml")
     args = parser.parse_args(argv)
@@ -59,9 +60,9 @@ def main(argv: list[str]) -> None:
     started = time.perf_counter()
     samples = RUN / "samples" / "pretrained"
     n_classes = len(json.loads((MODEL / "class_names.json").read_text()))
-    if not (samples / "manifest.parquet").is_file() or read_manifest(samples).num_rows != n_classes * args.n_per_class:
+    if not _samples_match(samples, n_classes * args.n_per_class, args.ddim_steps):
         shutil.rmtree(RUN, ignore_errors=True)  # new images: the old verdicts no longer apply
-        sample(SampleConfig(model=str(MODEL), out_dir=str(samples), n_per_class=args.n_per_class))
+        sample(SampleConfig(model=str(MODEL), out_dir=str(samples), n_per_class=args.n_per_class, ddim_steps=args.ddim_steps))
     timings["sample"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -93,6 +94,7 @@ def main(argv: list[str]) -> None:
         "target_auc": 0.95,
         "best_epoch": {"expert_and_weak_feedback": mixed["epoch"], "weak_feedback_only": weak_only["epoch"]},
         "history_expert_auc": [row["test/expert/auc"] for row in mixed["history"]],
+        "ddim_steps": args.ddim_steps,
         "config": f"configs/train_reward.yaml run_dir={RUN} data.dataset={DATASET} " + " ".join(args.overrides),
         "wall_s": {**timings, "total": sum(timings.values())},
     }
@@ -107,6 +109,13 @@ def main(argv: list[str]) -> None:
     path = write_result("reward_auc", figures)
     print(json.dumps(figures, indent=2))
     print(f"written to {path}")
+
+
+def _samples_match(samples: Path, count: int, ddim_steps: int) -> bool:
+    if not (samples / "manifest.parquet").is_file():
+        return False
+    manifest = read_manifest(samples)
+    return manifest.num_rows == count and set(manifest.column("ddim_steps").to_pylist()) == {ddim_steps}
 
 
 def _with(config: TrainRewardConfig, **data) -> TrainRewardConfig:

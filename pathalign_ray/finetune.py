@@ -88,7 +88,7 @@ class FinetuneConfig:
     reward: RewardSourceConfig = dataclasses.field(default_factory=RewardSourceConfig)
     train: FinetuneTrainConfig = dataclasses.field(default_factory=FinetuneTrainConfig)
     scale: ScaleConfig = dataclasses.field(default_factory=ScaleConfig)
-    evaluate_with_pathologist: bool = True  # also report the simulated pathologist's plausibility of fresh samples
+    evaluate_with_pathologist: bool = True  # also the simulated pathologist's verdicts: fresh samples, DDPO trajectories
 
     def __post_init__(self) -> None:
         if self.objective.kind == "rwl" and not self.data.samples:
@@ -346,6 +346,8 @@ class _Job:
                 collected.append(metrics)
         metrics = {key: float(np.mean([m[key] for m in collected])) for key in collected[0]}
         metrics.update(reward_mean=float(np.mean(rewards)), reward_std=float(np.std(rewards)))
+        if self.config.evaluate_with_pathologist:  # the reward's own view next to the judge it stands in for
+            metrics["trajectory_plausibility"] = self._plausibility(images, class_ids.tolist())
         return metrics
 
     @torch.no_grad()
@@ -424,10 +426,14 @@ class _Job:
         rewards, _ = self.reward_fn(images, classes)
         metrics = {"fresh_reward_mean": float(np.mean(rewards))}
         if self.config.evaluate_with_pathologist:
-            from pathalign_ray.pathologist import judge
-
-            metrics["fresh_plausibility"] = float(np.mean([judge(image, name).plausible for image, name in zip(images, classes)]))
+            metrics["fresh_plausibility"] = self._plausibility(images, labels.tolist())
         return metrics
+
+    def _plausibility(self, images: np.ndarray, class_ids: list[int]) -> float:
+        """The simulated pathologist's fraction of plausible images (about 2 ms an image)."""
+        from pathalign_ray.pathologist import judge
+
+        return float(np.mean([judge(image, self.class_names[c]).plausible for image, c in zip(images, class_ids)]))
 
     def _reduce(self, metrics: dict) -> dict:
         if self.world_size == 1:
