@@ -70,6 +70,8 @@ VARIANTS = {
     "ddpo_lr1e-4_32_trajectories": [*DDPO, "train.lr=0.0001", "objective.trajectories_per_step=32", "train.steps=30", "train.log_every=3"],
     "ddpo_64_trajectories_every_step": [*DDPO_64],
     "ddpo_64_trajectories_oracle": [*DDPO_64, "reward.kind=pathologist"],
+    "ddpo_64_trajectories_lr3e-5": [*DDPO_64, "train.lr=0.00003", "train.steps=40"],
+    "ddpo_64_trajectories_oracle_lr3e-5": [*DDPO_64, "reward.kind=pathologist", "train.lr=0.00003", "train.steps=40"],
 }
 
 
