@@ -24,7 +24,7 @@ Variants (jobs/finetune.py settings on top of configs/finetune.yaml; 2 Ray Train
   reward model and against the simulated pathologist itself (the oracle: is the reward model what
   the policy fails on?), each step's trajectories judged by the pathologist too.
 Writes bench/results/feedback_ablation.json; with --only, the base and the named variants go to
-bench/results/feedback_ablation_only.json instead.
+bench/results/feedback_ablation_only.json instead, or to bench/results/RESULTS.json with --results.
 """
 
 from __future__ import annotations
@@ -142,6 +142,7 @@ def _plausibility(unet, ddim, class_names: list[str], ddim_steps: int, eta: floa
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="comma-separated variants to run (default: all)")
+    parser.add_argument("--results", default="", help="bench/results/RESULTS.json (default: feedback_ablation[_only])")
     args = parser.parse_args(argv)
     chosen = args.only.split(",") if args.only else list(VARIANTS)
     unknown = sorted(set(chosen) - set(VARIANTS))
@@ -171,7 +172,7 @@ def main(argv: list[str]) -> None:
         "finetune_wall_s": walls,
         "total_wall_s": time.perf_counter() - started,
     }
-    write_result("feedback_ablation_only" if args.only else "feedback_ablation", figures)
+    write_result(args.results or ("feedback_ablation_only" if args.only else "feedback_ablation"), figures)
     for name, row in results.items():
         shown = [f"{sampler} {row[sampler]['plausible']['rate']:.3f}" for sampler in SAMPLERS]
         print(f"{name:24s} " + "  ".join(shown))
