@@ -62,6 +62,7 @@ class FinetuneTrainConfig:
     steps: int = 200  # optimizer steps in total (ddpo: sample-then-update rounds)
     batch_size: int = 16  # images per worker per step, for each term
     lr: float = 1e-5  # AdamW learning rate
+    warmup_steps: int = 0  # linear warm-up: AdamW's first steps move every weight by about lr, whatever its gradient
     grad_clip: float = 1.0
     ema_decay: float = 0.99  # exported weights are this exponential moving average
     log_every: int = 10
@@ -76,6 +77,8 @@ class FinetuneTrainConfig:
         for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "eval_per_class"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
 @config_dataclass
@@ -198,7 +201,7 @@ def train_loop(loop_config: dict) -> None:
         accumulation = (config.objective.ddim_steps - 1) * config.objective.inner_epochs  # the last step is deterministic
     engine, _ = build_engine(
         unet, config.scale, config.train.lr, config.train.batch_size, config.train.grad_clip,
-        accumulation_steps=accumulation,
+        warmup_steps=config.train.warmup_steps, accumulation_steps=accumulation,
     )
     ema = init_ema(engine.module)
     state = restore_checkpoint(engine, ema) or {"step": 0, "history": [], "advantage_stats": {}}
