@@ -72,6 +72,7 @@ VARIANTS = {
     "ddpo_64_trajectories_oracle": [*DDPO_64, "reward.kind=pathologist"],
     "ddpo_64_trajectories_lr3e-5": [*DDPO_64, "train.lr=0.00003", "train.steps=40"],
     "ddpo_64_trajectories_oracle_lr3e-5": [*DDPO_64, "reward.kind=pathologist", "train.lr=0.00003", "train.steps=40"],
+    "ddpo_64_trajectories_lr3e-5_80_steps": [*DDPO_64, "train.lr=0.00003", "train.steps=80", "train.warmup_steps=5"],
 }
 
 
