@@ -12,6 +12,7 @@ from bucket midpoints, so it is approximate; `_count` and the buckets are exact.
       pathalign_train_loss                 the objective, mean over workers
       pathalign_reward_mean                mean reward r(x, c) of the finetuning batch
       pathalign_plausibility               share of fresh samples the (simulated) pathologist judges plausible
+      pathalign_trajectory_plausibility    DDPO: share of the step's trajectories the pathologist judges plausible
     reward endpoint (tag `app`: the Serve application):
       pathalign_endpoint_latency_seconds   histogram: a /v1/score request or handle call, arrival to scores
       pathalign_endpoint_batch_size        histogram: images in one forward pass of the replica
@@ -28,6 +29,9 @@ TRAIN_GAUGES = {
     "loss": ("pathalign_train_loss", "Training objective, mean over workers"),
     "reward_mean": ("pathalign_reward_mean", "Mean reward r(x, c) of the finetuning batch"),
     "fresh_plausibility": ("pathalign_plausibility", "Share of fresh samples judged plausible as their declared class"),
+    "trajectory_plausibility": (
+        "pathalign_trajectory_plausibility", "Share of a DDPO step's trajectories judged plausible as their declared class"
+    ),
 }
 LATENCY_BOUNDARIES_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 BATCH_SIZE_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128]

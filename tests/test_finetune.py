@@ -89,6 +89,8 @@ def test_each_objective_finetunes_on_two_zero2_workers_scored_over_http(
     for row in history:
         assert all(np.isfinite(row[key]) for key in terms), row
         assert 0.0 <= row["reward_mean"] <= 1.0 and row["reward_std"] >= 0.0
+        if objective == "ddpo":  # the pathologist's verdict on the step's trajectories, beside the reward's
+            assert 0.0 <= row["trajectory_plausibility"] <= 1.0
     assert 0.0 <= history[-1]["fresh_plausibility"] <= 1.0 and "fresh_reward_mean" in history[-1]
     if objective == "rwl":
         # the pool was scored once, over HTTP, with exactly the scores the reward model gives in process

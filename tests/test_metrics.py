@@ -59,11 +59,12 @@ def test_training_gauges_are_exported_with_their_job_tag(ray_cluster):
 
     loop = Loop.remote()  # kept alive while the export is read: it holds the gauges
     metrics = {"step": 3, "loss": 0.25, "images_per_s": 42.0, "step_time_s": 0.5, "reward_mean": 0.75,
-               "fresh_plausibility": 0.625, "lr": 1e-4}  # fmt: skip
+               "fresh_plausibility": 0.625, "trajectory_plausibility": 0.375, "lr": 1e-4}  # fmt: skip
     ray_cluster.get(loop.report.remote(metrics))
     expected = {
         "ray_pathalign_train_loss": 0.25, "ray_pathalign_train_images_per_second": 42.0,
         "ray_pathalign_train_step_seconds": 0.5, "ray_pathalign_reward_mean": 0.75, "ray_pathalign_plausibility": 0.625,
+        "ray_pathalign_trajectory_plausibility": 0.375,
     }  # fmt: skip
     text = _poll(ray_cluster, lambda text: all(_series(text, name, job="finetune-test") for name in expected))
     for name, value in expected.items():
