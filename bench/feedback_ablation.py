@@ -22,7 +22,8 @@ Variants (jobs/finetune.py settings on top of configs/finetune.yaml; 2 Ray Train
 - ddpo: policy gradient against the reward model, at two learning rates, and at the higher one
   with four times the trajectories per step; with 8 trajectories per class a step against the
   reward model and against the simulated pathologist itself (the oracle: is the reward model what
-  the policy fails on?), each step's trajectories judged by the pathologist too.
+  the policy fails on?), each step's trajectories judged by the pathologist too, at lr 1e-4 and
+  3e-5, and at 3e-5 for 80 steps with a 5-step warm-up.
 Writes bench/results/feedback_ablation.json; with --only, the base and the named variants go to
 bench/results/feedback_ablation_only.json instead, or to bench/results/RESULTS.json with --results.
 """
