@@ -4,7 +4,7 @@
 
 The reward is the mean brightness of the final image: smooth, cheap, and with no reward model in
 the way. Plain PyTorch, one process, the objective functions finetuning uses
-(ddim_step_with_log_prob, PerClassRewardStats, clipped_policy_loss), AdamW, DDIM 10 with eta 1 and
+(ddim_trajectories, ddim_step_with_log_prob, PerClassRewardStats, clipped_policy_loss), AdamW, DDIM 10 with eta 1 and
 the same noise for every learning rate; lr 0 is the baseline (the reward's spread from the noise
 alone). Needs runs/pretrain32/model (bench/pretrain32.py --restore). Writes
 bench/results/ddpo_smooth_reward.json: the reward of each step's trajectories per learning rate.
@@ -19,7 +19,7 @@ import torch
 
 from bench_common import write_result
 from pathalign_ray.diffusion import load_model
-from pathalign_ray.objectives import PerClassRewardStats, clipped_policy_loss, ddim_step_with_log_prob
+from pathalign_ray.objectives import PerClassRewardStats, clipped_policy_loss, ddim_step_with_log_prob, ddim_trajectories
 
 MODEL = "runs/pretrain32/model"
 LEARNING_RATES = (0.0, 1e-5, 1e-4)
@@ -29,30 +29,19 @@ def climb(lr: float, steps: int, trajectories: int) -> list[float]:
     unet, ddim, class_names, _ = load_model(MODEL)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=lr)
     stats, generator = PerClassRewardStats(), torch.Generator().manual_seed(0)
-    ddim.set_timesteps(10)
-    stride = ddim.config.num_train_timesteps // 10
     schedule = (ddim.alphas_cumprod, ddim.final_alpha_cumprod)
     labels = torch.arange(trajectories) % len(class_names)
     rewards = []
     for _ in range(steps):
-        latents, old_log_probs = [torch.randn(trajectories, 3, 32, 32, generator=generator)], []
-        with torch.no_grad():
-            for t in ddim.timesteps.tolist():
-                output = unet(latents[-1], t, class_labels=labels).sample
-                if t - stride < 0:  # the last step is deterministic
-                    latents.append(ddim.step(output, t, latents[-1], eta=0.0).prev_sample)
-                    break
-                noise = torch.randn(latents[-1].shape, generator=generator)
-                prev, log_prob = ddim_step_with_log_prob(*schedule, output, t, t - stride, latents[-1], 1.0, noise=noise)
-                latents.append(prev)
-                old_log_probs.append(log_prob)
-        brightness = latents[-1].clamp(-1, 1).mean(dim=(1, 2, 3))
+        trajectory = ddim_trajectories(unet, ddim, labels, 10, 1.0, generator)
+        latents, old_log_probs = trajectory["latents"], trajectory["log_probs"]
+        brightness = latents[-1].mean(dim=(1, 2, 3))  # the trajectory's final latents are clamped to [-1, 1]
         rewards.append(float(brightness.mean()))
         advantages = torch.as_tensor(stats.advantages(brightness.numpy(), labels.numpy()), dtype=torch.float32)
         optimizer.zero_grad()
-        for j, t in enumerate(ddim.timesteps.tolist()[: len(old_log_probs)]):
+        for j, (t, prev_t) in enumerate(trajectory["timesteps"]):
             output = unet(latents[j], t, class_labels=labels).sample
-            _, log_prob = ddim_step_with_log_prob(*schedule, output, t, t - stride, latents[j], 1.0, prev_sample=latents[j + 1])
+            _, log_prob = ddim_step_with_log_prob(*schedule, output, t, prev_t, latents[j], 1.0, prev_sample=latents[j + 1])
             loss, _ = clipped_policy_loss(log_prob, old_log_probs[j], advantages.clamp(-5, 5), clip_range=1e-4)
             (loss / len(old_log_probs)).backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)

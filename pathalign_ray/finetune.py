@@ -353,42 +353,19 @@ class _Job:
             metrics["trajectory_plausibility"] = self._plausibility(images, class_ids.tolist())
         return metrics
 
-    @torch.no_grad()
     def _sample_trajectories(self) -> dict:
-        """DDIM from the current policy: latents x_T..x_0 and each stochastic step's log-probability.
-
-        The last step lands on alpha = 1, where the step has no variance and so no log-probability:
-        it is taken deterministically and not trained on (the policy's actions are the steps before).
-        """
-        from pathalign_ray.objectives import ddim_step_with_log_prob
+        """This step's trajectories from the current policy, classes in turn over steps and workers."""
+        from pathalign_ray.objectives import ddim_trajectories
 
         objective = self.config.objective
         count = objective.trajectories_per_step
-        step = self.state["step"]
-        first = (step * self.world_size + self.rank) * count
+        first = (self.state["step"] * self.world_size + self.rank) * count
         class_ids = torch.tensor([(first + i) % len(self.class_names) for i in range(count)])
-        labels = class_ids.to(self.device)
-        size = self.engine.module.config.sample_size
-        self.ddim.set_timesteps(objective.ddim_steps)
-        stride = self.ddim.config.num_train_timesteps // objective.ddim_steps
-        latents = [torch.randn(count, 3, size, size, generator=self.generator)]
-        log_probs, timesteps = [], []
-        for t in self.ddim.timesteps.tolist():
-            sample = latents[-1].to(self.device, self.dtype)
-            model_output = self.engine.module(sample, t, class_labels=labels).sample.float()
-            if t - stride < 0:
-                latents.append(self.ddim.step(model_output, t, sample.float(), eta=0.0).prev_sample.cpu())
-                break
-            noise = torch.randn(sample.shape, generator=self.generator).to(self.device)
-            prev, log_prob = ddim_step_with_log_prob(
-                self.ddim.alphas_cumprod.to(self.device), self.ddim.final_alpha_cumprod.to(self.device),
-                model_output, t, t - stride, sample.float(), objective.eta, noise=noise,
-            )
-            latents.append(prev.cpu())
-            log_probs.append(log_prob.cpu())
-            timesteps.append((t, t - stride))
-        latents[-1] = latents[-1].clamp(-1, 1)
-        return {"latents": latents, "log_probs": log_probs, "timesteps": timesteps, "class_ids": class_ids}
+        trajectory = ddim_trajectories(
+            self.engine.module, self.ddim, class_ids.to(self.device), objective.ddim_steps, objective.eta,
+            self.generator, self.dtype,
+        )
+        return {**trajectory, "class_ids": class_ids}
 
     def _advantages(self, rewards: np.ndarray, class_ids: np.ndarray) -> np.ndarray:
         """Per-class normalised advantages over every worker's rewards; this worker's slice."""

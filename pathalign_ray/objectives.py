@@ -72,6 +72,39 @@ def reward_weighted_loss(
     return loss, metrics
 
 
+@torch.no_grad()
+def ddim_trajectories(
+    model, ddim, labels: torch.Tensor, ddim_steps: int, eta: float, generator: torch.Generator,
+    dtype: torch.dtype = torch.float32,
+) -> dict:
+    """DDIM from `model` (a UNet2DModel on labels' device): latents x_T..x_0 on the CPU, each
+    stochastic step's log-probability, and its (t, t_prev). Noise is drawn on the CPU from generator.
+
+    The last step lands on alpha = 1, where the step has no variance and so no log-probability:
+    it is taken deterministically and not trained on (the policy's actions are the steps before).
+    """
+    device = labels.device
+    size = model.config.sample_size
+    ddim.set_timesteps(ddim_steps)
+    stride = ddim.config.num_train_timesteps // ddim_steps
+    schedule = (ddim.alphas_cumprod.to(device), ddim.final_alpha_cumprod.to(device))
+    latents = [torch.randn(len(labels), 3, size, size, generator=generator)]
+    log_probs, timesteps = [], []
+    for t in ddim.timesteps.tolist():
+        sample = latents[-1].to(device, dtype)
+        model_output = model(sample, t, class_labels=labels).sample.float()
+        if t - stride < 0:
+            latents.append(ddim.step(model_output, t, sample.float(), eta=0.0).prev_sample.cpu())
+            break
+        noise = torch.randn(sample.shape, generator=generator).to(device)
+        prev, log_prob = ddim_step_with_log_prob(*schedule, model_output, t, t - stride, sample.float(), eta, noise=noise)
+        latents.append(prev.cpu())
+        log_probs.append(log_prob.cpu())
+        timesteps.append((t, t - stride))
+    latents[-1] = latents[-1].clamp(-1, 1)
+    return {"latents": latents, "log_probs": log_probs, "timesteps": timesteps}
+
+
 def ddim_step_with_log_prob(
     alphas_cumprod: torch.Tensor,
     final_alpha_cumprod: torch.Tensor,
