@@ -1,7 +1,8 @@
 """The feedback loop on the 32 px benchmark: reward-weighted likelihood and policy gradient at the same label budget.
 
     .venv/bin/python bench/pretrain32.py --restore  # once: runs/pretrain32/{data,model} from the kept model (or pretrain it: no flag)
-    .venv/bin/python bench/align_benchmark.py [--rounds 2] [key.sub=value ...]   # overrides apply to configs/align.yaml
+    .venv/bin/python bench/align_benchmark.py [--objectives rwl ddpo] [key.sub=value ...] [--evaluate key.sub=value ...]
+        # overrides apply to configs/align.yaml, --evaluate's to configs/evaluate.yaml
 
 Each objective runs jobs/align.py's loop in its own run folder (runs/align32-rwl, runs/align32-ddpo,
 both starting from runs/pretrain32/model): per round, fresh samples judged by 3 simulated
@@ -27,17 +28,26 @@ from pathalign_ray.config import load_config
 from pathalign_ray.evaluation.evaluate import EvaluateConfig, evaluate
 
 BASE = Path("runs/pretrain32")
+# One round of 256 samples for both (768 verdicts), drawn with DDIM 50, eta 1: the base model's
+# samples that its own loss finds nearly as likely as real images, and its best sampler (evaluated so too).
+ROUND = ["rounds=1", "sample.n_per_class=32", "sample.ddim_steps=50", "sample.eta=1.0"]
 OBJECTIVES = {
-    "rwl": [],  # configs/align.yaml: the paper's objective, beta 0.3, raw reward weights
+    # the paper's objective with centred weights (w = r - the class's mean reward over the pool) and
+    # each synthetic loss taken relative to the pretrained model's, clipped to 1 +- 0.3
+    "rwl": [*ROUND, "finetune.objective.weighting=centred", "finetune.objective.ratio_clip=0.3",
+            "finetune.train.lr=0.0001", "finetune.train.steps=300"],
+    # the settings that lifted plausibility in bench/feedback_ablation.py: 8 trajectories per class a
+    # step (2 workers x 32), lr 3e-5 after 5 warm-up steps, 80 steps, an EMA that follows the last ones
     "ddpo": [
-        "finetune.objective.kind=ddpo", "finetune.objective.beta=0", "finetune.objective.kl_coef=0.1",
-        "finetune.objective.clip_range=0.0001", "finetune.objective.trajectories_per_step=8",
-        "finetune.objective.ddim_steps=10", "finetune.train.lr=0.00002",
+        *ROUND, "finetune.objective.kind=ddpo", "finetune.objective.beta=0", "finetune.objective.kl_coef=0.1",
+        "finetune.objective.clip_range=0.0001", "finetune.objective.trajectories_per_step=32",
+        "finetune.objective.ddim_steps=10", "finetune.train.lr=0.00003", "finetune.train.steps=80",
+        "finetune.train.warmup_steps=5", "finetune.train.ema_decay=0.9",
     ],
 }
 
 
-def run_objective(name: str, rounds: int, overrides: list[str]) -> tuple[Path, list[dict], float]:
+def run_objective(name: str, overrides: list[str]) -> tuple[Path, list[dict], float]:
     """The align loop for one objective in runs/align32-NAME; (its last model, round rows, wall s)."""
     run_dir = Path(f"runs/align32-{name}").resolve()
     shutil.rmtree(run_dir, ignore_errors=True)  # align() resumes a run's finished rounds: measure afresh
@@ -45,12 +55,12 @@ def run_objective(name: str, rounds: int, overrides: list[str]) -> tuple[Path, l
     (run_dir / "model").symlink_to((BASE / "model").resolve())
     config = load_config(
         AlignConfig, "configs/align.yaml",
-        [f"run_dir={run_dir}", f"rounds={rounds}", f"reward.data.dataset={(BASE / 'data').resolve()}",
+        [f"run_dir={run_dir}", f"reward.data.dataset={(BASE / 'data').resolve()}",
          *OBJECTIVES[name], *overrides],
     )
     started = time.perf_counter()
     rows = align(config)
-    return run_dir / f"round{rounds - 1}-model", rows, time.perf_counter() - started
+    return run_dir / f"round{config.rounds - 1}-model", rows, time.perf_counter() - started
 
 
 def summary(metrics: dict, column: str) -> dict:
@@ -68,21 +78,22 @@ def summary(metrics: dict, column: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=list(OBJECTIVES))
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of configs/align.yaml")
+    parser.add_argument("--evaluate", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides of configs/evaluate.yaml, e.g. sampling.eta=1")
     args = parser.parse_args()
     if not (BASE / "model").is_dir():
         raise SystemExit(f"{BASE / 'model'} is missing: run bench/pretrain32.py --restore first")
     started = time.perf_counter()
     finals, rounds, walls = {}, {}, {}
     for name in args.objectives:
-        finals[name], rounds[name], walls[name] = run_objective(name, args.rounds, args.overrides)
+        finals[name], rounds[name], walls[name] = run_objective(name, args.overrides)
         print(f"[bench] {name}: {walls[name]:.0f} s, rounds {json.dumps(rounds[name])}")
     eval_started = time.perf_counter()
     report = evaluate(
         dataclasses.replace(
-            load_config(EvaluateConfig, "configs/evaluate.yaml"),
+            load_config(EvaluateConfig, "configs/evaluate.yaml", args.evaluate),
             models=(str(BASE / "model"), *(str(path) for path in finals.values())),
             real=str(BASE / "data"),
             out_dir="runs/align32-report",
@@ -107,8 +118,9 @@ def main() -> None:
         for label in finals
     }
     figures = {
-        "rounds": args.rounds,
+        "objective_overrides": {name: OBJECTIVES[name] for name in finals},
         "overrides": args.overrides,
+        "evaluate_overrides": args.evaluate,
         "table": table,
         "against_base": checks,
         "rounds_rows": rounds,

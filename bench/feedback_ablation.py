@@ -8,7 +8,8 @@ One feedback round as jobs/align.py runs it (256 samples, DDIM 20, judged by 3 s
 pathologists; a reward model trained on the verdicts and weak feedback), then one finetuning run per
 variant below from the same base model and the same pool, then the simulated pathologist's verdict
 on the same 16 fresh samples per class (fixed seeds) of the base and of every finetuned model, drawn
-two ways: DDIM 20 with eta 0 (the rounds' sampler) and DDIM 10 with eta 1 (DDPO's policy).
+three ways: DDIM 20 with eta 0 (the rounds' sampler), DDIM 10 with eta 1 (DDPO's policy) and
+DDIM 50 with eta 1.
 
 Variants (jobs/finetune.py settings on top of configs/finetune.yaml; 2 Ray Train workers, ZeRO-2):
 - real_only: the beta term alone, no feedback (threshold 2: no reward reaches it, so every synthetic
@@ -19,6 +20,9 @@ Variants (jobs/finetune.py settings on top of configs/finetune.yaml; 2 Ray Train
   bound on what better labels could give this objective;
 - rwl_threshold_oracle_eta1_pool: the oracle-weighted objective on a pool drawn with DDPO's
   stochastic sampler (DDIM 10, eta 1; 40% plausible on the base) instead of the rounds' DDIM 20;
+- rwl_threshold[_oracle]_ddim50_pool: on a pool drawn with DDIM 50, eta 1, whose samples the model
+  itself finds nearly as likely as real images (the DDIM 20 eta 0 ones carry 3-4 times the real
+  images' noise-prediction loss at the smallest timesteps);
 - ddpo: policy gradient against the reward model, at two learning rates, and at the higher one
   with four times the trajectories per step; with 8 trajectories per class a step against the
   reward model and against the simulated pathologist itself (the oracle: is the reward model what
@@ -49,9 +53,12 @@ BASE = Path("runs/pretrain32")
 RUN = Path("runs/ablation32").resolve()
 FRESH_PER_CLASS = 16
 # (DDIM steps, eta) of the fresh samples: the rounds' sampler, and DDPO's policy (its trajectories)
-SAMPLERS = {"ddim20_eta0": (20, 0.0), "ddim10_eta1": (10, 1.0)}
+# and DDIM 50 with eta 1, whose samples sit closest to the real images in the model's own loss
+SAMPLERS = {"ddim20_eta0": (20, 0.0), "ddim10_eta1": (10, 1.0), "ddim50_eta1": (50, 1.0)}
 CURVES = ("step", "reward_mean", "trajectory_plausibility")  # kept per logged step in the JSON
-STOCHASTIC_POOL = RUN / "pool_ddim10_eta1"  # 32 per class from the base, DDIM 10 with eta 1
+# pools of 32 samples per class from the base, drawn once with a stochastic sampler: (DDIM steps, eta)
+POOLS = {RUN / "pool_ddim10_eta1": (10, 1.0), RUN / "pool_ddim50_eta1": (50, 1.0)}
+STOCHASTIC_POOL, FULL_POOL = POOLS
 RWL = ["objective.weighting=threshold", "train.lr=0.0001", "train.steps=150"]
 DDPO = [
     "objective.kind=ddpo", "objective.beta=0", "objective.kl_coef=0.1", "objective.clip_range=0.0001",
@@ -67,7 +74,9 @@ VARIANTS = {
     "rwl_threshold_oracle": [*RWL, "reward.kind=pathologist"],
     "ddpo_lr2e-5": [*DDPO, "train.lr=0.00002"],
     "ddpo_lr1e-4": [*DDPO, "train.lr=0.0001"],
-    "rwl_threshold_oracle_eta1_pool": [*RWL, "reward.kind=pathologist", f"data.samples=[{STOCHASTIC_POOL}]"],  # needs stochastic_pool()
+    "rwl_threshold_oracle_eta1_pool": [*RWL, "reward.kind=pathologist", f"data.samples=[{STOCHASTIC_POOL}]"],
+    "rwl_threshold_oracle_ddim50_pool": [*RWL, "reward.kind=pathologist", f"data.samples=[{FULL_POOL}]"],
+    "rwl_threshold_ddim50_pool": [*RWL, f"data.samples=[{FULL_POOL}]"],
     "ddpo_lr1e-4_32_trajectories": [*DDPO, "train.lr=0.0001", "objective.trajectories_per_step=32", "train.steps=30", "train.log_every=3"],
     "ddpo_64_trajectories_every_step": [*DDPO_64],
     "ddpo_64_trajectories_oracle": [*DDPO_64, "reward.kind=pathologist"],
@@ -89,14 +98,14 @@ def feedback_round() -> dict:
     return collect_feedback(config, RUN, 0)
 
 
-def stochastic_pool() -> Path:
-    """The base model's samples drawn with DDPO's sampler, made once."""
+def make_pool(pool: Path) -> None:
+    """The base model's samples drawn with the pool's sampler, made once."""
     from pathalign_ray.sampling import SampleConfig, sample
 
-    if not (STOCHASTIC_POOL / "manifest.parquet").is_file():
-        sample(SampleConfig(model=str(BASE / "model"), out_dir=str(STOCHASTIC_POOL), n_per_class=32,
-                            ddim_steps=10, eta=1.0, seed=4242, overwrite=True))
-    return STOCHASTIC_POOL
+    ddim_steps, eta = POOLS[pool]
+    if not (pool / "manifest.parquet").is_file():
+        sample(SampleConfig(model=str(BASE / "model"), out_dir=str(pool), n_per_class=32,
+                            ddim_steps=ddim_steps, eta=eta, seed=4242, overwrite=True))
 
 
 def finetune_variant(name: str, overrides: list[str], reward_dir: str) -> tuple[Path, float]:
@@ -154,8 +163,9 @@ def main(argv: list[str]) -> None:
         sys.exit(f"{BASE / 'model'} is missing: run bench/pretrain32.py --restore first")
     started = time.perf_counter()
     round_row = feedback_round()
-    if any(f"data.samples=[{STOCHASTIC_POOL}]" in VARIANTS[name] for name in chosen):
-        stochastic_pool()
+    for pool in POOLS:
+        if any(f"data.samples=[{pool}]" in VARIANTS[name] for name in chosen):
+            make_pool(pool)
     results = {"base": fresh_plausibility(BASE / "model")}
     walls = {}
     for name in chosen:

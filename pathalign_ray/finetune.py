@@ -31,9 +31,10 @@ from pathalign_ray.reward.functions import RewardSourceConfig
 class ObjectiveConfig:
     kind: Literal["rwl", "ddpo"] = "rwl"
     beta: float = 0.3  # weight of the real-data term (the paper's default); 0 drops it
-    weighting: Literal["raw", "threshold", "class_normalized"] = "raw"  # rwl: w(r), see objectives.reward_weights
+    weighting: Literal["raw", "threshold", "class_normalized", "centred"] = "raw"  # rwl: w(r), see objectives.reward_weights
     threshold: float = 0.5  # weighting=threshold: reward needed to count
     temperature: float = 1.0  # weighting=class_normalized: softmax temperature
+    ratio_clip: float = 0.0  # rwl: synthetic losses relative to the pretrained model's, clipped to 1 +- this; 0: the paper's
     clip_range: float = 1e-4  # ddpo: importance-ratio clip (DDPO's default)
     ddim_steps: int = 10  # ddpo: denoising steps per trajectory
     eta: float = 1.0  # ddpo: DDIM stochasticity of the policy (> 0)
@@ -49,6 +50,10 @@ class ObjectiveConfig:
             raise ValueError("ddpo needs eta > 0: a deterministic DDIM step has no log-probability")
         if self.clip_range <= 0 or self.ddim_steps < 2 or self.trajectories_per_step < 1 or self.inner_epochs < 1:
             raise ValueError("clip_range, trajectories_per_step and inner_epochs must be positive, ddim_steps >= 2")
+        if not 0 <= self.ratio_clip < 1:
+            raise ValueError(f"ratio_clip must be in [0, 1), got {self.ratio_clip}")
+        if self.weighting == "centred" and self.ratio_clip == 0:
+            raise ValueError("weighting centred needs ratio_clip > 0: its negative weights would raise losses without bound")
 
 
 @config_dataclass
@@ -149,11 +154,13 @@ def _check_real_classes(dataset: str, class_names: list[str]) -> None:
 
 
 def _synthetic_pool(config: FinetuneConfig, class_names: list[str], size: int):
-    """The rwl pool as a Ray Dataset: image (3, H, W) in [-1, 1], label, reward (scored once, here)."""
+    """The rwl pool as a Ray Dataset: image (3, H, W) in [-1, 1], label, reward (scored once, here) and
+    baseline (the mean reward of the sample's class over the pool, for centred weights)."""
     import ray.data
 
     from pathalign_ray.diffusion import to_model_input
     from pathalign_ray.images import decode_image
+    from pathalign_ray.objectives import class_means
     from pathalign_ray.reward.functions import make_reward_fn
     from pathalign_ray.sampling import read_manifest
 
@@ -169,9 +176,11 @@ def _synthetic_pool(config: FinetuneConfig, class_names: list[str], size: int):
     rewards, reward_info = make_reward_fn(config.reward)(images, classes)
     print(f"scored {len(images)} synthetic samples with {reward_info.get('source')}: mean reward {rewards.mean():.3f}")
     tensors = to_model_input(images).numpy()
+    labels = [class_names.index(name) for name in classes]
+    baselines = class_means(torch.as_tensor(rewards, dtype=torch.float32), torch.tensor(labels)).tolist()
     return ray.data.from_items(
         [
-            {"image": tensors[i], "label": class_names.index(classes[i]), "reward": float(rewards[i])}
+            {"image": tensors[i], "label": labels[i], "reward": float(rewards[i]), "baseline": baselines[i]}
             for i in range(len(images))
         ]
     ).materialize()
@@ -304,10 +313,20 @@ class _Job:
             noise.to(self.device, self.dtype), timesteps.to(self.device),
         )
         weights = reward_weights(
-            rewards, objective.weighting, objective.threshold, class_ids=labels[:count], temperature=objective.temperature
+            rewards, objective.weighting, objective.threshold, class_ids=labels[:count], temperature=objective.temperature,
+            baselines=batch["baseline"],
         ).to(losses.device)
         real_losses = losses[count:] if self.real is not None else None
-        loss, metrics = reward_weighted_loss(losses[:count], weights, real_losses, objective.beta)
+        reference_losses = None
+        if objective.ratio_clip > 0:
+            with torch.no_grad():
+                reference_losses = diffusion_loss_per_sample(
+                    self.reference, self.noise_scheduler, images[:count].to(self.device, self.dtype),
+                    labels[:count].to(self.device), noise[:count].to(self.device, self.dtype), timesteps[:count].to(self.device),
+                )
+        loss, metrics = reward_weighted_loss(
+            losses[:count], weights, real_losses, objective.beta, reference_losses, objective.ratio_clip
+        )
         self.engine.backward(loss)
         self.engine.step()
         metrics.update(reward_mean=float(rewards.mean()), reward_std=float(rewards.std()))

@@ -2,6 +2,9 @@
 
 Reward-weighted likelihood (the paper, after Lee et al. 2023):
     L(theta) = E_synthetic[ w(r) * L_diff(x~, c~) ] + beta * E_real[ L_diff(x, c) ]
+With centred weights w = r - mean_class(r), the synthetic term takes each sample's loss relative to
+the pretrained model's, L_diff / L_diff_ref, clipped to 1 +- eps as PPO clips its ratio: a sample
+already fitted (or pushed away) by eps stops pulling.
 Policy gradient (DDPO, Black et al. 2023): denoising is an MDP whose actions are DDIM steps with
 eta > 0; the clipped importance-ratio objective of PPO is applied to each step's log-probability.
 """
@@ -14,7 +17,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-WeightMode = Literal["raw", "threshold", "class_normalized"]
+WeightMode = Literal["raw", "threshold", "class_normalized", "centred"]
 
 
 def reward_weights(
@@ -23,14 +26,20 @@ def reward_weights(
     threshold: float = 0.5,
     class_ids: torch.Tensor | None = None,
     temperature: float = 1.0,
+    baselines: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """w(r) for the reward-weighted term. rewards, class_ids: (B,). Returns (B,), no gradient.
+    """w(r) for the reward-weighted term. rewards, class_ids, baselines: (B,). Returns (B,), no gradient.
 
     raw: w = r, the paper's choice (r in [0, 1] from the reward model).
     threshold: w = 1[r >= threshold], keep only images judged plausible (rejection sampling).
     class_normalized: w = B * softmax over the batch of (r - mean_c(r)) / temperature, where mean_c is
         the mean reward of the sample's class in the batch: classes the model already draws well
         do not dominate the update. The weights average 1.
+    centred: w = r - baseline, the baseline being the mean reward of the sample's class over the
+        whole pool (`class_means`): plausible samples pull, implausible ones push, and the pull
+        towards the model's own samples as such, which alone lowers plausibility here
+        (BENCHMARKS.md), cancels. Negative weights raise a loss without bound: use them with
+        `reward_weighted_loss`'s ratio_clip.
     """
     rewards = rewards.detach().float()
     if mode == "raw":
@@ -40,28 +49,51 @@ def reward_weights(
     if mode == "class_normalized":
         if class_ids is None:
             raise ValueError("class_normalized weights need class_ids")
-        centred = rewards - _class_means(rewards, class_ids)
+        centred = rewards - class_means(rewards, class_ids)
         return len(rewards) * torch.softmax(centred / temperature, dim=0)
-    raise ValueError(f"unknown reward weighting {mode!r}: use raw, threshold or class_normalized")
+    if mode == "centred":
+        if baselines is None:
+            raise ValueError("centred weights need baselines (the class means of the pool's rewards)")
+        return rewards - baselines.detach().float()
+    raise ValueError(f"unknown reward weighting {mode!r}: use raw, threshold, class_normalized or centred")
 
 
-def _class_means(values: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+def class_means(values: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+    """(B,) the mean of `values` over the samples of each sample's class."""
     sums = torch.zeros(int(class_ids.max()) + 1).index_add_(0, class_ids, values)
     counts = torch.zeros_like(sums).index_add_(0, class_ids, torch.ones_like(values))
     return (sums / counts)[class_ids]
 
 
 def reward_weighted_loss(
-    synthetic_losses: torch.Tensor, weights: torch.Tensor, real_losses: torch.Tensor | None, beta: float
+    synthetic_losses: torch.Tensor,
+    weights: torch.Tensor,
+    real_losses: torch.Tensor | None,
+    beta: float,
+    reference_losses: torch.Tensor | None = None,
+    ratio_clip: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The paper's objective from per-sample noise-prediction losses.
 
     synthetic_losses: (B,) L_diff of feedback-labelled synthetic images at their declared classes.
     weights: (B,) w(r). real_losses: (B',) L_diff of real images, or None when beta is 0.
+    ratio_clip > 0: the synthetic term is PPO's pessimistic max(w * rho, w * clip(rho, 1 - eps, 1 + eps))
+    of rho = L_diff / reference_losses (the pretrained model's L_diff on the same noisy inputs).
     """
-    weighted = (weights * synthetic_losses).mean()
+    metrics = {"weight_mean": float(weights.mean())}
+    if ratio_clip > 0:
+        if reference_losses is None:
+            raise ValueError("ratio_clip > 0 needs reference_losses")
+        ratio = synthetic_losses / reference_losses.detach().clamp_min(1e-12)
+        clipped = ratio.clamp(1 - ratio_clip, 1 + ratio_clip)
+        per_sample = torch.maximum(weights * ratio, weights * clipped)
+        weighted = per_sample.mean()
+        metrics.update(loss_ratio_mean=float(ratio.detach().mean()),
+                       ratio_clip_fraction=float((weights * clipped > weights * ratio).float().mean()))
+    else:
+        weighted = (weights * synthetic_losses).mean()
     loss = weighted
-    metrics = {"loss_weighted_synthetic": float(weighted.detach()), "weight_mean": float(weights.mean())}
+    metrics["loss_weighted_synthetic"] = float(weighted.detach())
     if beta > 0:
         if real_losses is None:
             raise ValueError("beta > 0 needs real_losses")

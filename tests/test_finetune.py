@@ -60,7 +60,7 @@ def reward_endpoint(serve_port, tiny_pretrained, tmp_path_factory):
     serve.delete(APP_NAME)
 
 
-@pytest.mark.parametrize("objective", ["rwl", "ddpo"])
+@pytest.mark.parametrize("objective", ["rwl", "rwl_centred", "ddpo"])
 def test_each_objective_finetunes_on_two_zero2_workers_scored_over_http(
     objective, reward_endpoint, tiny_pretrained, tiny_samples, tiny_dataset, tmp_path, capsys
 ):
@@ -77,14 +77,16 @@ def test_each_objective_finetunes_on_two_zero2_workers_scored_over_http(
     _, _, model_dir = tiny_pretrained
     config = _config(
         tmp_path, model_dir, tiny_samples, tiny_dataset,
-        f"name={objective}", f"objective.kind={objective}", "reward.kind=http", f"reward.url={url}",
+        f"name={objective}", f"objective.kind={objective.split('_')[0]}", "reward.kind=http", f"reward.url={url}",
         "train.steps=3", "train.checkpoint_every=3", "train.eval_every=0",
         "objective.ddim_steps=3", "objective.trajectories_per_step=2", "objective.kl_coef=0.1",
+        *(["objective.weighting=centred", "objective.ratio_clip=0.1"] if objective == "rwl_centred" else []),
     )
     exported = finetune(config)
     history = _history(tmp_path, objective)
     assert [row["step"] for row in history] == [1, 2, 3]
     terms = {"rwl": ("loss_weighted_synthetic", "loss_real", "weight_mean", "kl_to_base"),
+             "rwl_centred": ("loss_weighted_synthetic", "loss_real", "loss_ratio_mean", "ratio_clip_fraction"),
              "ddpo": ("policy_loss", "approx_kl", "clipfrac", "kl_to_base")}[objective]
     for row in history:
         assert all(np.isfinite(row[key]) for key in terms), row
@@ -144,3 +146,7 @@ def test_config_errors_before_ray_starts(tmp_path):
         load_config(FinetuneConfig, None, ["objective.kind=ddpo", "objective.eta=0", "data.real_dataset=x"])
     with pytest.raises(ConfigError, match="beta > 0 needs data.real_dataset"):
         load_config(FinetuneConfig, None, ["data.samples=[x]"])
+    with pytest.raises(ConfigError, match="weighting centred needs ratio_clip > 0"):
+        load_config(FinetuneConfig, None, ["objective.weighting=centred", "data.samples=[x]", "data.real_dataset=x"])
+    with pytest.raises(ConfigError, match=r"ratio_clip must be in \[0, 1\)"):
+        load_config(FinetuneConfig, None, ["objective.ratio_clip=1.5", "data.samples=[x]", "data.real_dataset=x"])

@@ -5,6 +5,7 @@ from diffusers import DDIMScheduler
 
 from pathalign_ray.objectives import (
     PerClassRewardStats,
+    class_means,
     clipped_policy_loss,
     ddim_step_with_log_prob,
     reward_weighted_loss,
@@ -77,8 +78,28 @@ def test_reward_weights():
     centred = torch.tensor([0.35, -0.35, 0.1, -0.1]) / 0.1
     torch.testing.assert_close(normalised, 4 * torch.softmax(centred, 0))
     assert normalised.mean().item() == pytest.approx(1.0)
+    baselines = class_means(rewards, classes)
+    torch.testing.assert_close(baselines, torch.tensor([0.55, 0.55, 0.5, 0.5]))
+    torch.testing.assert_close(reward_weights(rewards, "centred", baselines=baselines), torch.tensor([0.35, -0.35, 0.1, -0.1]))
+    with pytest.raises(ValueError, match="centred weights need baselines"):
+        reward_weights(rewards, "centred")
     with pytest.raises(ValueError, match="unknown reward weighting"):
         reward_weights(rewards, "cubic")
+
+
+def test_ratio_clipped_reward_weighted_loss_golden():
+    """PPO's pessimistic clip on L / L_ref: a sample fitted (w > 0) or pushed away (w < 0) past 1 -+ eps stops pulling."""
+    reference = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    losses = torch.tensor([0.8, 1.05, 1.3, 0.95], requires_grad=True)
+    weights = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    loss, metrics = reward_weighted_loss(losses, weights, None, beta=0.0, reference_losses=reference, ratio_clip=0.1)
+    # per sample: max(0.8, 0.9) = 0.9 (clipped), max(1.05, 1.05), max(-1.3, -1.1) = -1.1 (clipped), max(-0.95, -0.95)
+    assert loss.item() == pytest.approx((0.9 + 1.05 - 1.1 - 0.95) / 4)
+    assert metrics["ratio_clip_fraction"] == pytest.approx(0.5) and metrics["loss_ratio_mean"] == pytest.approx(1.025)
+    loss.backward()
+    torch.testing.assert_close(losses.grad, torch.tensor([0.0, 0.25, 0.0, -0.25]))
+    with pytest.raises(ValueError, match="ratio_clip > 0 needs reference_losses"):
+        reward_weighted_loss(losses, weights, None, beta=0.0, ratio_clip=0.1)
 
 
 def test_reward_weighted_loss_golden():
