@@ -5,10 +5,11 @@
         # overrides apply to configs/align.yaml, --evaluate's to configs/evaluate.yaml
 
 Each objective runs jobs/align.py's loop in its own run folder (runs/align32-rwl, runs/align32-ddpo,
-both starting from runs/pretrain32/model): per round, fresh samples judged by 3 simulated
-pathologists, a reward model retrained on every verdict so far, then finetuning. Both see the same
-samples in round 0 and the same number of labels. Then jobs/evaluate.py's evaluation of the base
-model and both finetuned models, against the real data set: the simulated pathologist's
+both starting from runs/pretrain32/model): one round of 256 fresh samples (DDIM 50, eta 1) judged
+by 3 simulated pathologists, a reward model trained on the verdicts and weak feedback, then
+finetuning. Both see the same samples and the same 768 labels. Then jobs/evaluate.py's evaluation
+of the base model and both finetuned models against the real data set, on 32 samples per class
+drawn with DDIM 50, eta 1 (the rounds' sampler; --evaluate changes it): the simulated pathologist's
 plausibility, domain Frechet distance, coverage. Writes bench/results/align_benchmark.json and a
 contact sheet per model.
 """
@@ -80,8 +81,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=list(OBJECTIVES))
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of configs/align.yaml")
-    parser.add_argument("--evaluate", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="overrides of configs/evaluate.yaml, e.g. sampling.eta=1")
+    parser.add_argument("--evaluate", nargs="*", default=["sampling.ddim_steps=50", "sampling.eta=1.0"], metavar="KEY=VALUE",
+                        help="overrides of configs/evaluate.yaml (default: the rounds' sampler, DDIM 50 with eta 1)")
     args = parser.parse_args()
     if not (BASE / "model").is_dir():
         raise SystemExit(f"{BASE / 'model'} is missing: run bench/pretrain32.py --restore first")
