@@ -81,6 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=list(OBJECTIVES))
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of configs/align.yaml")
+    parser.add_argument("--results", default="align_benchmark", help="bench/results/RESULTS.json and its contact sheets")
     parser.add_argument("--evaluate", nargs="*", default=["sampling.ddim_steps=50", "sampling.eta=1.0"], metavar="KEY=VALUE",
                         help="overrides of configs/evaluate.yaml (default: the rounds' sampler, DDIM 50 with eta 1)")
     args = parser.parse_args()
@@ -106,7 +107,7 @@ def main() -> None:
     for label, column in columns.items():
         grid = report / "grids" / f"{column}.png"
         if grid.is_file():
-            shutil.copy(grid, RESULTS_DIR / f"align_benchmark_{label}.png")
+            shutil.copy(grid, RESULTS_DIR / f"{args.results}_{label}.png")
     base = table["base"]
     checks = {
         label: {
@@ -128,7 +129,7 @@ def main() -> None:
         "evaluation_wall_s": time.perf_counter() - eval_started,
         "total_wall_s": time.perf_counter() - started,
     }
-    write_result("align_benchmark", figures)
+    write_result(args.results, figures)
     print(json.dumps({"table": table, "against_base": checks}, indent=2))
 
 
