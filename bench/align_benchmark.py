@@ -31,7 +31,8 @@ from pathalign_ray.evaluation.evaluate import EvaluateConfig, evaluate
 BASE = Path("runs/pretrain32")
 # One round of 256 samples for both (768 verdicts), drawn with DDIM 50, eta 1: the base model's
 # samples that its own loss finds nearly as likely as real images, and its best sampler (evaluated so too).
-ROUND = ["rounds=1", "sample.n_per_class=32", "sample.ddim_steps=50", "sample.eta=1.0"]
+ROUND = ["rounds=1", "sample.n_per_class=32", "sample.ddim_steps=50", "sample.eta=1.0",
+         "finetune.train.eval_ddim_steps=50", "finetune.train.eval_eta=1.0"]  # the loop's own check after finetuning too
 OBJECTIVES = {
     # the paper's objective with centred weights (w = r - the class's mean reward over the pool) and
     # each synthetic loss taken relative to the pretrained model's, clipped to 1 +- 0.3

@@ -31,10 +31,11 @@ from pathalign_ray.reward.functions import RewardSourceConfig
 class ObjectiveConfig:
     kind: Literal["rwl", "ddpo"] = "rwl"
     beta: float = 0.3  # weight of the real-data term (the paper's default); 0 drops it
-    weighting: Literal["raw", "threshold", "class_normalized", "centred"] = "raw"  # rwl: w(r), see objectives.reward_weights
+    # rwl: w(r), see objectives.reward_weights
+    weighting: Literal["raw", "threshold", "class_normalized", "centred"] = "raw"
     threshold: float = 0.5  # weighting=threshold: reward needed to count
     temperature: float = 1.0  # weighting=class_normalized: softmax temperature
-    ratio_clip: float = 0.0  # rwl: synthetic losses relative to the pretrained model's, clipped to 1 +- this; 0: the paper's
+    ratio_clip: float = 0.0  # rwl: synthetic losses relative to the pretrained model's, clipped to 1 +- this (0: off)
     clip_range: float = 1e-4  # ddpo: importance-ratio clip (DDPO's default)
     ddim_steps: int = 10  # ddpo: denoising steps per trajectory
     eta: float = 1.0  # ddpo: DDIM stochasticity of the policy (> 0)
@@ -76,6 +77,7 @@ class FinetuneTrainConfig:
     eval_every: int = 50  # steps between scoring fresh samples (and at the end); 0: only at the end
     eval_per_class: int = 4  # fresh samples per class at each evaluation
     eval_ddim_steps: int = 20
+    eval_eta: float = 0.0  # DDIM stochasticity of those samples (match the sampler the model is judged with)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -84,6 +86,8 @@ class FinetuneTrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.eval_eta < 0:
+            raise ValueError(f"eval_eta must be >= 0, got {self.eval_eta}")
 
 
 @config_dataclass
@@ -313,8 +317,8 @@ class _Job:
             noise.to(self.device, self.dtype), timesteps.to(self.device),
         )
         weights = reward_weights(
-            rewards, objective.weighting, objective.threshold, class_ids=labels[:count], temperature=objective.temperature,
-            baselines=batch["baseline"],
+            rewards, objective.weighting, objective.threshold, class_ids=labels[:count],
+            temperature=objective.temperature, baselines=batch["baseline"],
         ).to(losses.device)
         real_losses = losses[count:] if self.real is not None else None
         reference_losses = None
@@ -322,7 +326,8 @@ class _Job:
             with torch.no_grad():
                 reference_losses = diffusion_loss_per_sample(
                     self.reference, self.noise_scheduler, images[:count].to(self.device, self.dtype),
-                    labels[:count].to(self.device), noise[:count].to(self.device, self.dtype), timesteps[:count].to(self.device),
+                    labels[:count].to(self.device), noise[:count].to(self.device, self.dtype),
+                    timesteps[:count].to(self.device),
                 )
         loss, metrics = reward_weighted_loss(
             losses[:count], weights, real_losses, objective.beta, reference_losses, objective.ratio_clip
@@ -409,7 +414,7 @@ class _Job:
         return float(((ours - base) ** 2).mean())
 
     def _evaluate_fresh_samples(self) -> dict:
-        """Rank 0 samples eval_per_class images per class (deterministic DDIM, fixed seeds) and scores them."""
+        """Rank 0 samples eval_per_class images per class (DDIM at eval_ddim_steps, eval_eta; fixed seeds), scores them."""
         if self.rank != 0:
             return {}
         from diffusers import DDIMScheduler
@@ -420,7 +425,10 @@ class _Job:
         labels = torch.arange(len(self.class_names)).repeat_interleave(train.eval_per_class)
         seeds = [derive_seed(train.seed, int(c), j % train.eval_per_class) for j, c in enumerate(labels.tolist())]
         scheduler = DDIMScheduler.from_config(self.ddim.config)
-        images = to_uint8(ddim_sample(self.engine.module, scheduler, labels.to(self.device), seeds, train.eval_ddim_steps))
+        images = ddim_sample(
+            self.engine.module, scheduler, labels.to(self.device), seeds, train.eval_ddim_steps, train.eval_eta
+        )
+        images = to_uint8(images)
         classes = [self.class_names[i] for i in labels.tolist()]
         rewards, _ = self.reward_fn(images, classes)
         metrics = {"fresh_reward_mean": float(np.mean(rewards))}
