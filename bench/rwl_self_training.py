@@ -26,7 +26,14 @@ from diffusers import DDIMScheduler, DDPMScheduler
 
 from bench_common import write_result
 from pathalign_ray.data.shards import read_dataset
-from pathalign_ray.diffusion import derive_seed, diffusion_loss_per_sample, ddim_sample, load_model, to_model_input, to_uint8
+from pathalign_ray.diffusion import (
+    derive_seed,
+    diffusion_loss_per_sample,
+    ddim_sample,
+    load_model,
+    to_model_input,
+    to_uint8,
+)
 from pathalign_ray.objectives import class_means, reward_weighted_loss, reward_weights
 from pathalign_ray.pathologist import judge
 
@@ -54,12 +61,16 @@ def draw(unet, ddim, labels: np.ndarray, sampler: str, seed: int) -> np.ndarray:
     for start in range(0, len(labels), 64):
         chunk = labels[start : start + 64]
         seeds = [derive_seed(seed, start + k) for k in range(len(chunk))]
-        images.append(to_uint8(ddim_sample(unet, DDIMScheduler.from_config(ddim.config), torch.tensor(chunk), seeds, steps, eta)))
+        images.append(
+            to_uint8(ddim_sample(unet, DDIMScheduler.from_config(ddim.config), torch.tensor(chunk), seeds, steps, eta))
+        )
     return np.concatenate(images)
 
 
 def verdicts(images: np.ndarray, labels: np.ndarray, class_names: list[str]) -> np.ndarray:
-    return np.array([judge(image, class_names[label]).plausible for image, label in zip(images, labels)], dtype=np.float32)
+    return np.array(
+        [judge(image, class_names[label]).plausible for image, label in zip(images, labels)], dtype=np.float32
+    )
 
 
 def loss_by_band(unet, noise_scheduler, images: np.ndarray, labels: np.ndarray) -> list[float]:
@@ -77,8 +88,10 @@ def loss_by_band(unet, noise_scheduler, images: np.ndarray, labels: np.ndarray) 
 def plausibility(unet, ddim, class_names: list[str]) -> dict:
     labels = np.repeat(np.arange(len(class_names)), FRESH_PER_CLASS)
     unet.eval()
-    return {sampler: float(verdicts(draw(unet, ddim, labels, sampler, 777), labels, class_names).mean())
-            for sampler in EVAL_SAMPLERS}
+    return {
+        sampler: float(verdicts(draw(unet, ddim, labels, sampler, 777), labels, class_names).mean())
+        for sampler in EVAL_SAMPLERS
+    }
 
 
 def pool_weights(weighting: str, plausible: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -102,11 +115,15 @@ def finetune(base, noise_scheduler, pool: dict, real: tuple, weighting: str, rat
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (BATCH,), generator=generator)
         images, labels = torch.cat([pool["images"][i], real[0][j]]), torch.cat([pool["labels"][i], real[1][j]])
         noise = torch.randn(images.shape, generator=generator)
-        losses = diffusion_loss_per_sample(model, noise_scheduler, images, labels, noise, torch.cat([timesteps, timesteps]))
+        losses = diffusion_loss_per_sample(
+            model, noise_scheduler, images, labels, noise, torch.cat([timesteps, timesteps])
+        )
         reference_losses = None
         if ratio_clip > 0:
             with torch.no_grad():
-                reference_losses = diffusion_loss_per_sample(reference, noise_scheduler, images[:BATCH], labels[:BATCH], noise[:BATCH], timesteps)
+                reference_losses = diffusion_loss_per_sample(
+                    reference, noise_scheduler, images[:BATCH], labels[:BATCH], noise[:BATCH], timesteps
+                )
         loss, _ = reward_weighted_loss(losses[:BATCH], weights[i], losses[BATCH:], BETA, reference_losses, ratio_clip)
         optimizer.zero_grad()
         loss.backward()
@@ -133,26 +150,39 @@ def main(argv: list[str]) -> None:
     train, test = read_dataset(DATA, "train"), read_dataset(DATA, "test")
     rng = np.random.default_rng(0)
     real_pool_index = rng.choice(len(train.labels), POOL_PER_CLASS * len(class_names), replace=False)
-    test_index = np.concatenate([rng.choice(np.flatnonzero(test.labels == c), FRESH_PER_CLASS, replace=False)
-                                 for c in range(len(class_names))])
+    test_index = np.concatenate(
+        [rng.choice(np.flatnonzero(test.labels == c), FRESH_PER_CLASS, replace=False) for c in range(len(class_names))]
+    )
     fresh_labels = np.repeat(np.arange(len(class_names)), FRESH_PER_CLASS)
-    own_loss = {"real": {"loss_by_band": loss_by_band(base, noise_scheduler, test.images[test_index], test.labels[test_index]),
-                         "mean_pixel": float(to_model_input(test.images[test_index]).mean())}}
+    own_loss = {
+        "real": {
+            "loss_by_band": loss_by_band(base, noise_scheduler, test.images[test_index], test.labels[test_index]),
+            "mean_pixel": float(to_model_input(test.images[test_index]).mean()),
+        }
+    }
     for sampler in SAMPLERS:
         images = draw(base, ddim, fresh_labels, sampler, 5000)
-        own_loss[sampler] = {"loss_by_band": loss_by_band(base, noise_scheduler, images, fresh_labels),
-                             "mean_pixel": float(to_model_input(images).mean()),
-                             "plausible": float(verdicts(images, fresh_labels, class_names).mean())}
+        own_loss[sampler] = {
+            "loss_by_band": loss_by_band(base, noise_scheduler, images, fresh_labels),
+            "mean_pixel": float(to_model_input(images).mean()),
+            "plausible": float(verdicts(images, fresh_labels, class_names).mean()),
+        }
         print(f"[self-training] {sampler}: {own_loss[sampler]}", flush=True)
     pool_labels = np.repeat(np.arange(len(class_names)), POOL_PER_CLASS)
     pools = {}
     for sampler in {VARIANTS[name][0] for name in chosen} - {"real"}:
         images = draw(base, ddim, pool_labels, sampler, 4242)
-        pools[sampler] = {"images": to_model_input(images), "labels": torch.as_tensor(pool_labels),
-                          "plausible": torch.as_tensor(verdicts(images, pool_labels, class_names))}
+        pools[sampler] = {
+            "images": to_model_input(images),
+            "labels": torch.as_tensor(pool_labels),
+            "plausible": torch.as_tensor(verdicts(images, pool_labels, class_names)),
+        }
     if "real" in {VARIANTS[name][0] for name in chosen}:
-        pools["real"] = {"images": to_model_input(train.images[real_pool_index]), "labels": torch.as_tensor(train.labels[real_pool_index]),
-                         "plausible": torch.ones(len(real_pool_index))}
+        pools["real"] = {
+            "images": to_model_input(train.images[real_pool_index]),
+            "labels": torch.as_tensor(train.labels[real_pool_index]),
+            "plausible": torch.ones(len(real_pool_index)),
+        }
     real = (to_model_input(train.images), torch.as_tensor(train.labels))
     results = {"base": plausibility(base, ddim, class_names)}
     print(f"[self-training] base: {results['base']}", flush=True)
@@ -164,15 +194,20 @@ def main(argv: list[str]) -> None:
         walls[name] = time.perf_counter() - variant_started
         results[name] = plausibility(model, ddim, class_names)
         print(f"[self-training] {name}: {results[name]} ({walls[name]:.0f} s)", flush=True)
-    write_result("rwl_self_training", {
-        "own_samples_loss": {"bands": BANDS, **own_loss},
-        "pool_plausible": {name: float(pool["plausible"].mean()) for name, pool in pools.items()},
-        "variants": {name: dict(zip(("pool", "weighting", "ratio_clip", "lr", "steps"), VARIANTS[name])) for name in chosen},
-        "fresh_per_class": FRESH_PER_CLASS,
-        "plausible": results,
-        "wall_s": walls,
-        "total_wall_s": time.perf_counter() - started,
-    })
+    write_result(
+        "rwl_self_training",
+        {
+            "own_samples_loss": {"bands": BANDS, **own_loss},
+            "pool_plausible": {name: float(pool["plausible"].mean()) for name, pool in pools.items()},
+            "variants": {
+                name: dict(zip(("pool", "weighting", "ratio_clip", "lr", "steps"), VARIANTS[name])) for name in chosen
+            },
+            "fresh_per_class": FRESH_PER_CLASS,
+            "plausible": results,
+            "wall_s": walls,
+            "total_wall_s": time.perf_counter() - started,
+        },
+    )
 
 
 if __name__ == "__main__":
