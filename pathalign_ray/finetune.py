@@ -312,10 +312,9 @@ class _Job:
             real_noise = torch.randn(real["image"].shape, generator=self.generator)
             images, labels = torch.cat([images, real["image"]]), torch.cat([labels, real["label"]])
             noise, timesteps = torch.cat([noise, real_noise]), torch.cat([timesteps, timesteps])
-        losses = diffusion_loss_per_sample(
-            self.engine, self.noise_scheduler, images.to(self.device, self.dtype), labels.to(self.device),
-            noise.to(self.device, self.dtype), timesteps.to(self.device),
-        )
+        on_device = (images.to(self.device, self.dtype), labels.to(self.device),
+                     noise.to(self.device, self.dtype), timesteps.to(self.device))
+        losses = diffusion_loss_per_sample(self.engine, self.noise_scheduler, *on_device)
         weights = reward_weights(
             rewards, objective.weighting, objective.threshold, class_ids=labels[:count],
             temperature=objective.temperature, baselines=batch["baseline"],
@@ -324,11 +323,8 @@ class _Job:
         reference_losses = None
         if objective.ratio_clip > 0:
             with torch.no_grad():
-                reference_losses = diffusion_loss_per_sample(
-                    self.reference, self.noise_scheduler, images[:count].to(self.device, self.dtype),
-                    labels[:count].to(self.device), noise[:count].to(self.device, self.dtype),
-                    timesteps[:count].to(self.device),
-                )
+                synthetic = [tensor[:count] for tensor in on_device]
+                reference_losses = diffusion_loss_per_sample(self.reference, self.noise_scheduler, *synthetic)
         loss, metrics = reward_weighted_loss(
             losses[:count], weights, real_losses, objective.beta, reference_losses, objective.ratio_clip
         )
