@@ -410,20 +410,21 @@ class _Job:
         return float(((ours - base) ** 2).mean())
 
     def _evaluate_fresh_samples(self) -> dict:
-        """Rank 0 samples eval_per_class images per class (DDIM at eval_ddim_steps, eval_eta; fixed seeds), scores them."""
+        """Rank 0 samples eval_per_class images per class (DDIM at eval_ddim_steps, eval_eta; fixed seeds) from
+        the EMA weights, the model the job exports, and scores them."""
         if self.rank != 0:
             return {}
         from diffusers import DDIMScheduler
 
         from pathalign_ray.diffusion import ddim_sample, to_uint8
+        from pathalign_ray.training import ema_weights
 
         train = self.config.train
         labels = torch.arange(len(self.class_names)).repeat_interleave(train.eval_per_class)
         seeds = [derive_seed(train.seed, int(c), j % train.eval_per_class) for j, c in enumerate(labels.tolist())]
         scheduler = DDIMScheduler.from_config(self.ddim.config)
-        images = ddim_sample(
-            self.engine.module, scheduler, labels.to(self.device), seeds, train.eval_ddim_steps, train.eval_eta
-        )
+        with ema_weights(self.engine.module, self.ema) as unet:
+            images = ddim_sample(unet, scheduler, labels.to(self.device), seeds, train.eval_ddim_steps, train.eval_eta)
         images = to_uint8(images)
         classes = [self.class_names[i] for i in labels.tolist()]
         rewards, _ = self.reward_fn(images, classes)

@@ -8,6 +8,7 @@ the objectives are in pathalign_ray.objectives and pathalign_ray.diffusion.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 from pathlib import Path
@@ -70,6 +71,22 @@ def init_ema(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def update_ema(ema: dict[str, torch.Tensor], module: torch.nn.Module, decay: float) -> None:
     params = dict(module.named_parameters())
     torch._foreach_lerp_(list(ema.values()), [params[n].detach().float() for n in ema], 1.0 - decay)
+
+
+@contextlib.contextmanager
+def ema_weights(module: torch.nn.Module, ema: dict[str, torch.Tensor]):
+    """Run `module` with its EMA weights (the ones exported), then put the trained weights back."""
+    params = dict(module.named_parameters())
+    trained = {name: params[name].detach().clone() for name in ema}
+    with torch.no_grad():
+        for name, value in ema.items():
+            params[name].copy_(value)
+    try:
+        yield module
+    finally:
+        with torch.no_grad():
+            for name, value in trained.items():
+                params[name].copy_(value)
 
 
 def mean_over_workers(value: torch.Tensor, world_size: int) -> float:

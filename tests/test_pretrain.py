@@ -88,3 +88,19 @@ def test_training_batches_mix_classes_and_reshuffle_each_epoch(ray_cluster, max_
     assert first_epoch != second_epoch
     again = [b["label"].tolist() for b in itertools.islice(cycle(dataset.iterator(), 8, seed=3), 8)]
     assert again == first_epoch
+
+
+def test_ema_weights_swap_in_and_restore_even_on_error():
+    import torch
+
+    from pathalign_ray.training import ema_weights, init_ema
+
+    module = torch.nn.Linear(3, 2)
+    trained = {name: p.detach().clone() for name, p in module.named_parameters()}
+    ema = {name: torch.full_like(p, 0.5) for name, p in init_ema(module).items()}
+    with ema_weights(module, ema) as swapped:
+        assert torch.equal(swapped(torch.ones(1, 3)), torch.full((1, 2), 2.0))
+    assert all(torch.equal(p, trained[name]) for name, p in module.named_parameters())
+    with pytest.raises(RuntimeError), ema_weights(module, ema):
+        raise RuntimeError("sampling failed")
+    assert all(torch.equal(p, trained[name]) for name, p in module.named_parameters())
