@@ -100,6 +100,22 @@ def test_model_names_are_short_and_unique():
     assert names == ["a", "a-round1", "real_test-2", "real_test-3", "b"]
 
 
+def test_samples_of_a_model_exported_again_are_not_reused(tmp_path):
+    import os
+
+    from pathalign_ray.evaluation.evaluate import written_after
+
+    model, manifest = tmp_path / "round0-model", tmp_path / "manifest.parquet"
+    (model / "unet").mkdir(parents=True)
+    (model / "unet" / "weights.safetensors").write_bytes(b"old")
+    manifest.write_bytes(b"samples")
+    os.utime(model / "unet" / "weights.safetensors", (1000, 1000))
+    os.utime(manifest, (2000, 2000))
+    assert written_after(manifest, model)
+    os.utime(model / "unet" / "weights.safetensors", (3000, 3000))  # finetuned and exported again, same name and step
+    assert not written_after(manifest, model)
+
+
 def test_job_flags_become_overrides():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
     from evaluate import flags_to_overrides

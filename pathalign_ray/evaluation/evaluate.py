@@ -43,7 +43,7 @@ class EvalSamplingConfig:
     eta: float = 0.0  # DDIM stochasticity
     seed: int = 1000  # base seed; away from jobs/sample.py's 0, so the evaluation sees images feedback never judged
     batch_size: int = 32  # images per Ray sampling task
-    reuse: bool = True  # keep REPORT/samples/NAME when it already holds this plan from this model step
+    reuse: bool = True  # keep REPORT/samples/NAME when it holds this plan from this model, written since the model
 
     def __post_init__(self) -> None:
         if self.n_per_class < 1 or self.ddim_steps < 1 or self.batch_size < 1:
@@ -200,6 +200,11 @@ def evaluate(config: EvaluateConfig) -> Path:
 # ---------------------------------------------------------------- sampling
 
 
+def written_after(path: Path, folder: Path) -> bool:
+    """Whether `path` was written after every file in `folder`."""
+    return all(path.stat().st_mtime >= file.stat().st_mtime for file in folder.rglob("*") if file.is_file())
+
+
 def _sample_model(
     model: Path, out: Path, class_names: list[str], sampling: EvalSamplingConfig, scale: EvalScaleConfig
 ) -> Path:
@@ -222,6 +227,7 @@ def _sample_model(
             and set(manifest.column("model_step").to_pylist()) == {step}
             and set(manifest.column("ddim_steps").to_pylist()) == {sampling.ddim_steps}
             and np.allclose(manifest.column("eta").to_numpy(), sampling.eta)
+            and written_after(out / "manifest.parquet", model)  # not a same-named model finetuned again since
         )
         if same:
             print(f"sampling: reusing {out} ({len(expected)} images of step {step})")
