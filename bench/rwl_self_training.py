@@ -1,6 +1,6 @@
 """Why reward-weighted likelihood lowered plausibility here, and the centred, ratio-clipped form that raises it.
 
-    .venv/bin/python bench/rwl_self_training.py [--only NAME,NAME] [--threads 2]
+    .venv/bin/python bench/rwl_self_training.py [--only NAME,NAME] [--threads 2] [--results NAME]
 
 Plain PyTorch, one process, the objective functions finetuning uses (reward_weights, class_means,
 reward_weighted_loss), from runs/pretrain32/model (bench/pretrain32.py --restore). First, how
@@ -52,6 +52,9 @@ VARIANTS = {
     "oracle_centred_unclipped_300": ("ddim50_eta1", "centred", 0.0, 1e-4, 300),
     "oracle_centred_clip0.3_300": ("ddim50_eta1", "centred", 0.3, 1e-4, 300),
     "oracle_centred_clip0.3_300_ddim10_pool": ("ddim10_eta1", "centred", 0.3, 1e-4, 300),
+    "oracle_centred_clip0.5_300": ("ddim50_eta1", "centred", 0.5, 1e-4, 300),
+    "oracle_centred_clip0.3_600": ("ddim50_eta1", "centred", 0.3, 1e-4, 600),
+    "oracle_centred_clip0.3_300_lr3e-4": ("ddim50_eta1", "centred", 0.3, 3e-4, 300),
 }
 
 
@@ -139,6 +142,7 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="comma-separated variants (default: all)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--results", default="rwl_self_training", help="bench/results/RESULTS.json")
     args = parser.parse_args(argv)
     chosen = args.only.split(",") if args.only else list(VARIANTS)
     if unknown := sorted(set(chosen) - set(VARIANTS)):
@@ -195,7 +199,7 @@ def main(argv: list[str]) -> None:
         results[name] = plausibility(model, ddim, class_names)
         print(f"[self-training] {name}: {results[name]} ({walls[name]:.0f} s)", flush=True)
     write_result(
-        "rwl_self_training",
+        args.results,
         {
             "own_samples_loss": {"bands": BANDS, **own_loss},
             "pool_plausible": {name: float(pool["plausible"].mean()) for name, pool in pools.items()},
