@@ -1,7 +1,7 @@
 """The feedback loop on the 32 px benchmark: reward-weighted likelihood and policy gradient at the same label budget.
 
     .venv/bin/python bench/pretrain32.py --restore  # once: runs/pretrain32/{data,model} from the kept model (or pretrain it: no flag)
-    .venv/bin/python bench/align_benchmark.py [--objectives rwl ddpo] [key.sub=value ...] [--evaluate key.sub=value ...]
+    .venv/bin/python bench/align_benchmark.py [key.sub=value ...] [--objectives rwl ddpo] [--evaluate key.sub=value ...]
         # overrides apply to configs/align.yaml, --evaluate's to configs/evaluate.yaml
 
 Each objective runs jobs/align.py's loop in its own run folder (runs/align32-rwl, runs/align32-ddpo,
@@ -9,9 +9,9 @@ both starting from runs/pretrain32/model): one round of 256 fresh samples (DDIM 
 by 3 simulated pathologists, a reward model trained on the verdicts and weak feedback, then
 finetuning. Both see the same samples and the same 768 labels. Then jobs/evaluate.py's evaluation
 of the base model and both finetuned models against the real data set, on 32 samples per class
-drawn with DDIM 50, eta 1 (the rounds' sampler; --evaluate changes it): the simulated pathologist's
-plausibility, domain Frechet distance, coverage. Writes bench/results/align_benchmark.json and a
-contact sheet per model.
+drawn with each of EVAL_SAMPLERS (DDIM 50 eta 1, the rounds' sampler; DDIM 10 eta 1, the one DDPO
+trains on): the simulated pathologist's plausibility, domain Frechet distance, coverage. Writes
+bench/results/RESULTS.json and a contact sheet per model and sampler.
 """
 
 from __future__ import annotations
@@ -33,11 +33,16 @@ BASE = Path("runs/pretrain32")
 # samples that its own loss finds nearly as likely as real images, and its best sampler (evaluated so too).
 ROUND = ["rounds=1", "sample.n_per_class=32", "sample.ddim_steps=50", "sample.eta=1.0",
          "finetune.train.eval_ddim_steps=50", "finetune.train.eval_eta=1.0"]  # the loop's own check after finetuning too
+# Each model is judged on fresh samples from both: the rounds' sampler, and the one DDPO trains on.
+EVAL_SAMPLERS = {
+    "ddim50_eta1": ["sampling.ddim_steps=50", "sampling.eta=1.0"],
+    "ddim10_eta1": ["sampling.ddim_steps=10", "sampling.eta=1.0"],
+}
 OBJECTIVES = {
     # the paper's objective with centred weights (w = r - the class's mean reward over the pool) and
     # each synthetic loss taken relative to the pretrained model's, clipped to 1 +- 0.3
     "rwl": [*ROUND, "finetune.objective.weighting=centred", "finetune.objective.ratio_clip=0.3",
-            "finetune.train.lr=0.0001", "finetune.train.steps=300"],
+            "finetune.train.lr=0.0001", "finetune.train.steps=600"],
     # the settings that lifted plausibility in bench/feedback_ablation.py: 8 trajectories per class a
     # step (2 workers x 32), lr 3e-5 after 5 warm-up steps, 80 steps, an EMA that follows the last ones
     "ddpo": [
@@ -78,13 +83,32 @@ def summary(metrics: dict, column: str) -> dict:
     }
 
 
+def evaluate_models(finals: dict[str, Path], sampler: str, overrides: list[str], results: str) -> dict:
+    """jobs/evaluate.py's report on the base and finetuned models under one sampler; copies its contact sheets."""
+    report = evaluate(
+        dataclasses.replace(
+            load_config(EvaluateConfig, "configs/evaluate.yaml", overrides),
+            models=(str(BASE / "model"), *(str(path) for path in finals.values())),
+            real=str(BASE / "data"),
+            out_dir=f"runs/align32-report-{sampler}",
+        )
+    )
+    metrics = json.loads((report / "metrics.json").read_text())
+    columns = dict(zip(["base", *finals], metrics["columns"]))
+    for label, column in columns.items():
+        grid = report / "grids" / f"{column}.png"
+        if grid.is_file():
+            shutil.copy(grid, RESULTS_DIR / f"{results}_{sampler}_{label}.png")
+    return {label: summary(metrics, column) for label, column in columns.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=list(OBJECTIVES))
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of configs/align.yaml")
     parser.add_argument("--results", default="align_benchmark", help="bench/results/RESULTS.json and its contact sheets")
-    parser.add_argument("--evaluate", nargs="*", default=["sampling.ddim_steps=50", "sampling.eta=1.0"], metavar="KEY=VALUE",
-                        help="overrides of configs/evaluate.yaml (default: the rounds' sampler, DDIM 50 with eta 1)")
+    parser.add_argument("--evaluate", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides of configs/evaluate.yaml, for every sampler")
     args = parser.parse_args()
     if not (BASE / "model").is_dir():
         raise SystemExit(f"{BASE / 'model'} is missing: run bench/pretrain32.py --restore first")
@@ -94,36 +118,25 @@ def main() -> None:
         finals[name], rounds[name], walls[name] = run_objective(name, args.overrides)
         print(f"[bench] {name}: {walls[name]:.0f} s, rounds {json.dumps(rounds[name])}")
     eval_started = time.perf_counter()
-    report = evaluate(
-        dataclasses.replace(
-            load_config(EvaluateConfig, "configs/evaluate.yaml", args.evaluate),
-            models=(str(BASE / "model"), *(str(path) for path in finals.values())),
-            real=str(BASE / "data"),
-            out_dir="runs/align32-report",
-        )
-    )
-    metrics = json.loads((report / "metrics.json").read_text())
-    columns = dict(zip(["base", *finals], metrics["columns"]))
-    table = {label: summary(metrics, column) for label, column in columns.items()}
-    for label, column in columns.items():
-        grid = report / "grids" / f"{column}.png"
-        if grid.is_file():
-            shutil.copy(grid, RESULTS_DIR / f"{args.results}_{label}.png")
-    base = table["base"]
-    checks = {
-        label: {
-            "plausibility_gain_pp": 100 * (table[label]["plausibility"] - base["plausibility"]),
-            "fid_change": table[label]["domain_fid"] / base["domain_fid"] - 1,
-            "coverage_ratio": table[label]["coverage"] / base["coverage"] if base["coverage"] else None,
-            "labels": rounds[label][-1]["labels"],
-            "wall_s": walls[label],
+    table, checks = {}, {}
+    for sampler, sampling in EVAL_SAMPLERS.items():
+        table[sampler] = evaluate_models(finals, sampler, [*sampling, *args.evaluate], args.results)
+        base = table[sampler]["base"]
+        checks[sampler] = {
+            label: {
+                "plausibility_gain_pp": 100 * (table[sampler][label]["plausibility"] - base["plausibility"]),
+                "fid_change": table[sampler][label]["domain_fid"] / base["domain_fid"] - 1,
+                "coverage_ratio": table[sampler][label]["coverage"] / base["coverage"] if base["coverage"] else None,
+                "labels": rounds[label][-1]["labels"],
+                "wall_s": walls[label],
+            }
+            for label in finals
         }
-        for label in finals
-    }
     figures = {
         "objective_overrides": {name: OBJECTIVES[name] for name in finals},
         "overrides": args.overrides,
         "evaluate_overrides": args.evaluate,
+        "eval_samplers": EVAL_SAMPLERS,
         "table": table,
         "against_base": checks,
         "rounds_rows": rounds,
