@@ -320,18 +320,20 @@ class _Job:
             temperature=objective.temperature, baselines=batch["baseline"],
         ).to(losses.device)
         real_losses = losses[count:] if self.real is not None else None
+        synthetic_images, synthetic_labels, synthetic_noise, synthetic_timesteps = (t[:count] for t in on_device)
+        noisy = self.noise_scheduler.add_noise(synthetic_images, synthetic_noise, synthetic_timesteps)
+        with torch.no_grad():
+            base_prediction = self.reference(noisy, synthetic_timesteps, class_labels=synthetic_labels).sample.float()
         reference_losses = None
-        if objective.ratio_clip > 0:
-            with torch.no_grad():
-                synthetic = [tensor[:count] for tensor in on_device]
-                reference_losses = diffusion_loss_per_sample(self.reference, self.noise_scheduler, *synthetic)
+        if objective.ratio_clip > 0:  # the pretrained model's L_diff on the same noisy inputs
+            reference_losses = (base_prediction - synthetic_noise.float()).pow(2).mean(dim=(1, 2, 3))
         loss, metrics = reward_weighted_loss(
             losses[:count], weights, real_losses, objective.beta, reference_losses, objective.ratio_clip
         )
         self.engine.backward(loss)
         self.engine.step()
         metrics.update(reward_mean=float(rewards.mean()), reward_std=float(rewards.std()))
-        metrics["kl_to_base"] = self._drift(images[:count], labels[:count], noise[:count], timesteps[:count])
+        metrics["kl_to_base"] = self._drift(noisy, synthetic_labels, synthetic_timesteps, base_prediction)
         return metrics
 
     def _ddpo_step(self) -> dict:
@@ -400,14 +402,11 @@ class _Job:
         return advantages[self.rank * len(rewards) : (self.rank + 1) * len(rewards)]
 
     @torch.no_grad()
-    def _drift(self, images, labels, noise, timesteps) -> float:
+    def _drift(self, noisy, labels, timesteps, base_prediction) -> float:
         """Mean squared difference of predicted noise from the base model's: for Gaussian steps of equal
         variance, the KL between the two models' denoising steps is proportional to it."""
-        noisy = self.noise_scheduler.add_noise(images, noise, timesteps).to(self.device, self.dtype)
-        labels, timesteps = labels.to(self.device), timesteps.to(self.device)
         ours = self.engine.module(noisy, timesteps, class_labels=labels).sample.float()
-        base = self.reference(noisy, timesteps, class_labels=labels).sample.float()
-        return float(((ours - base) ** 2).mean())
+        return float(((ours - base_prediction) ** 2).mean())
 
     def _evaluate_fresh_samples(self) -> dict:
         """Rank 0 samples eval_per_class images per class (DDIM at eval_ddim_steps, eval_eta; fixed seeds) from
