@@ -10,8 +10,8 @@
    what a band neutrophil must look like, a reward model learns their verdicts (no real image of the
    type exists anywhere in the run), and reward-weighted finetuning (beta term on the other types'
    real images) teaches the model.
-4. Fresh samples (seeds no round used) of every class, before and after, judged by the simulated
-   pathologist. Writes bench/results/new_concept.json and a contact sheet of the new class.
+4. Fresh samples (DDIM 50, eta 1; seeds no round used) of every class, before and after, judged by
+   the simulated pathologist. Writes bench/results/new_concept.json and a contact sheet of the new class.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def plausibility_per_class(model: Path, out_dir: Path, n_per_class: int) -> dict
     from pathalign_ray.pathologist import judge
 
     folder = sample(SampleConfig(model=str(model), out_dir=str(out_dir), n_per_class=n_per_class, ddim_steps=50,
-                                 seed=5000, overwrite=True))
+                                 eta=1.0, seed=5000, overwrite=True))
     verdicts: dict[str, list[bool]] = {}
     for row in read_manifest(folder).to_pylist():
         image = decode_image((folder / row["path"]).read_bytes(), 32, row["path"])
