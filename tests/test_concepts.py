@@ -40,7 +40,7 @@ def test_add_class_exports_a_model_with_the_concept_last(unet, tmp_path):
 
 
 @pytest.mark.ray
-def test_one_round_of_the_loop_teaches_a_class_with_no_real_image(tiny_pretrained, tiny_dataset, tmp_path):
+def test_one_round_of_the_loop_finetunes_a_new_class_with_no_real_image(tiny_pretrained, tiny_dataset, tmp_path):
     """The loop samples the concept, judges it, trains a reward model that knows it, and finetunes on it."""
     from pathalign_ray.align import AlignConfig, align
     from pathalign_ray.config import load_config
