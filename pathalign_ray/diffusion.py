@@ -83,8 +83,25 @@ def diffusion_loss_per_sample(
 
     images, noise: (B, 3, H, W); labels, timesteps: (B,) int64. Returns (B,) float32.
     """
+    _, predicted = predict_noise(unet, scheduler, images, labels, noise, timesteps)
+    return noise_prediction_loss(predicted, noise)
+
+
+def predict_noise(
+    unet: torch.nn.Module,
+    scheduler: DDPMScheduler,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noised images x_t and the model's prediction of their noise, both (B, 3, H, W)."""
     noisy = scheduler.add_noise(images, noise, timesteps)
-    predicted = unet(noisy, timesteps, class_labels=labels).sample
+    return noisy, unet(noisy, timesteps, class_labels=labels).sample
+
+
+def noise_prediction_loss(predicted: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean squared error of a noise prediction, (B,) float32."""
     return F.mse_loss(predicted.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
 
 

@@ -297,7 +297,12 @@ class _Job:
 
     def _rwl_step(self) -> dict:
         """The paper's objective on one batch: both terms at the same timesteps, one forward pass."""
-        from pathalign_ray.diffusion import diffusion_loss_per_sample, draw_noise_and_timesteps
+        from pathalign_ray.diffusion import (
+            diffusion_loss_per_sample,
+            draw_noise_and_timesteps,
+            noise_prediction_loss,
+            predict_noise,
+        )
         from pathalign_ray.objectives import reward_weighted_loss, reward_weights
 
         objective = self.config.objective
@@ -321,12 +326,10 @@ class _Job:
         ).to(losses.device)
         real_losses = losses[count:] if self.real is not None else None
         synthetic_images, synthetic_labels, synthetic_noise, synthetic_timesteps = (t[:count] for t in on_device)
-        noisy = self.noise_scheduler.add_noise(synthetic_images, synthetic_noise, synthetic_timesteps)
-        with torch.no_grad():
-            base_prediction = self.reference(noisy, synthetic_timesteps, class_labels=synthetic_labels).sample.float()
-        reference_losses = None
-        if objective.ratio_clip > 0:  # the pretrained model's L_diff on the same noisy inputs
-            reference_losses = (base_prediction - synthetic_noise.float()).pow(2).mean(dim=(1, 2, 3))
+        with torch.no_grad():  # one pass of the pretrained model feeds the ratio clip and the drift metric
+            noisy, base_prediction = predict_noise(self.reference, self.noise_scheduler, synthetic_images,
+                                                   synthetic_labels, synthetic_noise, synthetic_timesteps)
+        reference_losses = noise_prediction_loss(base_prediction, synthetic_noise) if objective.ratio_clip > 0 else None
         loss, metrics = reward_weighted_loss(
             losses[:count], weights, real_losses, objective.beta, reference_losses, objective.ratio_clip
         )
@@ -406,7 +409,7 @@ class _Job:
         """Mean squared difference of predicted noise from the base model's: for Gaussian steps of equal
         variance, the KL between the two models' denoising steps is proportional to it."""
         ours = self.engine.module(noisy, timesteps, class_labels=labels).sample.float()
-        return float(((ours - base_prediction) ** 2).mean())
+        return float(((ours - base_prediction.float()) ** 2).mean())
 
     def _evaluate_fresh_samples(self) -> dict:
         """Rank 0 samples eval_per_class images per class (DDIM at eval_ddim_steps, eval_eta; fixed seeds) from

@@ -28,7 +28,9 @@ TRAIN_GAUGES = {
     "images_per_s": ("pathalign_train_images_per_second", "Training images per second over all workers"),
     "loss": ("pathalign_train_loss", "Training objective, mean over workers"),
     "reward_mean": ("pathalign_reward_mean", "Mean reward r(x, c) of the finetuning batch"),
-    "fresh_plausibility": ("pathalign_plausibility", "Share of fresh samples of the EMA weights judged plausible as their declared class"),
+    "fresh_plausibility": (
+        "pathalign_plausibility", "Share of fresh samples of the EMA weights judged plausible as their declared class"
+    ),
     "trajectory_plausibility": (
         "pathalign_trajectory_plausibility", "Share of a DDPO step's trajectories judged plausible as their declared class"
     ),
