@@ -102,6 +102,22 @@ def evaluate_models(finals: dict[str, Path], sampler: str, overrides: list[str],
     return {label: summary(metrics, column) for label, column in columns.items()}
 
 
+def against_base(rows: dict, rounds: dict, walls: dict) -> dict:
+    """Each finetuned model's summary row against the base model's: the Must-show's figures."""
+    base = rows["base"]
+    return {
+        label: {
+            "plausibility_gain_pp": 100 * (row["plausibility"] - base["plausibility"]),
+            "fid_change": row["domain_fid"] / base["domain_fid"] - 1,
+            "coverage_ratio": row["coverage"] / base["coverage"] if base["coverage"] else None,
+            "labels": rounds[label][-1]["labels"],
+            "wall_s": walls[label],
+        }
+        for label, row in rows.items()
+        if label != "base"
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=list(OBJECTIVES))
@@ -118,20 +134,11 @@ def main() -> None:
         finals[name], rounds[name], walls[name] = run_objective(name, args.overrides)
         print(f"[bench] {name}: {walls[name]:.0f} s, rounds {json.dumps(rounds[name])}")
     eval_started = time.perf_counter()
-    table, checks = {}, {}
-    for sampler, sampling in EVAL_SAMPLERS.items():
-        table[sampler] = evaluate_models(finals, sampler, [*sampling, *args.evaluate], args.results)
-        base = table[sampler]["base"]
-        checks[sampler] = {
-            label: {
-                "plausibility_gain_pp": 100 * (table[sampler][label]["plausibility"] - base["plausibility"]),
-                "fid_change": table[sampler][label]["domain_fid"] / base["domain_fid"] - 1,
-                "coverage_ratio": table[sampler][label]["coverage"] / base["coverage"] if base["coverage"] else None,
-                "labels": rounds[label][-1]["labels"],
-                "wall_s": walls[label],
-            }
-            for label in finals
-        }
+    table = {
+        sampler: evaluate_models(finals, sampler, [*sampling, *args.evaluate], args.results)
+        for sampler, sampling in EVAL_SAMPLERS.items()
+    }
+    checks = {sampler: against_base(rows, rounds, walls) for sampler, rows in table.items()}
     figures = {
         "objective_overrides": {name: OBJECTIVES[name] for name in finals},
         "overrides": args.overrides,
