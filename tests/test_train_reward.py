@@ -21,7 +21,7 @@ from pathalign_ray.config import load_config
 from pathalign_ray.reward.data import build_examples, split_examples
 from pathalign_ray.reward.model import load_reward_model
 from pathalign_ray.reward.selection import most_uncertain
-from pathalign_ray.reward.train import TrainRewardConfig, evaluate, train_reward
+from pathalign_ray.reward.train import TrainRewardConfig, evaluate, lr_factor, train_reward
 from pathalign_ray.sampling import read_manifest
 from pathalign_ray.simulated_feedback import SimulateFeedbackConfig, simulate_feedback
 
@@ -124,3 +124,17 @@ def test_missing_feedback_fails_before_training(tmp_path, tiny_dataset):
     with pytest.raises(FileNotFoundError, match="feedback store .* does not exist"):
         train_reward(config)
     assert not (tmp_path / "reward").exists()
+
+
+def test_cosine_schedule_warms_up_peaks_and_decays_to_zero():
+    total = 200
+    factors = [lr_factor(step, total, "cosine") for step in range(total)]
+    assert factors[0] == pytest.approx(1 / 10)  # 5 % warm-up: 10 steps
+    assert factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[9:], factors[10:]))
+    assert factors[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 189 / 190)))
+    assert lr_factor(total, total, "cosine") == pytest.approx(0.0)
+    assert {lr_factor(step, total, "constant") for step in range(total)} == {1.0}
+    with pytest.raises(ValueError, match="lr_schedule"):
+        lr_factor(0, total, "linear")

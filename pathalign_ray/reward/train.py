@@ -40,7 +40,8 @@ class RewardTrainConfig:
     epochs: int = 40  # passes; the held-out split is scored after each (bench/reward_auc.py: 20 under-trains)
     steps_per_epoch: int = 0  # optimizer steps per epoch; 0: training rows / global batch, rounded up
     batch_size: int = 64  # examples per worker per step (global batch = batch_size x num_workers)
-    lr: float = 1e-3  # AdamW learning rate
+    lr: float = 1e-3  # AdamW peak learning rate
+    lr_schedule: Literal["constant", "cosine"] = "cosine"  # cosine: linear warm-up, then cosine decay to 0 (lr_factor)
     weight_decay: float = 1e-4
     loss: Literal["mse", "bce"] = "mse"  # mse: (sigmoid(logit) - label)^2, the paper's; bce: cross-entropy
     criteria_weight: float = 0.5  # weight of the criteria heads' masked cross-entropy (0: plausibility only)
@@ -128,6 +129,23 @@ def train_reward(config: TrainRewardConfig) -> Path:
         return _publish(Path(checkpoint_dir), run_dir / MODEL_DIR_NAME)
 
 
+def lr_factor(step: int, total_steps: int, schedule: str) -> float:
+    """The learning rate of optimizer step `step` (0-based) of `total_steps`, as a fraction of the peak.
+
+    constant: 1. cosine: a linear warm-up over the first 5 % of the steps, then half a cosine down
+    to 0 at the last step. On a round's few hundred verdicts the constant rate left the held-out
+    AUC jumping by +-0.1 from epoch to epoch; the decay lets the last epochs settle.
+    """
+    if schedule == "constant":
+        return 1.0
+    if schedule != "cosine":
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {schedule!r}")
+    warmup = max(1, round(0.05 * total_steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+
+
 def reward_loss(
     logits: torch.Tensor,
     criteria_logits: torch.Tensor,
@@ -192,7 +210,9 @@ def train_loop(loop_config: dict) -> None:
         augment_rng = np.random.default_rng([config.train.seed, epoch, rank])
         net.train()
         losses = []
-        for rows in draws[:, rank::world_size]:
+        for step, rows in enumerate(draws[:, rank::world_size]):
+            for group in optimizer.param_groups:
+                group["lr"] = config.train.lr * lr_factor(epoch * steps + step, config.train.epochs * steps, config.train.lr_schedule)
             batch = _tensors(train_set, rows, device, augment_rng if config.train.augment else None)
             logits, criteria_logits = net(batch["images"], batch["class_ids"])
             loss, _ = reward_loss(
