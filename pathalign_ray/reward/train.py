@@ -200,6 +200,7 @@ def train_loop(loop_config: dict) -> None:
     weights = balanced_weights(train_set) if config.data.balance else np.ones(len(train_set))
     global_batch = config.train.batch_size * world_size
     steps = config.train.steps_per_epoch or -(-len(train_set) // global_batch)
+    total_steps = config.train.epochs * steps
     selection = np.ones(len(test_set), bool) if config.data.expert_train else test_set.sources != "expert"
     best_weights = _copy_weights(model)  # the restored best, or the initial weights until an epoch is scored
 
@@ -212,7 +213,7 @@ def train_loop(loop_config: dict) -> None:
         losses = []
         for step, rows in enumerate(draws[:, rank::world_size]):
             for group in optimizer.param_groups:
-                group["lr"] = config.train.lr * lr_factor(epoch * steps + step, config.train.epochs * steps, config.train.lr_schedule)
+                group["lr"] = config.train.lr * lr_factor(epoch * steps + step, total_steps, config.train.lr_schedule)
             batch = _tensors(train_set, rows, device, augment_rng if config.train.augment else None)
             logits, criteria_logits = net(batch["images"], batch["class_ids"])
             loss, _ = reward_loss(
