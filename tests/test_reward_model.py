@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from diffusers import UNet2DModel
 from safetensors import safe_open
 
 from pathalign_ray.feedback import CRITERIA
@@ -105,6 +106,52 @@ def test_weights_are_safetensors_not_pickle(tmp_path):
 def test_load_refuses_a_folder_without_the_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="reward.safetensors is missing"):
         load_reward_model(tmp_path)
+
+
+def _unet_folder(path: Path) -> Path:
+    """A small class-conditional UNet2DModel written as diffusers writes one (safetensors)."""
+    torch.manual_seed(5)
+    unet = UNet2DModel(
+        sample_size=16,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=4,
+        attention_head_dim=4,
+        num_class_embeds=3,
+    )
+    unet.save_pretrained(path)
+    return path
+
+
+def test_backbone_is_the_unets_encoder_half_with_its_weights(tmp_path):
+    folder = _unet_folder(tmp_path / "model" / "unet")
+    unet = UNet2DModel.from_pretrained(folder)
+    for path in (folder, tmp_path / "model"):  # the UNet's own folder, or a model folder holding unet/
+        model = RewardModel(RewardModelConfig(image_size=16, hidden=16, backbone=str(path)), CLASSES).eval()
+        assert torch.equal(model.encoder.conv_in.weight, unet.conv_in.weight)
+        assert torch.equal(model.encoder.mid_block.resnets[0].conv1.weight, unet.mid_block.resnets[0].conv1.weight)
+        assert not any(name.startswith("encoder.up_blocks") for name in model.state_dict()), "no decoder half"
+        images, class_ids = _images(), torch.tensor([0, 1, 2, 0])
+        assert model(images, class_ids).shape == (4,) and model.criteria_logits(images, class_ids).shape == (4, 6)
+
+
+def test_backbone_model_saves_and_loads_without_the_backbone_folder(tmp_path):
+    folder = _unet_folder(tmp_path / "unet")
+    model = RewardModel(RewardModelConfig(image_size=16, hidden=16, backbone=str(folder)), CLASSES).eval()
+    out = save_reward_model(model, tmp_path / "reward", {"model_id": "b1"})
+    for weights in folder.iterdir():
+        weights.unlink()
+    loaded, meta = load_reward_model(out)
+    assert meta["backbone_config"]["block_out_channels"] == [8, 16]
+    images, class_ids = _images(), torch.tensor([2, 1, 0, 2])
+    assert torch.equal(loaded.score(images, class_ids), model.score(images, class_ids))
+
+
+def test_a_missing_backbone_folder_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"backbone {tmp_path / 'nowhere'} is not a diffusers UNet2DModel"):
+        RewardModel(RewardModelConfig(backbone=str(tmp_path / "nowhere")), CLASSES)
 
 
 # ---- the objective

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from pathalign_ray.config import load_config
+from pathalign_ray.diffusion import load_model
 from pathalign_ray.reward.data import build_examples, split_examples
 from pathalign_ray.reward.model import load_reward_model
 from pathalign_ray.reward.selection import most_uncertain
@@ -117,6 +118,22 @@ def test_uncertain_selection_writes_exactly_k_rows(reward_run, tiny_pretrained):
     expected = {scored[i]["sample_id"] for i in most_uncertain(np.array([row["reward"] for row in scored]), 5)}
     assert {row["sample_id"] for row in kept} == expected
     assert (run_dir / "uncertain" / "contact_sheet.png").is_file()
+
+
+def test_trains_on_the_pretrained_generators_unet_as_backbone(tiny_samples, tiny_dataset, tiny_pretrained, tmp_path):
+    """model.backbone: the generator's UNet encoder, finetuned under DDP; the saved model needs no backbone folder."""
+    shutil.copytree(tiny_samples, tmp_path / "samples" / "pretrained")
+    simulate_feedback(SimulateFeedbackConfig(run_dir=str(tmp_path), experts=1))
+    backbone = tiny_pretrained[2]
+    argv = ["--config", str(ROOT / "configs" / "train_reward.yaml"), f"run_dir={tmp_path}", f"data.dataset={tiny_dataset}"]
+    _job("train_reward")(argv + TINY_REWARD_OVERRIDES + [f"model.backbone={backbone}", "train.epochs=1"])
+    model, meta = load_reward_model(tmp_path / "reward")
+    assert meta["training"]["model"]["backbone"] == str(backbone.resolve())
+    assert meta["backbone_config"]["sample_size"] == 16
+    unet = load_model(backbone)[0]
+    assert model.encoder.conv_in.weight.shape == unet.conv_in.weight.shape
+    assert not torch.equal(model.encoder.conv_in.weight, unet.conv_in.weight), "the backbone is finetuned"
+    assert bool(torch.isfinite(model.score(torch.zeros(2, 3, 16, 16), torch.tensor([0, 1]))).all())
 
 
 def test_missing_feedback_fails_before_training(tmp_path, tiny_dataset):

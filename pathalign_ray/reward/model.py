@@ -2,8 +2,11 @@
 
 As the paper's authors: r_phi(x, c) takes the image AND the declared class, so the same image can
 be plausible as one cell type and implausible as another. Optional heads predict each checklist
-criterion's failure where the feedback names them. Saved as safetensors plus a JSON config:
-loading never unpickles anything.
+criterion's failure where the feedback names them. The encoder is a small CNN trained from scratch,
+or (`backbone`) the down path and mid block of a pretrained diffusers UNet2DModel read from a local
+folder, such as the generator's own. Saved as safetensors plus a JSON config (the backbone's
+architecture included, so a saved model loads without the backbone's folder): loading never
+unpickles anything.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import json
 from pathlib import Path
 
 import torch
+from diffusers import UNet2DModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -30,6 +34,7 @@ class RewardModelConfig:
     hidden: int = 128  # MLP head width
     dropout: float = 0.1
     criteria_heads: bool = True  # also predict which checklist criteria fail
+    backbone: str = ""  # "": the CNN above; else a diffusers UNet2DModel folder (or a model folder with unet/)
 
     def __post_init__(self) -> None:
         if not self.channels:
@@ -38,27 +43,84 @@ class RewardModelConfig:
             raise ValueError(f"image_size {self.image_size} is too small for {len(self.channels)} stages")
 
 
+class UNetEncoder(nn.Module):
+    """A UNet2DModel's conv_in, down blocks and mid block, globally average-pooled: (B, C) features.
+
+    Conditioned on timestep 0 (a clean image) and, where the UNet is class-conditional, on the mean
+    of its class embeddings: the reward model's own class branch carries the declared class, and it
+    may know classes the generator does not.
+    """
+
+    def __init__(self, unet: UNet2DModel):
+        super().__init__()
+        if any(hasattr(block, "skip_conv") for block in unet.down_blocks):
+            raise ValueError("a backbone UNet with skip down blocks is not supported")
+        if unet.class_embedding is not None and not isinstance(unet.class_embedding, nn.Embedding):
+            raise ValueError(f"backbone class_embed_type {unet.config.class_embed_type!r} is not supported")
+        self.time_proj, self.time_embedding = unet.time_proj, unet.time_embedding
+        self.class_embedding = unet.class_embedding
+        self.conv_in, self.down_blocks, self.mid_block = unet.conv_in, unet.down_blocks, unet.mid_block
+        self.out_channels = unet.config.block_out_channels[-1]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        timesteps = torch.zeros(len(images), dtype=torch.long, device=images.device)
+        emb = self.time_embedding(self.time_proj(timesteps).to(images.dtype))
+        if self.class_embedding is not None:
+            emb = emb + self.class_embedding.weight.mean(0)
+        sample = self.conv_in(images)
+        for block in self.down_blocks:
+            sample, _ = block(hidden_states=sample, temb=emb)
+        if self.mid_block is not None:
+            sample = self.mid_block(sample, emb)
+        return sample.mean((2, 3))
+
+
+def read_backbone(path: str | Path) -> UNet2DModel:
+    """The UNet2DModel in a diffusers folder (its own, or a model folder's unet/), from safetensors."""
+    path = Path(path)
+    for folder in (path, path / "unet"):
+        if (folder / "config.json").is_file():
+            return UNet2DModel.from_pretrained(folder, use_safetensors=True)
+    raise FileNotFoundError(
+        f"backbone {path} is not a diffusers UNet2DModel folder: no config.json or unet/config.json"
+    )
+
+
+def _cnn(channels: tuple[int, ...]) -> nn.Sequential:
+    layers, in_channels = [], 3
+    for out_channels in channels:
+        layers += [
+            nn.Conv2d(in_channels, out_channels, 3, padding=1),
+            nn.GroupNorm(min(8, out_channels), out_channels),
+            nn.SiLU(),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, stride=2),
+            nn.SiLU(),
+        ]
+        in_channels = out_channels
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
 class RewardModel(nn.Module):
     """forward(images (B, 3, H, W) in [-1, 1], class_ids (B,)) -> (B,) logits of P(plausible).
 
-    `criteria_logits` gives (B, 6) logits of P(criterion fails), in CRITERIA order.
+    `criteria_logits` gives (B, 6) logits of P(criterion fails), in CRITERIA order. With
+    `config.backbone`, `backbone_config` (a UNet2DModel config) builds the backbone's architecture
+    without reading its folder, as when loading saved weights; without it the folder is read.
     """
 
-    def __init__(self, config: RewardModelConfig, class_names: list[str]):
+    def __init__(self, config: RewardModelConfig, class_names: list[str], backbone_config: dict | None = None):
         super().__init__()
         self.config = config
         self.class_names = list(class_names)
-        layers, in_channels = [], 3
-        for out_channels in config.channels:
-            layers += [
-                nn.Conv2d(in_channels, out_channels, 3, padding=1),
-                nn.GroupNorm(min(8, out_channels), out_channels),
-                nn.SiLU(),
-                nn.Conv2d(out_channels, out_channels, 3, padding=1, stride=2),
-                nn.SiLU(),
-            ]
-            in_channels = out_channels
-        self.encoder = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.backbone_config = None
+        if config.backbone:
+            unet = UNet2DModel.from_config(backbone_config) if backbone_config else read_backbone(config.backbone)
+            self.backbone_config = {key: value for key, value in unet.config.items() if not key.startswith("_")}
+            self.encoder = UNetEncoder(unet)
+            in_channels = self.encoder.out_channels
+        else:
+            self.encoder = _cnn(config.channels)
+            in_channels = config.channels[-1]
         self.class_branch = nn.Embedding(len(class_names), config.class_embedding)
         self.trunk = nn.Sequential(
             nn.Linear(in_channels + config.class_embedding, config.hidden),
@@ -102,6 +164,8 @@ def save_reward_model(model: RewardModel, out_dir: str | Path, info: dict) -> Pa
     state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
     save_file(state, str(out_dir / WEIGHTS_FILE))
     meta = {"config": config_to_dict(model.config), "class_names": model.class_names, **info}
+    if model.backbone_config is not None:
+        meta["backbone_config"] = model.backbone_config
     (out_dir / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
     return out_dir
 
@@ -113,6 +177,6 @@ def load_reward_model(model_dir: str | Path) -> tuple[RewardModel, dict]:
         if not (model_dir / needed).is_file():
             raise FileNotFoundError(f"{model_dir} is not a reward model: {needed} is missing")
     meta = json.loads((model_dir / CONFIG_FILE).read_text())
-    model = RewardModel(RewardModelConfig(**meta["config"]), meta["class_names"])
+    model = RewardModel(RewardModelConfig(**meta["config"]), meta["class_names"], meta.get("backbone_config"))
     model.load_state_dict(load_file(str(model_dir / WEIGHTS_FILE)))
     return model.eval(), meta

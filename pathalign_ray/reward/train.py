@@ -29,7 +29,13 @@ import torch.nn.functional as F
 
 from pathalign_ray.config import config_dataclass, config_to_dict, save_config
 from pathalign_ray.reward.data import RewardDataConfig, RewardExamples, balanced_weights, label_counts
-from pathalign_ray.reward.model import RewardModel, RewardModelConfig, load_reward_model, save_reward_model
+from pathalign_ray.reward.model import (
+    RewardModel,
+    RewardModelConfig,
+    load_reward_model,
+    read_backbone,
+    save_reward_model,
+)
 
 TRAIN_RUN_NAME = "reward_train"  # Ray Train's checkpoints: RUN_DIR/reward_train
 MODEL_DIR_NAME = "reward"  # the trained model: RUN_DIR/reward
@@ -90,6 +96,10 @@ def train_reward(config: TrainRewardConfig) -> Path:
     from pathalign_ray.reward.data import build_examples, split_examples
 
     run_dir = Path(config.run_dir).resolve()
+    if config.model.backbone:  # every worker reads it: an absolute path, checked here once
+        backbone = str(Path(config.model.backbone).resolve())
+        read_backbone(backbone)
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, backbone=backbone))
     examples = build_examples(config.data, run_dir, config.model.image_size)
     train_index, test_index = split_examples(examples, config.data.test_fraction, config.data.seed)
     if not config.data.expert_train:
@@ -379,7 +389,7 @@ def _report_checkpoint(model: RewardModel, best_weights, state: dict, info: dict
     import ray.train
     from ray.train import Checkpoint
 
-    best = RewardModel(model.config, model.class_names)
+    best = RewardModel(model.config, model.class_names, model.backbone_config)
     best.load_state_dict(best_weights)
     meta = {
         **info,
