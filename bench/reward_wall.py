@@ -1,0 +1,169 @@
+"""Why the reward model's AUC stops near 0.90: the verdicts need measurements finer than it learns.
+
+    .venv/bin/python bench/reward_wall.py [--epochs 30]
+
+Runs on the samples, verdicts and held-out split of bench/reward_auc.py (runs/reward_auc; run that
+first), without weak feedback, and trains nothing that is kept. Three held-out AUCs on the
+consensus verdicts, each from gradient-boosted trees (scikit-learn) fitted to the training
+consensus labels, differing only in what the trees see of each image besides its declared class:
+
+1. exact: the simulated pathologist's own measurements (`pathologist.measure`: cell diameter, N:C,
+   nucleus offset, lobes, solidity, axis ratio, chromatin, ... 16 numbers). The baseline: what
+   the labels teach given perfect features.
+2. estimated: the same 16 numbers as the reward model's CNN estimates them on held-out images,
+   after training it to regress them on the training images directly (dense targets, far more
+   than a verdict tells it). Also each estimate's error sd against the rules' tolerance.
+3. the reward model itself (`data.weak_per_expert=0`, the same CNN, verdicts only), for reference.
+
+Writes bench/results/reward_wall.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+
+import numpy as np
+import torch
+from bench_common import write_result
+from sklearn.ensemble import HistGradientBoostingClassifier
+
+from pathalign_ray.config import load_config
+from pathalign_ray.images import to_model_range
+from pathalign_ray.pathologist import _TOLERANCES, measure
+from pathalign_ray.reward.data import build_examples, split_examples
+from pathalign_ray.reward.metrics import roc_auc
+from pathalign_ray.reward.model import RewardModel
+from pathalign_ray.reward.train import TrainRewardConfig, reward_loss
+
+RUN = "runs/reward_auc"
+DATASET = "runs/pretrain32/data"
+BATCH = 128
+
+
+def measurements(images: np.ndarray) -> tuple[list[str], np.ndarray]:
+    rows = [dataclasses.asdict(measure(image)) for image in images]
+    names = [name for name in rows[0] if name != "found_cell"]
+    return names, np.array([[float(row[name]) for name in names] for row in rows])
+
+
+def tree_auc(train_x, train_class, train_y, test_x, test_class, test_y) -> float:
+    trees = HistGradientBoostingClassifier(max_iter=500, learning_rate=0.05, categorical_features=[train_x.shape[1]])
+    trees.fit(np.column_stack([train_x, train_class]), train_y)
+    return roc_auc(trees.predict_proba(np.column_stack([test_x, test_class]))[:, 1], test_y)
+
+
+def batches(n: int, epoch: int, steps: int):
+    rng = np.random.default_rng(epoch)
+    for step in range(steps):
+        yield rng.choice(n, BATCH, replace=False), rng
+
+
+def as_tensors(images: np.ndarray, rng: np.random.Generator | None) -> torch.Tensor:
+    if rng is not None:  # a random flip and quarter turn per image, as the reward training does
+        images = np.stack([np.rot90(im[:, ::-1] if rng.integers(2) else im, rng.integers(4)) for im in images])
+    return torch.from_numpy(to_model_range(np.ascontiguousarray(images)))
+
+
+def train_cnn(config, train, epochs: int, targets: np.ndarray | None) -> tuple[RewardModel, torch.nn.Module | None]:
+    """The reward CNN on verdicts (targets None) or regressing `targets` (z-scored, NaN skipped)."""
+    torch.manual_seed(0)
+    model = RewardModel(config.model, list(train.class_names))
+    regressor = None if targets is None else torch.nn.Linear(config.model.hidden, targets.shape[1])
+    params = list(model.parameters()) + ([] if regressor is None else list(regressor.parameters()))
+    optimizer = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay)
+    steps = math.ceil(len(train) / BATCH)
+    total = steps * epochs
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: min(1.0, (i + 1) / steps) * 0.5 * (1 + math.cos(math.pi * i / total))
+    )
+    for epoch in range(epochs):
+        for rows, rng in batches(len(train), epoch, steps):
+            images, class_ids = as_tensors(train.images[rows], rng), torch.from_numpy(train.class_ids[rows])
+            if regressor is None:
+                features = model.features(images, class_ids)
+                logits = model.plausible_head(features).squeeze(1)
+                criteria = model.criteria_head(features)
+                loss, _ = reward_loss(
+                    logits, criteria, torch.from_numpy(train.labels[rows]), torch.from_numpy(train.criteria[rows]),
+                    torch.from_numpy(train.criteria_mask[rows]), config.train.loss, config.train.criteria_weight,
+                )
+            else:
+                target = torch.from_numpy(targets[rows])
+                known = torch.isfinite(target)
+                predicted = regressor(model.features(images, class_ids))
+                loss = ((predicted - target.nan_to_num()) ** 2 * known).sum() / known.sum()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return model.eval(), regressor
+
+
+@torch.no_grad()
+def predict(model: RewardModel, head, examples) -> np.ndarray:
+    out = []
+    for start in range(0, len(examples), 512):
+        images = as_tensors(examples.images[start : start + 512], None)
+        features = model.features(images, torch.from_numpy(examples.class_ids[start : start + 512]))
+        out.append((model.plausible_head(features).squeeze(1) if head is None else head(features)).numpy())
+    return np.concatenate(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=30, help="epochs of each CNN")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    config = load_config(
+        TrainRewardConfig, "configs/train_reward.yaml", [f"run_dir={RUN}", f"data.dataset={DATASET}", "data.weak_per_expert=0"]
+    )
+    examples = build_examples(config.data, config.run_dir, config.model.image_size)
+    train_index, test_index = split_examples(examples, config.data.test_fraction, config.data.seed)
+    train, test = examples.take(train_index), examples.take(test_index)
+    train_y, decided = train.labels > 0.5, test.labels != 0.5  # a 0.5 consensus has no side
+    test_y = test.labels[decided] > 0.5
+    timings, started = {}, time.perf_counter()
+
+    names, train_m = measurements(train.images)
+    _, test_m = measurements(test.images)
+    timings["measure_s"] = round(time.perf_counter() - started, 1)
+    exact = tree_auc(train_m, train.class_ids, train_y, test_m[decided], test.class_ids[decided], test_y)
+
+    started = time.perf_counter()
+    mean, sd = np.nanmean(train_m, 0), np.nanstd(train_m, 0) + 1e-6
+    model, regressor = train_cnn(config, train, args.epochs, ((train_m - mean) / sd).astype(np.float32))
+    estimated_m = predict(model, regressor, test) * sd + mean
+    timings["regression_cnn_s"] = round(time.perf_counter() - started, 1)
+    estimated = tree_auc(train_m, train.class_ids, train_y, estimated_m[decided], test.class_ids[decided], test_y)
+    errors = {}
+    for column, name in enumerate(names):
+        known = np.isfinite(test_m[:, column])
+        error = estimated_m[known, column] - test_m[known, column]
+        errors[name] = {"error_sd": round(float(error.std()), 4), "tolerance": _TOLERANCES.get(name),
+                        "r2": round(float(1 - error.var() / test_m[known, column].var()), 3)}
+
+    started = time.perf_counter()
+    reward_model, _ = train_cnn(config, train, args.epochs, None)
+    reward = roc_auc(predict(reward_model, None, test)[decided], test_y)
+    timings["reward_cnn_s"] = round(time.perf_counter() - started, 1)
+
+    figures = {
+        "held_out_auc": {"trees_on_exact_measurements": round(exact, 4),
+                         "trees_on_cnn_estimated_measurements": round(estimated, 4),
+                         "reward_cnn_on_verdicts": round(reward, 4)},
+        "estimate_errors": errors,
+        "samples": {"train": len(train), "held_out": int(decided.sum()), "held_out_plausible": int(test_y.sum())},
+        "epochs": args.epochs,
+        "timings": timings,
+    }
+    path = write_result("reward_wall", figures)
+    print(json.dumps(figures, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
