@@ -32,12 +32,11 @@ from bench_common import write_result
 from sklearn.ensemble import HistGradientBoostingClassifier
 
 from pathalign_ray.config import load_config
-from pathalign_ray.images import to_model_range
 from pathalign_ray.pathologist import _TOLERANCES, measure
 from pathalign_ray.reward.data import build_examples, split_examples
 from pathalign_ray.reward.metrics import roc_auc
 from pathalign_ray.reward.model import RewardModel
-from pathalign_ray.reward.train import TrainRewardConfig, reward_loss
+from pathalign_ray.reward.train import TrainRewardConfig, _Heads, _tensors, lr_factor, reward_loss
 
 RUN = "runs/reward_auc"
 DATASET = "runs/pretrain32/data"
@@ -56,60 +55,54 @@ def tree_auc(train_x, train_class, train_y, test_x, test_class, test_y) -> float
     return roc_auc(trees.predict_proba(np.column_stack([test_x, test_class]))[:, 1], test_y)
 
 
-def batches(n: int, epoch: int, steps: int):
-    rng = np.random.default_rng(epoch)
-    for step in range(steps):
-        yield rng.choice(n, BATCH, replace=False), rng
-
-
-def as_tensors(images: np.ndarray, rng: np.random.Generator | None) -> torch.Tensor:
-    if rng is not None:  # a random flip and quarter turn per image, as the reward training does
-        images = np.stack([np.rot90(im[:, ::-1] if rng.integers(2) else im, rng.integers(4)) for im in images])
-    return torch.from_numpy(to_model_range(np.ascontiguousarray(images)))
-
-
 def train_cnn(config, train, epochs: int, targets: np.ndarray | None) -> tuple[RewardModel, torch.nn.Module | None]:
-    """The reward CNN on verdicts (targets None) or regressing `targets` (z-scored, NaN skipped)."""
+    """The reward CNN on verdicts (targets None) or regressing `targets` (z-scored, NaN skipped).
+
+    The reward training's batches (a random flip and quarter turn per image), heads, loss and
+    learning-rate schedule, in one process.
+    """
     torch.manual_seed(0)
     model = RewardModel(config.model, list(train.class_names))
+    heads = _Heads(model)
     regressor = None if targets is None else torch.nn.Linear(config.model.hidden, targets.shape[1])
     params = list(model.parameters()) + ([] if regressor is None else list(regressor.parameters()))
     optimizer = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay)
     steps = math.ceil(len(train) / BATCH)
     total = steps * epochs
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda i: min(1.0, (i + 1) / steps) * 0.5 * (1 + math.cos(math.pi * i / total))
-    )
     for epoch in range(epochs):
-        for rows, rng in batches(len(train), epoch, steps):
-            images, class_ids = as_tensors(train.images[rows], rng), torch.from_numpy(train.class_ids[rows])
+        rng = np.random.default_rng(epoch)
+        for step in range(steps):
+            for group in optimizer.param_groups:
+                group["lr"] = config.train.lr * lr_factor(epoch * steps + step, total, config.train.lr_schedule)
+            rows = rng.choice(len(train), BATCH, replace=False)
+            batch = _tensors(train, rows, "cpu", rng)
             if regressor is None:
-                features = model.features(images, class_ids)
-                logits = model.plausible_head(features).squeeze(1)
-                criteria = model.criteria_head(features)
+                logits, criteria_logits = heads(batch["images"], batch["class_ids"])
                 loss, _ = reward_loss(
-                    logits, criteria, torch.from_numpy(train.labels[rows]), torch.from_numpy(train.criteria[rows]),
-                    torch.from_numpy(train.criteria_mask[rows]), config.train.loss, config.train.criteria_weight,
+                    logits, criteria_logits, batch["labels"], batch["criteria"], batch["criteria_mask"],
+                    config.train.loss, config.train.criteria_weight,
                 )
             else:
                 target = torch.from_numpy(targets[rows])
                 known = torch.isfinite(target)
-                predicted = regressor(model.features(images, class_ids))
+                predicted = regressor(model.features(batch["images"], batch["class_ids"]))
                 loss = ((predicted - target.nan_to_num()) ** 2 * known).sum() / known.sum()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            schedule.step()
     return model.eval(), regressor
 
 
 @torch.no_grad()
 def predict(model: RewardModel, head, examples) -> np.ndarray:
+    """Held-out outputs: the plausible logit (head None) or the regressor's estimates."""
     out = []
     for start in range(0, len(examples), 512):
-        images = as_tensors(examples.images[start : start + 512], None)
-        features = model.features(images, torch.from_numpy(examples.class_ids[start : start + 512]))
-        out.append((model.plausible_head(features).squeeze(1) if head is None else head(features)).numpy())
+        batch = _tensors(examples, np.arange(start, min(start + 512, len(examples))), "cpu", None)
+        if head is None:
+            out.append(_Heads(model)(batch["images"], batch["class_ids"])[0].numpy())
+        else:
+            out.append(head(model.features(batch["images"], batch["class_ids"])).numpy())
     return np.concatenate(out)
 
 

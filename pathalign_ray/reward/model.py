@@ -75,15 +75,20 @@ class UNetEncoder(nn.Module):
         return sample.mean((2, 3))
 
 
-def read_backbone(path: str | Path) -> UNet2DModel:
-    """The UNet2DModel in a diffusers folder (its own, or a model folder's unet/), from safetensors."""
+def backbone_folder(path: str | Path) -> Path:
+    """The folder holding the backbone UNet's config.json: `path` itself, or a model folder's unet/."""
     path = Path(path)
     for folder in (path, path / "unet"):
         if (folder / "config.json").is_file():
-            return UNet2DModel.from_pretrained(folder, use_safetensors=True)
+            return folder
     raise FileNotFoundError(
         f"backbone {path} is not a diffusers UNet2DModel folder: no config.json or unet/config.json"
     )
+
+
+def read_backbone(path: str | Path) -> UNet2DModel:
+    """The UNet2DModel in a diffusers folder (its own, or a model folder's unet/), from safetensors."""
+    return UNet2DModel.from_pretrained(backbone_folder(path), use_safetensors=True)
 
 
 def _cnn(channels: tuple[int, ...]) -> nn.Sequential:

@@ -32,8 +32,8 @@ from pathalign_ray.reward.data import RewardDataConfig, RewardExamples, balanced
 from pathalign_ray.reward.model import (
     RewardModel,
     RewardModelConfig,
+    backbone_folder,
     load_reward_model,
-    read_backbone,
     save_reward_model,
 )
 
@@ -96,9 +96,9 @@ def train_reward(config: TrainRewardConfig) -> Path:
     from pathalign_ray.reward.data import build_examples, split_examples
 
     run_dir = Path(config.run_dir).resolve()
-    if config.model.backbone:  # every worker reads it: an absolute path, checked here once
+    if config.model.backbone:  # every worker reads it: an absolute path, and a wrong one fails here
         backbone = str(Path(config.model.backbone).resolve())
-        read_backbone(backbone)
+        backbone_folder(backbone)
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, backbone=backbone))
     examples = build_examples(config.data, run_dir, config.model.image_size)
     train_index, test_index = split_examples(examples, config.data.test_fraction, config.data.seed)
