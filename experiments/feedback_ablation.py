@@ -1,8 +1,8 @@
 """What each part of the feedback objectives does to plausibility, from one round of feedback on the 32 px model.
 
-    .venv/bin/python bench/pretrain32.py --restore   # once: runs/pretrain32/{data,model}
-    .venv/bin/python bench/feedback_ablation.py      # about 40 minutes on 2 cores
-    .venv/bin/python bench/feedback_ablation.py --only ddpo_lr1e-4,rwl_threshold_oracle_eta1_pool
+    .venv/bin/python bench/pretrain32.py --restore         # once: runs/pretrain32/{data,model}
+    .venv/bin/python experiments/feedback_ablation.py      # about 40 minutes on 2 cores
+    .venv/bin/python experiments/feedback_ablation.py --only ddpo_lr1e-4,rwl_threshold_oracle_eta1_pool
 
 One feedback round as jobs/align.py runs it (256 samples, DDIM 20, judged by 3 simulated
 pathologists; a reward model trained on the verdicts and weak feedback), then one finetuning run per
@@ -43,11 +43,14 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_common import write_result
 from pathalign_ray.align import AlignConfig, collect_feedback
 from pathalign_ray.config import load_config
 from pathalign_ray.evaluation.plausibility import rate
 from pathalign_ray.finetune import FinetuneConfig, finetune
+
+# bench_common (it writes bench/results/NAME.json) is in bench/, off the path when run as experiments/NAME.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from bench_common import write_result  # noqa: E402
 
 BASE = Path("runs/pretrain32")
 RUN = Path("runs/ablation32").resolve()

@@ -1,6 +1,6 @@
 """Does the policy gradient climb a smooth reward on the 32 px model, and at what learning rate?
 
-    .venv/bin/python bench/ddpo_smooth_reward.py [--steps 25] [--trajectories 16]
+    .venv/bin/python experiments/ddpo_smooth_reward.py [--steps 25] [--trajectories 16]
 
 The reward is the mean brightness of the final image: smooth, cheap, and with no reward model in
 the way. Plain PyTorch, one process, the objective functions finetuning uses
@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
-from bench_common import write_result
 from pathalign_ray.diffusion import load_model
 from pathalign_ray.objectives import PerClassRewardStats, clipped_policy_loss, ddim_step_with_log_prob, ddim_trajectories
+
+# bench_common (it writes bench/results/NAME.json) is in bench/, off the path when run as experiments/NAME.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from bench_common import write_result  # noqa: E402
 
 MODEL = "runs/pretrain32/model"
 LEARNING_RATES = (0.0, 1e-5, 1e-4)

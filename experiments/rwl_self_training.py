@@ -1,6 +1,6 @@
 """Why reward-weighted likelihood lowered plausibility here, and the centred, ratio-clipped form that raises it.
 
-    .venv/bin/python bench/rwl_self_training.py [--only NAME,NAME] [--threads 2] [--results NAME]
+    .venv/bin/python experiments/rwl_self_training.py [--only NAME,NAME] [--threads 2] [--results NAME]
 
 Plain PyTorch, one process, the objective functions finetuning uses (reward_weights, class_means,
 reward_weighted_loss), from runs/pretrain32/model (bench/pretrain32.py --restore). First, how
@@ -19,12 +19,12 @@ import argparse
 import copy
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from bench_common import write_result
 from pathalign_ray.data.shards import read_dataset
 from pathalign_ray.diffusion import (
     derive_seed,
@@ -36,6 +36,10 @@ from pathalign_ray.diffusion import (
 )
 from pathalign_ray.objectives import class_means, reward_weighted_loss, reward_weights
 from pathalign_ray.pathologist import judge
+
+# bench_common (it writes bench/results/NAME.json) is in bench/, off the path when run as experiments/NAME.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from bench_common import write_result  # noqa: E402
 
 MODEL, DATA = "runs/pretrain32/model", "runs/pretrain32/data"
 POOL_PER_CLASS, FRESH_PER_CLASS, BATCH, BETA = 32, 16, 16, 0.3

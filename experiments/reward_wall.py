@@ -1,6 +1,6 @@
 """Why the reward model's AUC stops near 0.90: the verdicts need measurements finer than it learns.
 
-    .venv/bin/python bench/reward_wall.py [--epochs 30]
+    .venv/bin/python experiments/reward_wall.py [--epochs 30]
 
 Runs on the samples, verdicts and held-out split of bench/reward_auc.py (runs/reward_auc; run that
 first), without weak feedback, and trains nothing that is kept. Three held-out AUCs on the
@@ -24,11 +24,12 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
-from bench_common import write_result
 from sklearn.ensemble import HistGradientBoostingClassifier
 
 from pathalign_ray.config import load_config
@@ -37,6 +38,10 @@ from pathalign_ray.reward.data import build_examples, split_examples
 from pathalign_ray.reward.metrics import roc_auc
 from pathalign_ray.reward.model import RewardModel
 from pathalign_ray.reward.train import TrainRewardConfig, _Heads, _tensors, lr_factor, reward_loss
+
+# bench_common (it writes bench/results/NAME.json) is in bench/, off the path when run as experiments/NAME.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from bench_common import write_result  # noqa: E402
 
 RUN = "runs/reward_auc"
 DATASET = "runs/pretrain32/data"
