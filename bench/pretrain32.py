@@ -5,7 +5,7 @@
 
 Writes bench/results/pretrain32.json (wall time per stage, loss curve), bench/results/pretrain32_loss.png
 and bench/results/pretrain32_contact_sheet.png (16 samples per class, DDIM 50 steps), and keeps the
-exported model in bench/models/pretrain32 (committed, a few MB: pretraining takes 16 to 55 minutes on
+exported model in models/cells32 (committed, a few MB; make demo starts from it: pretraining takes 16 to 55 minutes on
 2 cores, so the benchmarks built on it restore it with --restore rather than pretrain again).
 """
 
@@ -28,7 +28,7 @@ from pathalign_ray.data.make import MakeDatasetConfig, make_dataset
 from pathalign_ray.pretrain import PretrainConfig, pretrain
 from pathalign_ray.sampling import SampleConfig, sample
 
-KEPT_MODEL = Path(__file__).resolve().parent / "models" / "pretrain32"
+KEPT_MODEL = Path(__file__).resolve().parent.parent / "models" / "cells32"
 
 
 def sample_pretrained(run_dir: Path) -> Path:
