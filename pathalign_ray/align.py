@@ -19,6 +19,7 @@ from pathalign_ray.cluster import ScaleConfig
 from pathalign_ray.config import config_dataclass
 from pathalign_ray.finetune import FinetuneConfig, FinetuneDataConfig, FinetuneTrainConfig, ObjectiveConfig, finetune
 from pathalign_ray.reward.functions import RewardSourceConfig
+from pathalign_ray.reward.serve import ServeRewardConfig
 from pathalign_ray.reward.train import TrainRewardConfig, train_reward
 from pathalign_ray.sampling import SampleConfig, read_manifest, sample
 from pathalign_ray.simulated_feedback import SimulateFeedbackConfig, simulate_feedback
@@ -41,10 +42,14 @@ class AlignConfig:
     feedback: Literal["simulated", "human"] = "simulated"  # human: wait for verdicts from the labelling page
     quota: int = 0  # human: verdicts a round needs before the loop goes on; 0: every sample judged once
     poll_s: float = 15.0  # human: seconds between looks at the feedback store
-    sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)  # model and out_dir set per round
+    # model and out_dir set per round; round r draws the "pool" seed namespace at base seed sample.seed * 1000 + r
+    sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
     simulate: SimulateFeedbackConfig = dataclasses.field(default_factory=SimulateFeedbackConfig)  # run_dir, samples, round set per round
     reward: TrainRewardConfig = dataclasses.field(default_factory=TrainRewardConfig)  # run_dir set from run_dir
     finetune: AlignFinetuneConfig = dataclasses.field(default_factory=AlignFinetuneConfig)  # models, pools, reward set per round
+    # set: each round's reward model is deployed on Ray Serve (model set per round) and finetuning scores
+    # it over HTTP, as in production; null: scored in-process
+    serve: ServeRewardConfig | None = None
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -71,6 +76,11 @@ def read_rounds(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
+def pool_seed(seed: int, round_index: int) -> int:
+    """The base seed of round `round_index`'s pool, in the "pool" seed namespace: one per (seed, round)."""
+    return seed * 1000 + round_index
+
+
 def model_of_round(run_dir: Path, round_index: int) -> Path:
     """The model round `round_index` samples from: the pretrained one, then each round's finetuned one."""
     return run_dir / "model" if round_index == 0 else run_dir / f"round{round_index - 1}-model"
@@ -90,7 +100,7 @@ def run_round(config: AlignConfig, run_dir: Path, round_index: int) -> dict:
                 samples=tuple(str(run_dir / f"rounds/{r}/samples") for r in range(round_index + 1)),
                 real_dataset=config.reward.data.dataset,
             ),
-            reward=RewardSourceConfig(kind="model", model=row.pop("reward_dir")),
+            reward=reward_source(config, row.pop("reward_dir"), round_index),
             train=config.finetune.train,
             scale=config.finetune.scale,
             evaluate_with_pathologist=config.finetune.evaluate_with_pathologist,
@@ -106,6 +116,17 @@ def run_round(config: AlignConfig, run_dir: Path, round_index: int) -> dict:
     }
 
 
+def reward_source(config: AlignConfig, reward_dir: str, round_index: int) -> RewardSourceConfig:
+    """How the round's finetuning scores images: the reward model in-process, or its Serve endpoint over HTTP."""
+    if config.serve is None:
+        return RewardSourceConfig(kind="model", model=reward_dir)
+    from pathalign_ray.reward.serve import start_reward_server
+
+    url = start_reward_server(dataclasses.replace(config.serve, model=reward_dir))  # redeploys from round 1 on
+    print(f"[align] round {round_index}: reward model served at {url}v1/score")
+    return RewardSourceConfig(kind="http", url=url.rstrip("/"))
+
+
 def collect_feedback(config: AlignConfig, run_dir: Path, round_index: int) -> dict:
     """The round before finetuning: sample from the round's model, get the verdicts, retrain the reward model.
 
@@ -116,7 +137,12 @@ def collect_feedback(config: AlignConfig, run_dir: Path, round_index: int) -> di
 
     model = model_of_round(run_dir, round_index)
     samples_rel = f"rounds/{round_index}/samples"
-    sample(dataclasses.replace(config.sample, model=str(model), out_dir=str(run_dir / samples_rel), seed=1000 + round_index, overwrite=True))
+    sample(
+        dataclasses.replace(
+            config.sample, model=str(model), out_dir=str(run_dir / samples_rel), overwrite=True,
+            namespace="pool", seed=pool_seed(config.sample.seed, round_index),
+        )
+    )
     if config.feedback == "simulated":
         simulate_feedback(dataclasses.replace(config.simulate, run_dir=str(run_dir), samples=samples_rel, round=round_index))
     else:

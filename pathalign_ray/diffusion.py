@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -117,6 +118,28 @@ def draw_noise_and_timesteps(
 def derive_seed(*keys: int) -> int:
     """A 32-bit seed that depends on the keys only (e.g. base seed, class, index), never on batching."""
     return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
+# Every purpose that draws noise has its own seed space, so that the noise an evaluation draws can
+# never be the noise a feedback pool was drawn from, a finetuning check looked at or a Tune probe
+# ranked trials by: judging a model on the trajectories its reward pulled it towards flatters it.
+# The ids are part of every seed: never renumber them.
+SEED_NAMESPACES = {
+    "sample": 1,  # jobs/sample.py
+    "pool": 2,  # the samples of a feedback round, which experts judge and finetuning weights
+    "evaluation": 3,  # jobs/evaluate.py: held-out noise
+    "check": 4,  # finetuning's own fresh-sample check
+    "probe": 5,  # a Tune trial's score
+    "train": 6,  # training noise, timesteps and batches (DDPO's trajectories too)
+}
+SeedNamespace = Literal["sample", "pool", "evaluation", "check", "probe", "train"]
+
+
+def namespaced_seed(namespace: str, base: int, *keys: int) -> int:
+    """derive_seed inside one purpose's seed space: the same base and keys in two namespaces give unrelated seeds."""
+    if namespace not in SEED_NAMESPACES:
+        raise ValueError(f"unknown seed namespace {namespace!r}; known: {', '.join(SEED_NAMESPACES)}")
+    return derive_seed(SEED_NAMESPACES[namespace], base, *keys)
 
 
 @torch.no_grad()

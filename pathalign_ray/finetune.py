@@ -23,7 +23,7 @@ import torch
 
 from pathalign_ray.cluster import ScaleConfig, init_ray, trainer_settings
 from pathalign_ray.config import config_dataclass, save_config
-from pathalign_ray.diffusion import derive_seed
+from pathalign_ray.diffusion import namespaced_seed
 from pathalign_ray.reward.functions import RewardSourceConfig
 
 
@@ -262,7 +262,7 @@ class _Job:
 
         train = self.config.train
         self.dtype = next(self.engine.module.parameters()).dtype
-        seed = derive_seed(train.seed, self.rank, self.state["step"])
+        seed = namespaced_seed("train", train.seed, self.rank, self.state["step"])
         self.generator = torch.Generator().manual_seed(seed)
         self.synthetic = self.real = None
         if self.config.objective.kind == "rwl":
@@ -412,8 +412,8 @@ class _Job:
         return float(((ours - base_prediction.float()) ** 2).mean())
 
     def _evaluate_fresh_samples(self) -> dict:
-        """Rank 0 samples eval_per_class images per class (DDIM at eval_ddim_steps, eval_eta; fixed seeds) from
-        the EMA weights, the model the job exports, and scores them."""
+        """Rank 0 samples eval_per_class images per class (DDIM at eval_ddim_steps, eval_eta; fixed seeds in the
+        "check" namespace) from the EMA weights, the model the job exports, and scores them."""
         if self.rank != 0:
             return {}
         from diffusers import DDIMScheduler
@@ -423,7 +423,9 @@ class _Job:
 
         train = self.config.train
         labels = torch.arange(len(self.class_names)).repeat_interleave(train.eval_per_class)
-        seeds = [derive_seed(train.seed, int(c), j % train.eval_per_class) for j, c in enumerate(labels.tolist())]
+        seeds = [
+            namespaced_seed("check", train.seed, int(c), j % train.eval_per_class) for j, c in enumerate(labels.tolist())
+        ]
         scheduler = DDIMScheduler.from_config(self.ddim.config)
         with ema_weights(self.engine.module, self.ema) as unet:
             images = ddim_sample(unet, scheduler, labels.to(self.device), seeds, train.eval_ddim_steps, train.eval_eta)

@@ -19,7 +19,7 @@ import ray
 import torch
 
 from pathalign_ray.config import config_dataclass
-from pathalign_ray.diffusion import ddim_sample, derive_seed, load_model, to_uint8
+from pathalign_ray.diffusion import SeedNamespace, ddim_sample, load_model, namespaced_seed, to_uint8
 
 MANIFEST_FILE = "manifest.parquet"
 
@@ -32,7 +32,8 @@ class SampleConfig:
     classes: tuple[str, ...] = ()  # declared classes to sample; empty means all of the model's classes
     ddim_steps: int = 50  # DDIM denoising steps per image
     eta: float = 0.0  # DDIM stochasticity: 0 is deterministic given the initial noise
-    seed: int = 0  # base seed; image (class c, index j) uses derive_seed(seed, c, j)
+    seed: int = 0  # base seed; image (class c, index j) uses namespaced_seed(namespace, seed, c, j)
+    namespace: SeedNamespace = "sample"  # whose noise: sample, pool (feedback rounds), evaluation, check, probe
     batch_size: int = 32  # images per Ray task
     threads_per_worker: int = 1  # torch threads and Ray CPUs per task
     device: Literal["cpu", "cuda"] = "cpu"
@@ -61,7 +62,7 @@ def sample(config: SampleConfig) -> Path:
     if out_dir.exists() and any(out_dir.iterdir()) and not config.overwrite:
         raise FileExistsError(f"{out_dir} already holds samples; choose another out_dir or set overwrite=true")
     unet, scheduler, class_names, info = load_model(config.model)
-    plan = _plan(config, class_names)
+    plan = plan_samples(config, class_names)
     reward = _load_reward_model(config, plan)  # before sampling: a wrong path or class fails at once
 
     init_ray(device=config.device)
@@ -106,22 +107,47 @@ def read_manifest(sample_dir: str | Path) -> pa.Table:
     return pq.read_table(path)
 
 
-def _plan(config: SampleConfig, class_names: list[str]) -> list[dict]:
-    """One row per image to draw, in class order."""
+def sample_id(namespace: str, seed: int, declared_class: str, index: int) -> str:
+    """The id of image `index` of a class in a sample plan, e.g. pool1000-myeloblast-00003."""
+    return f"{namespace}{seed}-{declared_class}-{index:05d}"
+
+
+def plan_samples(config: SampleConfig, class_names: list[str]) -> list[dict]:
+    """One row per image to draw (sample_id, declared_class, class_index, seed), in class order."""
     unknown = [name for name in config.classes if name not in class_names]
     if unknown:
         raise ValueError(f"unknown class {unknown[0]!r}; the model knows {', '.join(class_names)}")
     wanted = config.classes or tuple(class_names)
     return [
         {
-            "sample_id": f"seed{config.seed}-{name}-{j:05d}",
+            "sample_id": sample_id(config.namespace, config.seed, name, j),
             "declared_class": name,
             "class_index": class_names.index(name),
-            "seed": derive_seed(config.seed, class_names.index(name), j),
+            "seed": namespaced_seed(config.namespace, config.seed, class_names.index(name), j),
         }
         for name in wanted
         for j in range(config.n_per_class)
     ]
+
+
+def seeds_drawn_under(run_dir: str | Path, seeds: set[int], skip: str | Path | None = None) -> dict[Path, int]:
+    """{manifest: how many of `seeds` it drew} for each sample folder under run_dir that shares any.
+
+    Folders drawn for an evaluation (namespace evaluation) and those under `skip` are left out:
+    what this finds is noise that pools, checks or probes of the run used.
+    """
+    skip = Path(skip).resolve() if skip is not None else None
+    shared = {}
+    for path in sorted(Path(run_dir).resolve().rglob(MANIFEST_FILE)):
+        if skip is not None and path.is_relative_to(skip):
+            continue
+        manifest = pq.read_table(path)
+        if "namespace" in manifest.column_names and set(manifest.column("namespace").to_pylist()) == {"evaluation"}:
+            continue
+        count = len(seeds.intersection(manifest.column("seed").to_pylist()))
+        if count:
+            shared[path] = count
+    return shared
 
 
 def _load_reward_model(config: SampleConfig, plan: list[dict]):
@@ -157,6 +183,7 @@ def _write_manifest(plan: list[dict], path: Path, config: SampleConfig) -> None:
             "path": pa.array([row["path"] for row in plan], pa.string()),
             "ddim_steps": pa.array([config.ddim_steps] * len(plan), pa.int32()),
             "eta": pa.array([config.eta] * len(plan), pa.float32()),
+            "namespace": pa.array([config.namespace] * len(plan), pa.string()),
             **rewards,  # P(plausible) by config.reward_model
         }
     )

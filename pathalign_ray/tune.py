@@ -66,7 +66,7 @@ class PenaltyConfig:
 class ProbeConfig:
     n_per_class: int = 16  # fresh samples per class at each report (fixed seeds: every trial sees the same noise)
     ddim_steps: int = 20  # DDIM steps per probe sample
-    seed: int = 2000  # base seed of the probe samples, away from jobs/sample.py's 0 and jobs/evaluate.py's 1000
+    seed: int = 2000  # base seed of the probe samples, in the "probe" seed namespace (never a pool's or the evaluation's noise)
     prdc_k: int = 5  # nearest neighbours of coverage (Naeem et al. use 5)
     strictness: float = 1.0  # the simulated pathologist's (1 the reference)
     threads: int = 1  # torch threads of the probe (in the trial's process, after its Ray Train run)
@@ -193,7 +193,7 @@ def probe(model_dir: str | Path, reference: Reference, config: ProbeConfig) -> d
     """Sample n_per_class images per class from fixed seeds; score plausibility, FID and PRDC against the real set."""
     import torch
 
-    from pathalign_ray.diffusion import ddim_sample, derive_seed, load_model, to_uint8
+    from pathalign_ray.diffusion import ddim_sample, load_model, namespaced_seed, to_uint8
     from pathalign_ray.evaluation.classifier import extract_features
     from pathalign_ray.evaluation.features import encoder_from_state
     from pathalign_ray.evaluation.metrics import frechet_distance_of, precision_recall_density_coverage
@@ -202,7 +202,7 @@ def probe(model_dir: str | Path, reference: Reference, config: ProbeConfig) -> d
     torch.set_num_threads(config.threads)
     unet, ddim, class_names, _ = load_model(model_dir)
     labels = torch.arange(len(class_names)).repeat_interleave(config.n_per_class)
-    seeds = [derive_seed(config.seed, int(c), j % config.n_per_class) for j, c in enumerate(labels.tolist())]
+    seeds = [namespaced_seed("probe", config.seed, int(c), j % config.n_per_class) for j, c in enumerate(labels.tolist())]
     batches = [
         to_uint8(ddim_sample(unet, ddim, labels[i : i + 64], seeds[i : i + 64], config.ddim_steps))
         for i in range(0, len(labels), 64)

@@ -26,6 +26,15 @@ def test_auc_by_hand():
     assert math.isnan(roc_auc([0.1, 0.9], [1, 1])) and math.isnan(roc_auc([], []))
 
 
+def test_an_undefined_auc_says_why():
+    from pathalign_ray.reward.metrics import auc_text
+
+    assert auc_text(0.91234, 10, 4) == "0.912"
+    assert auc_text(math.nan, 10, 0) == "n/a: no plausible sample held out"
+    assert auc_text(math.nan, 10, 10) == "n/a: no implausible sample held out"
+    assert auc_text(math.nan, 0, 0) == "n/a: nothing held out"
+
+
 def test_accuracy_and_balanced_accuracy_by_hand():
     scores, labels = [0.9, 0.6, 0.5, 0.2, 0.1], [1, 0, 0, 0, 0]
     # predicted plausible at >= 0.5: 1, 1, 1, 0, 0 -> right: 1, 0, 0, 1, 1

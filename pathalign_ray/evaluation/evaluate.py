@@ -30,6 +30,7 @@ import pyarrow as pa
 import ray
 
 from pathalign_ray.config import config_dataclass, config_to_dict
+from pathalign_ray.diffusion import SeedNamespace
 from pathalign_ray.evaluation.classifier import ClassifierConfig
 from pathalign_ray.evaluation.sources import MODEL, ImageSet
 
@@ -41,7 +42,10 @@ class EvalSamplingConfig:
     n_per_class: int = 32  # images sampled per declared class from each exported model folder
     ddim_steps: int = 50  # DDIM steps per image
     eta: float = 0.0  # DDIM stochasticity
-    seed: int = 1000  # base seed; away from jobs/sample.py's 0, so the evaluation sees images feedback never judged
+    seed: int = 1000  # base seed of the evaluation's noise
+    # evaluation: noise no pool, check or probe ever draws. Another namespace is refused where the
+    # run a model came from drew the same seeds (a model judged on its own feedback pool is flattered).
+    namespace: SeedNamespace = "evaluation"
     batch_size: int = 32  # images per Ray sampling task
     reuse: bool = True  # keep REPORT/samples/NAME when it holds this plan from this model, written since the model
 
@@ -110,6 +114,9 @@ def evaluate(config: EvaluateConfig) -> Path:
     if len(train) < 2 or len(test) < 1:
         raise ValueError(f"{config.real} needs >= 2 train and >= 1 test images, has {len(train)} and {len(test)}")
     out_dir = Path(config.out_dir)
+    for path, kind in zip(config.models, kinds):
+        if kind == MODEL:
+            check_noise_held_out(Path(path), class_names, config.sampling, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     timings, notes, started = {}, [], time.perf_counter()
 
@@ -209,17 +216,14 @@ def _sample_model(
     model: Path, out: Path, class_names: list[str], sampling: EvalSamplingConfig, scale: EvalScaleConfig
 ) -> Path:
     """Sample n_per_class images of each class the model and the data set share into `out` (reused if it holds them)."""
-    from pathalign_ray.diffusion import CLASS_NAMES_FILE, MODEL_INFO_FILE
-    from pathalign_ray.sampling import SampleConfig, read_manifest, sample
+    from pathalign_ray.diffusion import MODEL_INFO_FILE
+    from pathalign_ray.sampling import read_manifest, sample
 
-    model_classes = json.loads((model / CLASS_NAMES_FILE).read_text())
-    classes = tuple(c for c in model_classes if c in class_names)
-    if not classes:
-        raise ValueError(f"{model} knows none of the data set's classes {class_names}")
+    config, plan = _sample_plan(model, out, class_names, sampling, scale.threads_per_worker, scale.device)
     step = (
         json.loads((model / MODEL_INFO_FILE).read_text()).get("step", -1) if (model / MODEL_INFO_FILE).is_file() else -1
     )
-    expected = {f"seed{sampling.seed}-{c}-{j:05d}" for c in classes for j in range(sampling.n_per_class)}
+    expected = {row["sample_id"] for row in plan}
     if sampling.reuse and (out / "manifest.parquet").is_file():
         manifest = read_manifest(out)
         same = (
@@ -233,21 +237,49 @@ def _sample_model(
             print(f"sampling: reusing {out} ({len(expected)} images of step {step})")
             return out
     print(f"sampling {len(expected)} images from {model} into {out}")
-    return sample(
-        SampleConfig(
-            model=str(model),
-            out_dir=str(out),
-            n_per_class=sampling.n_per_class,
-            classes=classes,
-            ddim_steps=sampling.ddim_steps,
-            eta=sampling.eta,
-            seed=sampling.seed,
-            batch_size=sampling.batch_size,
-            threads_per_worker=scale.threads_per_worker,
-            device=scale.device,
-            overwrite=True,
+    return sample(config)
+
+
+def check_noise_held_out(model: Path, class_names: list[str], sampling: EvalSamplingConfig, out_dir: Path) -> None:
+    """Refuse to judge `model` on noise that a pool, check or probe of the run it came from drew."""
+    from pathalign_ray.evaluation.sources import run_dir_of
+    from pathalign_ray.sampling import seeds_drawn_under
+
+    _, plan = _sample_plan(model, out_dir / "samples", class_names, sampling, 1, "cpu")
+    run_dir = run_dir_of(model)
+    shared = seeds_drawn_under(run_dir, {row["seed"] for row in plan}, skip=out_dir / "samples")
+    if shared:
+        where = "; ".join(f"{count} in {path.parent}" for path, count in shared.items())
+        raise ValueError(
+            f"sampling.namespace={sampling.namespace} sampling.seed={sampling.seed} would judge {model} on noise "
+            f"its run {run_dir} already drew ({where}); evaluate on held-out noise: sampling.namespace=evaluation"
         )
+
+
+def _sample_plan(model: Path, out: Path, class_names: list[str], sampling: EvalSamplingConfig, threads: int, device):
+    """(SampleConfig, plan) of the evaluation's samples of `model`: each class it shares with the data set."""
+    from pathalign_ray.diffusion import CLASS_NAMES_FILE
+    from pathalign_ray.sampling import SampleConfig, plan_samples
+
+    model_classes = json.loads((model / CLASS_NAMES_FILE).read_text())
+    classes = tuple(c for c in model_classes if c in class_names)
+    if not classes:
+        raise ValueError(f"{model} knows none of the data set's classes {class_names}")
+    config = SampleConfig(
+        model=str(model),
+        out_dir=str(out),
+        n_per_class=sampling.n_per_class,
+        classes=classes,
+        ddim_steps=sampling.ddim_steps,
+        eta=sampling.eta,
+        seed=sampling.seed,
+        namespace=sampling.namespace,
+        batch_size=sampling.batch_size,
+        threads_per_worker=threads,
+        device=device,
+        overwrite=True,
     )
+    return config, plan_samples(config, model_classes)
 
 
 # ---------------------------------------------------------------- classifiers (Ray tasks)

@@ -52,6 +52,15 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
 
 
+def auc_text(auc: float, n: int, n_plausible: int) -> str:
+    """An AUC for people: "0.912", or why it is undefined ("n/a: no plausible sample held out")."""
+    if not math.isnan(auc):
+        return f"{auc:.3f}"
+    if n == 0:
+        return "n/a: nothing held out"
+    return f"n/a: no {'plausible' if n_plausible == 0 else 'implausible'} sample held out"
+
+
 def accuracy(scores: np.ndarray, labels: np.ndarray, threshold: float = 0.5) -> float:
     """Share of verdicts predicted right, predicting plausible where score >= threshold; NaN if empty."""
     scores, labels = _check(scores, labels)

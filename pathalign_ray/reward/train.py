@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from pathalign_ray.config import config_dataclass, config_to_dict, save_config
 from pathalign_ray.reward.data import RewardDataConfig, RewardExamples, balanced_weights, label_counts
+from pathalign_ray.reward.metrics import auc_text
 from pathalign_ray.reward.model import (
     RewardModel,
     RewardModelConfig,
@@ -248,7 +249,8 @@ def train_loop(loop_config: dict) -> None:
         if rank == 0:
             print(
                 f"reward epoch {epoch + 1}/{config.train.epochs} train loss {metrics['train/loss']:.4f} "
-                f"held-out loss {metrics['test/loss']:.4f} expert AUC {metrics['test/expert/auc']:.3f}"
+                f"held-out loss {metrics['test/loss']:.4f} expert AUC "
+                + auc_text(metrics["test/expert/auc"], metrics["test/expert/n"], metrics["test/expert/n_plausible"])
             )
         final = epoch + 1 == config.train.epochs
         if rank == 0 and (improved or final):

@@ -1,0 +1,84 @@
+"""The loop over rounds: what each round samples from and learns from, and evaluation on noise it never drew."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pathalign_ray.align import pool_seed
+from pathalign_ray.diffusion import SEED_NAMESPACES, derive_seed, namespaced_seed
+
+from conftest import TINY_ALIGN_OVERRIDES
+from test_evaluation import TINY_CLASSIFIER
+
+
+def test_each_namespace_draws_other_seeds_than_every_other_and_than_plain_keys():
+    keys = [(base, c, j) for base in (0, 1000) for c in range(4) for j in range(8)]
+    seen = {}
+    for namespace in SEED_NAMESPACES:
+        seeds = {namespaced_seed(namespace, *k) for k in keys}
+        assert len(seeds) == len(keys)
+        for other, theirs in seen.items():
+            assert not seeds & theirs, (namespace, other)
+        seen[namespace] = seeds
+    assert not set().union(*seen.values()) & {derive_seed(*k) for k in keys}
+    assert namespaced_seed("pool", 1000, 2, 3) == namespaced_seed("pool", 1000, 2, 3)
+    with pytest.raises(ValueError, match="unknown seed namespace 'pools'"):
+        namespaced_seed("pools", 0, 0, 0)
+
+
+def test_pool_seeds_are_one_per_seed_and_round():
+    assert len({pool_seed(seed, r) for seed in range(3) for r in range(5)}) == 15
+
+
+@pytest.mark.ray
+def test_two_rounds_compound_and_the_evaluation_refuses_a_pools_noise(tiny_pretrained, tiny_dataset, tmp_path):
+    """Round 1 samples round 0's finetuned model and its reward model learns both rounds' verdicts; an
+    evaluation set to round 1's pool noise is refused, naming both, and the default held-out noise runs."""
+    import shutil
+
+    from pathalign_ray.align import AlignConfig, align
+    from pathalign_ray.config import load_config
+    from pathalign_ray.evaluation.evaluate import EvaluateConfig, evaluate
+    from pathalign_ray.sampling import read_manifest
+
+    _, _, model_dir = tiny_pretrained
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copytree(model_dir, run / "model")
+    config = load_config(
+        AlignConfig,
+        None,
+        [f"run_dir={run}", "rounds=2", "sample.n_per_class=3", "sample.ddim_steps=2", "simulate.experts=2",
+         f"reward.data.dataset={tiny_dataset}", *TINY_ALIGN_OVERRIDES],
+    )  # fmt: skip
+    rows = align(config)
+
+    assert [row["round"] for row in rows] == [0, 1]
+    assert [row["labels"] for row in rows] == [24, 48]  # 12 samples a round, 2 experts each
+    round0_model = json.loads((run / "round0-model" / "pathalign.json").read_text())["model_id"]
+    pools = [read_manifest(run / f"rounds/{r}/samples").to_pylist() for r in range(2)]
+    assert {row["model_id"] for row in pools[1]} == {round0_model}
+    assert {row["namespace"] for pool in pools for row in pool} == {"pool"}
+    assert not {row["seed"] for row in pools[0]} & {row["seed"] for row in pools[1]}
+    reward = json.loads((run / "reward" / "reward.json").read_text())
+    experts = reward["label_counts"]["train"]["expert"]["images"] + reward["label_counts"]["test"]["expert"]["images"]
+    assert reward["version"] == 1 and experts == 24  # every sample of both rounds
+
+    overrides = [
+        f"models=[{run / 'round1-model'}]", f"real={tiny_dataset}", f"out_dir={tmp_path / 'report'}",
+        "sampling.n_per_class=3", "sampling.ddim_steps=2", "prdc_k=2", "grid_per_class=2",
+        *[f"encoder.{o}" for o in TINY_CLASSIFIER], *[f"utility.{o}" for o in TINY_CLASSIFIER],
+    ]  # fmt: skip
+    on_the_pool = [*overrides, "sampling.namespace=pool", f"sampling.seed={pool_seed(0, 1)}"]
+    with pytest.raises(ValueError, match=r"sampling\.namespace=pool sampling\.seed=1 .*12 in .*rounds/1/samples"):
+        evaluate(load_config(EvaluateConfig, "configs/evaluate.yaml", on_the_pool))
+    assert not (tmp_path / "report").exists()  # refused before anything was written
+
+    report = evaluate(load_config(EvaluateConfig, "configs/evaluate.yaml", overrides))
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["sets"]["round1-model"]["n_images"] == 12
+    assert {row["namespace"] for row in read_manifest(report / "samples" / "round1-model").to_pylist()} == {
+        "evaluation"
+    }
