@@ -53,7 +53,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-CRITERIA = ("cell_size", "nucleus_shape", "chromatin", "cytoplasm_colour", "granules", "inclusions")
+from pathalign_ray.checklist import CRITERIA
+
 VERDICTS = ("plausible", "implausible")
 MAX_NOTE_CHARS = 2000  # a free-text remark, not a report
 MAX_ID_CHARS = 256  # record_id, sample_id, expert_id, class names, image_ref

@@ -4,8 +4,8 @@ A pathologist judges a synthetic image against its DECLARED cell type with six c
 cell size, nucleus shape, chromatin, cytoplasm colour, granules, inclusions. This module measures
 those features from the pixels alone -- never from a generator's per-image metadata, so it judges any
 image, procedural or diffusion-made -- and compares them with the declared type's clinical ranges
-(`procedural.SPECS`, the checklist), widened by tolerances. Its knowledge of the stain is the
-May-Grünwald-Giemsa palette of the procedural set (`cytoplasm_rgb`, the chromatin colours below).
+(`checklist.SPECS`), widened by tolerances. Its knowledge of the stain is the
+May-Grünwald-Giemsa palette of the checklist (`checklist.cytoplasm_rgb`, the chromatin colours).
 Pure numpy/scipy: no torch, no Ray, no I/O.
 
 Measurement (`measure`) works at the image's own size (>= 16 px); pixel-count thresholds are stated at
@@ -101,9 +101,16 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull, QhullError
 
-from pathalign_ray.data.procedural import CELL_TYPES, SPECS, CellTypeSpec, cytoplasm_rgb
+from pathalign_ray import checklist
+from pathalign_ray.checklist import (
+    CRITERIA,
+    NUCLEUS_DENSE_RGB,
+    NUCLEUS_OPEN_RGB,
+    SMEAR_RGB,
+    CellTypeSpec,
+    cytoplasm_rgb,
+)
 
-CRITERIA: tuple[str, ...] = ("cell_size", "nucleus_shape", "chromatin", "cytoplasm_colour", "granules", "inclusions")
 MIN_SIZE = 16  # px, the smallest image side measured
 
 # ---------------------------------------------------------------- the rules
@@ -154,7 +161,7 @@ _NO_INCLUSION = {"auer_rod": ("rod_length", (0.0, 0.0)), "vacuoles": ("vacuoles"
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 _CROSS = ndi.generate_binary_structure(2, 1)  # 4-connectivity
 _SQUARE = np.ones((3, 3), bool)  # 8-connectivity
-_SMEAR = np.array([236.0, 226.0, 228.0], np.float32)  # the procedural smear: the stain's white point
+_SMEAR = np.array(SMEAR_RGB, np.float32)  # the procedural smear: the stain's white point
 _MIN_SMEAR_LUMINANCE = 150.0  # a darker frame border is no smear: no white balance
 _SMEAR_TINT = 6.0  # RGB levels: the procedural smear's own tint (+-4) is no change of light
 _FOREGROUND_DISTANCE = 30.0  # sum |RGB - background| above which a pixel is stained
@@ -170,8 +177,8 @@ _MIN_NC = 0.04  # a "nucleus" under this fraction of the cell is none: drawn >= 
 _MIN_LOBE = 0.015  # and so is a piece under this fraction (a clump of granules): a lobe is drawn >= ~0.035
 _REFERENCE_SIZE = 64  # px; pixel-count thresholds are stated at this size and scale with size**2
 _MIN_PLAIN_PIXELS = 12  # fewer plain cytoplasm pixels: read the tone from the rim's blends
-_NUCLEUS_OPEN_OD = 255.0 - np.array([105.0, 62.0, 150.0])  # optical density of fine chromatin
-_NUCLEUS_DENSE_OD = 255.0 - np.array([50.0, 26.0, 80.0])  # and of condensed chromatin
+_NUCLEUS_OPEN_OD = 255.0 - np.array(NUCLEUS_OPEN_RGB, np.float64)  # optical density of fine chromatin
+_NUCLEUS_DENSE_OD = 255.0 - np.array(NUCLEUS_DENSE_RGB, np.float64)  # and of condensed chromatin
 _CHROMATIN_BASIS = np.linalg.pinv(np.stack([_NUCLEUS_OPEN_OD, _NUCLEUS_DENSE_OD - _NUCLEUS_OPEN_OD], axis=1))
 _TONES = np.linspace(0.0, 1.0, 101)
 _TONE_RGB = np.array([cytoplasm_rgb(t) for t in _TONES], np.float64)
@@ -660,9 +667,7 @@ _RULES = {
 
 
 def _spec(declared_class: str) -> CellTypeSpec:
-    if declared_class not in SPECS:
-        raise ValueError(f"unknown declared class {declared_class!r}; known: {', '.join(CELL_TYPES)}")
-    return SPECS[declared_class]
+    return checklist.spec(declared_class, "declared class")
 
 
 def _strictness_per_criterion(strictness: float | Mapping[str, float]) -> dict[str, float]:

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from pathalign_ray.checklist import CRITERIA
 from pathalign_ray.evaluation.metrics import (
     classification_metrics,
     feature_statistics,
@@ -16,7 +17,6 @@ from pathalign_ray.evaluation.metrics import (
     wilson_interval,
 )
 from pathalign_ray.evaluation.plausibility import plausibility_per_round, rate, summarize_consensus, summarize_verdicts
-from pathalign_ray.feedback import CRITERIA
 
 # ---------------------------------------------------------------- Frechet distance
 

@@ -11,6 +11,7 @@ import pytest
 from scipy import ndimage as ndi
 
 from pathalign_ray import pathologist
+from pathalign_ray.checklist import CRITERIA
 from pathalign_ray.data.procedural import (
     BROKEN_KINDS,
     CELL_TYPES,
@@ -22,7 +23,6 @@ from pathalign_ray.data.procedural import (
     render_cell,
 )
 from pathalign_ray.pathologist import (
-    CRITERIA,
     Measurements,
     SimulatedExpert,
     judge,

@@ -8,11 +8,11 @@ import pytest
 from scipy.ndimage import binary_dilation, binary_erosion, binary_fill_holes
 from skimage.measure import label
 
-from pathalign_ray.data import procedural
+from pathalign_ray import checklist
+from pathalign_ray.checklist import SPECS
 from pathalign_ray.data.procedural import (
     CELL_TYPES,
     DEFAULT_CELL_TYPES,
-    SPECS,
     cytoplasm_rgb,
     draw_features,
     generate,
@@ -152,7 +152,7 @@ def test_cytoplasm_palette_runs_from_blue_to_orange_pink():
 
 
 def test_docstring_table_matches_specs():
-    lines = [line for line in procedural.__doc__.splitlines() if line.split()]
+    lines = [line for line in checklist.__doc__.splitlines() if line.split()]
     rows = {line.split()[0]: line for line in lines if line.split()[0] in SPECS}
     for cell_type, spec in SPECS.items():
         for bounds in (spec.cell_size, spec.nc_ratio, spec.chromatin, spec.cytoplasm_tone):

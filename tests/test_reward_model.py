@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from diffusers import UNet2DModel
 from safetensors import safe_open
 
-from pathalign_ray.feedback import CRITERIA
+from pathalign_ray.checklist import CRITERIA
 from pathalign_ray.reward.model import (
     CONFIG_FILE,
     WEIGHTS_FILE,

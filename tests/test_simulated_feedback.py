@@ -6,7 +6,8 @@ import shutil
 
 import pytest
 
-from pathalign_ray.feedback import CRITERIA, FeedbackStore
+from pathalign_ray.checklist import CRITERIA
+from pathalign_ray.feedback import FeedbackStore
 from pathalign_ray.simulated_feedback import SimulateFeedbackConfig, simulate_feedback, simulated_experts
 
 pytestmark = pytest.mark.ray

@@ -144,7 +144,7 @@ def evaluate(config: EvaluateConfig) -> Path:
         f"{encoder_info['test_metrics']['accuracy']:.3f} ({timings['domain_encoder_s']:.1f} s)"
     )
 
-    from pathalign_ray.pathologist import SPECS
+    from pathalign_ray.checklist import SPECS
 
     judged = all(name in SPECS for name in class_names)
     if not judged:
@@ -416,7 +416,8 @@ class _Featurizer:
         from pathalign_ray.evaluation.classifier import extract_features
         from pathalign_ray.evaluation.features import inception_features
         from pathalign_ray.images import decode_image
-        from pathalign_ray.pathologist import CRITERIA, judge
+        from pathalign_ray.checklist import CRITERIA
+        from pathalign_ray.pathologist import judge
 
         names = [f"{s} image {i}" for s, i in zip(batch["set"], batch["index"])]
         images = np.stack([decode_image(data, self.size, name) for data, name in zip(batch["image"], names)])

@@ -21,8 +21,9 @@ from fastapi import Cookie, FastAPI, HTTPException, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from pydantic import BaseModel, Field
 
+from pathalign_ray.checklist import CRITERIA
 from pathalign_ray.config import config_dataclass
-from pathalign_ray.feedback import CRITERIA, FeedbackRecord, FeedbackStore
+from pathalign_ray.feedback import FeedbackRecord, FeedbackStore
 
 SESSION_COOKIE = "pathalign_session"
 COMPACT_EVERY = 200  # appends between compactions of the feedback store: reads stay fast, files stay few

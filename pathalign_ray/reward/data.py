@@ -28,8 +28,8 @@ from typing import Literal
 
 import numpy as np
 
+from pathalign_ray.checklist import CRITERIA
 from pathalign_ray.config import config_dataclass
-from pathalign_ray.feedback import CRITERIA
 
 SOURCES = ("expert", "weak_true", "weak_wrong")
 

@@ -19,8 +19,8 @@ from diffusers import UNet2DModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pathalign_ray.checklist import CRITERIA
 from pathalign_ray.config import config_dataclass
-from pathalign_ray.feedback import CRITERIA
 
 WEIGHTS_FILE = "reward.safetensors"
 CONFIG_FILE = "reward.json"
