@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Literal
@@ -45,12 +46,18 @@ def job_env(device: str = "cpu") -> dict[str, str]:
 
 
 def init_ray(
-    address: str | None = None, device: str = "cpu", num_cpus: int | None = None, dashboard: bool = True
+    address: str | None = None,
+    device: str = "cpu",
+    num_cpus: int | None = None,
+    dashboard: bool = True,
+    log_to_driver: bool = True,
 ) -> None:
     """Connect to the cluster a job was submitted to, or start a local one.
 
     `ray job submit` sets RAY_ADDRESS, so jobs join the cluster; run by hand they start a local
     cluster whose temp files stay under RAY_TEMP_DIR and whose dashboard listens on 127.0.0.1.
+    log_to_driver=False keeps the workers' output in Ray's log files (its session folder's logs/),
+    and Ray's own info lines off the console: progress then shows as bars (pathalign_ray.progress).
     """
     import ray
 
@@ -60,8 +67,11 @@ def init_ray(
     os.environ.update(env)
     address = address or os.environ.get("RAY_ADDRESS")
     runtime_env = {"env_vars": env}
+    if not log_to_driver:
+        for name in ("ray", "ray.data", "ray.serve", "ray.train", "ray.tune"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     if address:
-        ray.init(address=address, runtime_env=runtime_env)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=log_to_driver)
     else:
         ray.init(
             num_cpus=num_cpus,
@@ -69,6 +79,7 @@ def init_ray(
             include_dashboard=dashboard,
             dashboard_host="127.0.0.1",
             runtime_env=runtime_env,
+            log_to_driver=log_to_driver,
         )
 
 

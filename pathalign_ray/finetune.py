@@ -24,6 +24,7 @@ import torch
 from pathalign_ray.cluster import ScaleConfig, init_ray, trainer_settings
 from pathalign_ray.config import config_dataclass, save_config
 from pathalign_ray.diffusion import namespaced_seed
+from pathalign_ray.progress import report_progress, watch
 from pathalign_ray.reward.functions import RewardSourceConfig
 
 
@@ -140,7 +141,8 @@ def finetune(config: FinetuneConfig) -> Path:
         datasets=datasets,
         **trainer_settings(config.scale, config.name, run_dir, config.train.keep_checkpoints),
     )
-    result = trainer.fit()
+    with watch(f"finetuning {config.name}", config.train.steps):
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"finetuning {config.name} in {run_dir} finished without a checkpoint")
     with result.checkpoint.as_directory() as checkpoint_dir:
@@ -278,6 +280,8 @@ class _Job:
             update_ema(self.ema, self.engine.module, train.ema_decay)
             self.state["step"] += 1
             step, window_steps = self.state["step"], window_steps + 1
+            if self.rank == 0:
+                report_progress(f"finetuning {self.config.name}", step, f"reward {metrics.get('reward_mean', float('nan')):.3f}")
             checkpoint_now = step % train.checkpoint_every == 0 or step == train.steps
             evaluate_now = step == train.steps or (train.eval_every and step % train.eval_every == 0)
             if step % train.log_every == 0 or checkpoint_now or evaluate_now:

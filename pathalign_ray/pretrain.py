@@ -27,6 +27,7 @@ from pathalign_ray.diffusion import (
     export_model,
 )
 from pathalign_ray.metrics import record_train_metrics
+from pathalign_ray.progress import report_progress, watch
 from pathalign_ray.training import (
     build_engine,
     cycle_batches,
@@ -102,7 +103,8 @@ def pretrain(config: PretrainConfig) -> Path:
         datasets={"train": train_set},
         **trainer_settings(config.scale, "pretrain", run_dir, config.train.keep_checkpoints),
     )
-    result = trainer.fit()
+    with watch("pretraining", config.train.steps):
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"pretraining in {run_dir} finished without a checkpoint")
     with result.checkpoint.as_directory() as checkpoint_dir:
@@ -153,6 +155,8 @@ def train_loop(loop_config: dict) -> None:
         update_ema(ema, engine.module, config.train.ema_decay)
         step += 1
         window_images += len(images) * world_size
+        if rank == 0:
+            report_progress("pretraining", step, f"loss {float(loss):.4f}")
         checkpoint_now = step % config.train.checkpoint_every == 0 or step == config.train.steps
         if step % config.train.log_every == 0 or checkpoint_now:
             elapsed = time.perf_counter() - window_start

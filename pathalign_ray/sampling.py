@@ -8,7 +8,6 @@ same image whatever the batching or the number of workers.
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 from typing import Literal
 
@@ -20,6 +19,7 @@ import torch
 
 from pathalign_ray.config import config_dataclass
 from pathalign_ray.diffusion import SeedNamespace, ddim_sample, load_model, namespaced_seed, to_uint8
+from pathalign_ray.progress import bar
 
 MANIFEST_FILE = "manifest.parquet"
 
@@ -74,12 +74,12 @@ def sample(config: SampleConfig) -> Path:
         for i, batch in enumerate(batches)
     }
     results: dict[int, np.ndarray] = {}
-    started = time.perf_counter()
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        results[pending.pop(done[0])] = ray.get(done[0])
-        finished = sum(len(batches[i]) for i in results)
-        print(f"sampled {finished}/{len(plan)} images ({finished / (time.perf_counter() - started):.1f} img/s)")
+    with bar(len(plan), f"sampling ({config.namespace} noise)", "img") as progress:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            index = pending.pop(done[0])
+            results[index] = ray.get(done[0])
+            progress.update(len(batches[index]))
     images = np.concatenate([results[i] for i in range(len(batches))])
     if reward is not None:
         plan, images = _score_and_select(reward, config, plan, images)

@@ -14,6 +14,7 @@ import numpy as np
 
 from pathalign_ray.config import config_dataclass
 from pathalign_ray.feedback import FeedbackRecord, FeedbackStore
+from pathalign_ray.progress import bar
 
 
 @config_dataclass
@@ -59,7 +60,7 @@ def simulate_feedback(config: SimulateFeedbackConfig) -> dict:
     experts = simulated_experts(config)
     pending = {expert.expert_id: set(store.pending([r["sample_id"] for r in rows], expert.expert_id)) for expert in experts}
     records, plausible = [], 0
-    for row in rows:
+    for row in bar(len(rows), f"{len(experts)} simulated pathologists judging", "img", iterable=rows):
         waiting = [expert for expert in experts if row["sample_id"] in pending[expert.expert_id]]
         if not waiting:
             continue

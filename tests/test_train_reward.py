@@ -155,3 +155,12 @@ def test_cosine_schedule_warms_up_peaks_and_decays_to_zero():
     assert {lr_factor(step, total, "constant") for step in range(total)} == {1.0}
     with pytest.raises(ValueError, match="lr_schedule"):
         lr_factor(0, total, "linear")
+
+
+def test_epochs_are_ranked_by_the_held_out_experts_brier_score_or_by_the_loss():
+    from pathalign_ray.reward.train import selection_score
+
+    metrics = {"test/loss": 0.2, "test/expert/n": 51, "test/expert/brier": 0.3}
+    assert selection_score(metrics, "expert_brier") == 0.3
+    assert selection_score(metrics, "loss") == 0.2
+    assert selection_score({**metrics, "test/expert/n": 0}, "expert_brier") == 0.2  # no verdict held out

@@ -33,6 +33,7 @@ from pathalign_ray.config import config_dataclass, config_to_dict
 from pathalign_ray.diffusion import SeedNamespace
 from pathalign_ray.evaluation.classifier import ClassifierConfig
 from pathalign_ray.evaluation.sources import MODEL, ImageSet
+from pathalign_ray.progress import bar
 
 SPACES = ("domain", "inception")  # feature spaces, in report order
 
@@ -375,15 +376,14 @@ def _utility(
         ): name
         for name, s in jobs.items()
     }
-    results, started = {}, time.perf_counter()
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        name = pending.pop(done[0])
-        results[name] = ray.get(done[0])
-        print(
-            f"utility: {len(results)}/{len(jobs)} classifiers trained ({name}: accuracy "
-            f"{results[name]['metrics']['accuracy']:.3f}, {time.perf_counter() - started:.0f} s)"
-        )
+    results = {}
+    with bar(len(jobs), "utility classifiers", "model") as progress:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            name = pending.pop(done[0])
+            results[name] = ray.get(done[0])
+            progress.set_postfix_str(f"{name}: accuracy {results[name]['metrics']['accuracy']:.3f}", refresh=False)
+            progress.update()
     return {name: {**results[name]["metrics"], "n_train": results[name]["n_train"]} for name in jobs}
 
 
@@ -467,15 +467,11 @@ def _features_and_verdicts(
         num_cpus=config.scale.threads_per_worker,
         num_gpus=int(config.scale.device == "cuda"),
     )
-    parts, done, started = [], 0, time.perf_counter()
-    print(f"features and verdicts: {table.num_rows} images on {config.scale.workers} Ray Data actors")
-    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-        parts.append(batch)
-        done += len(batch["index"])
-        print(
-            f"features and verdicts: {done}/{table.num_rows} images "
-            f"({done / (time.perf_counter() - started):.0f} img/s)"
-        )
+    parts = []
+    with bar(table.num_rows, "features and verdicts", "img") as progress:
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            parts.append(batch)
+            progress.update(len(batch["index"]))
     merged = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
     out = {}
     for s in sets:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from pathalign_ray.config import config_dataclass, config_to_dict, save_config
 from pathalign_ray.reward.data import RewardDataConfig, RewardExamples, balanced_weights, label_counts
+from pathalign_ray.progress import report_progress, watch
 from pathalign_ray.reward.metrics import auc_text
 from pathalign_ray.reward.model import (
     RewardModel,
@@ -55,6 +56,10 @@ class RewardTrainConfig:
     augment: bool = True  # random flips and quarter turns: a cell on a slide has no orientation
     threshold: float = 0.5  # a score at or above it predicts plausible (accuracy metrics)
     ece_bins: int = 10  # equal-width bins of the expected calibration error
+    # the epoch whose weights are kept: the lowest Brier score on the held-out expert verdicts (what the reward
+    # is for: on a few hundred samples it overfits them after a few epochs while the weak-feedback loss still
+    # falls), or the lowest held-out training loss; "expert_brier" uses the loss when no verdict is held out
+    keep_best: Literal["expert_brier", "loss"] = "expert_brier"
     seed: int = 0  # initial weights, batch draws, augmentation
 
     def __post_init__(self) -> None:
@@ -132,7 +137,8 @@ def train_reward(config: TrainRewardConfig) -> Path:
         },
         **trainer_settings(config.scale, TRAIN_RUN_NAME, run_dir, keep_checkpoints=1),
     )
-    result = trainer.fit()
+    with watch("reward model", config.train.epochs, unit="epoch"):
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"reward training in {run_dir} finished without a checkpoint")
     with result.checkpoint.as_directory() as checkpoint_dir:
@@ -239,24 +245,33 @@ def train_loop(loop_config: dict) -> None:
         logits, criteria_logits = _score_all(model, test_set, device, rank, world_size)
         metrics, report = evaluate(logits, criteria_logits, test_set, selection, config.train)
         metrics = {"epoch": epoch + 1, "train/loss": _mean_over_workers(np.mean(losses), world_size), **metrics}
-        improved = not selection.any() or metrics["test/loss"] < state["best_loss"]  # nothing held out: the last
+        score = selection_score(metrics, config.train.keep_best)
+        improved = not selection.any() or score < state["best_score"]  # nothing held out: the last
         if improved:
-            state.update(best_loss=metrics["test/loss"], best_epoch=epoch + 1)
+            state.update(best_score=score, best_epoch=epoch + 1)
             state["best_metrics"] = {**metrics, "report": report}
             best_weights = _copy_weights(model)
         state["history"].append(metrics)
         state["epoch"] = epoch + 1
         if rank == 0:
+            auc = auc_text(metrics["test/expert/auc"], metrics["test/expert/n"], metrics["test/expert/n_plausible"])
             print(
                 f"reward epoch {epoch + 1}/{config.train.epochs} train loss {metrics['train/loss']:.4f} "
-                f"held-out loss {metrics['test/loss']:.4f} expert AUC "
-                + auc_text(metrics["test/expert/auc"], metrics["test/expert/n"], metrics["test/expert/n_plausible"])
+                f"held-out loss {metrics['test/loss']:.4f} expert AUC {auc}"
             )
+            report_progress("reward model", epoch + 1, f"held-out expert AUC {auc}")
         final = epoch + 1 == config.train.epochs
         if rank == 0 and (improved or final):
             _report_checkpoint(model, best_weights, state, loop_config["info"], metrics)
         else:
             ray.train.report(metrics)
+
+
+def selection_score(metrics: dict, keep_best: str) -> float:
+    """What an epoch is ranked by (lower is better): see RewardTrainConfig.keep_best."""
+    if keep_best == "expert_brier" and metrics.get("test/expert/n", 0) > 0:
+        return metrics["test/expert/brier"]
+    return metrics["test/loss"]
 
 
 def evaluate(
@@ -373,7 +388,7 @@ def _restore(model: RewardModel) -> tuple[int, dict]:
     """After a worker failure: the best weights so far and the training state; else a fresh state."""
     import ray.train
 
-    state = {"epoch": 0, "best_loss": math.inf, "best_epoch": 0, "best_metrics": {}, "history": []}
+    state = {"epoch": 0, "best_score": math.inf, "best_epoch": 0, "best_metrics": {}, "history": []}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return 0, state
@@ -381,8 +396,8 @@ def _restore(model: RewardModel) -> tuple[int, dict]:
         restored, meta = load_reward_model(checkpoint_dir)
     model.load_state_dict(restored.state_dict())
     state.update(meta["train_state"])
-    if state["best_loss"] is None:  # JSON has no infinity (_finite)
-        state["best_loss"] = math.inf
+    if state["best_score"] is None:  # JSON has no infinity (_finite)
+        state["best_score"] = math.inf
     return state["epoch"], state
 
 
