@@ -8,7 +8,7 @@
     GET  /openapi.json
 
 Every image is decoded and brought to the model's size and RGB (`decode_image`) in the request
-handler (`_ScoreFastPath` for JSON bodies to /v1/score, FastAPI for the rest); the images of
+handler (`fast_path.ScoreFastPath` for JSON bodies to /v1/score, FastAPI for the rest); the images of
 concurrent requests (HTTP or handle calls to `score`) then share one forward pass through
 `@serve.batch`, counted in images, not requests. A bad request is a 4xx whose message names the
 fault; it never reaches the batch. A new model version arrives through
@@ -19,8 +19,6 @@ between two batches, so no request is dropped and each response names the versio
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import dataclasses
 import hashlib
 import json
@@ -36,14 +34,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from ray import serve
-from starlette._utils import get_route_path
-from starlette.requests import ClientDisconnect
-from starlette.types import Receive, Scope, Send
 
 from pathalign_ray.cluster import keep_serving
 from pathalign_ray.config import config_dataclass
 from pathalign_ray.images import ImageError, decode_image, normalise_array, to_model_range
 from pathalign_ray.metrics import record_endpoint_batch, record_endpoint_latency
+from pathalign_ray.reward import fast_path
+from pathalign_ray.reward.fast_path import (
+    SCORE_ROUTE, BadRequest, ScoreFastPath, decode_json, is_json, read_capped, score_decoded
+)
 
 APP_NAME = "reward"
 DEPLOYMENT_NAME = "RewardScorer"
@@ -100,17 +99,6 @@ class ServeRewardConfig:
             raise ValueError("batch_wait_timeout_s must be >= 0")
 
 
-class BadRequest(ValueError):
-    """A request the endpoint refuses: `status` is the HTTP status, the message names the fault."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-    def __reduce__(self):  # crosses process boundaries as itself (handle callers catch it as ValueError)
-        return BadRequest, (self.status, str(self))
-
-
 @dataclasses.dataclass(frozen=True)
 class _LoadedModel:
     model: Any  # RewardModel, eval mode
@@ -135,7 +123,7 @@ def _images_in(batch: list[tuple[np.ndarray, list[str]]]) -> int:
 @serve.deployment(name=DEPLOYMENT_NAME)
 @serve.ingress()
 class RewardScorer:
-    """One replica: a plain RewardModel, a batch queue, and the FastAPI app of `create_app` behind `_ScoreFastPath`."""
+    """One replica: a plain RewardModel, a batch queue, and the FastAPI app of `create_app` behind `ScoreFastPath`."""
 
     def __init__(self, config: ServeRewardConfig):
         import torch
@@ -153,7 +141,7 @@ class RewardScorer:
         self._score_batch.set_batch_wait_timeout_s(0.0)  # idle: a lone request runs at once (see _score_batch)
 
     def __serve_build_asgi_app__(self):
-        return _ScoreFastPath(self, create_app(self))
+        return ScoreFastPath(self, create_app(self))
 
     async def reconfigure(self, user_config: dict) -> None:
         """user_config {"model": PATH}: load that version while the serving one keeps scoring, then swap.
@@ -172,6 +160,10 @@ class RewardScorer:
     @property
     def current(self) -> _LoadedModel:
         return self._current
+
+    @property
+    def config(self) -> ServeRewardConfig:
+        return self._config
 
     async def score(self, images: np.ndarray | list[bytes], classes: list[str]) -> dict:
         """Handle entry point: (N, H, W, 3) uint8 or N encoded images -> {"scores": [N floats], "model": info}.
@@ -300,7 +292,7 @@ class ScoreResponse(BaseModel):
 
 def create_app(scorer: RewardScorer) -> FastAPI:
     """The FastAPI app of one replica; its routes call the replica's methods."""
-    limit = scorer._config.max_body_bytes
+    limit = scorer.config.max_body_bytes
     app = FastAPI(
         title="pathalign_ray reward model",
         description="r(x, c): the probability that an expert judges image x plausible as declared cell type c.",
@@ -334,7 +326,7 @@ def create_app(scorer: RewardScorer) -> FastAPI:
     }
 
     @app.post(
-        "/v1/score",
+        SCORE_ROUTE,
         response_model=ScoreResponse,
         responses=errors,
         openapi_extra={
@@ -350,16 +342,16 @@ def create_app(scorer: RewardScorer) -> FastAPI:
     async def score(request: Request):
         """Score images against their declared classes, batched with concurrent requests."""
         started = time.perf_counter()
-        body = await _read_capped(request.headers.get("content-length"), request.receive, limit)
+        body = await read_capped(request.headers.get("content-length"), request.receive, limit)
         content_type = request.headers.get("content-type", "").lower()
         if content_type.startswith("multipart/form-data"):
             encoded, classes = await _parse_multipart(request, body)
             pixels = scorer.decode(encoded, classes, field="files")
-        elif _is_json(content_type):
-            pixels, classes = _decode_json(scorer, body)
+        elif is_json(content_type):
+            pixels, classes = decode_json(scorer, body)
         else:
             raise BadRequest(415, f"Content-Type {content_type[:80]!r}: send application/json or multipart/form-data")
-        return JSONResponse(await _score_decoded(scorer, pixels, classes, started))
+        return JSONResponse(await score_decoded(scorer, pixels, classes, started))
 
     @app.get("/v1/classes")
     async def classes() -> dict:
@@ -372,144 +364,6 @@ def create_app(scorer: RewardScorer) -> FastAPI:
         return {"status": "ok", "model": scorer.current.info}
 
     return app
-
-
-class _ScoreFastPath:
-    """The replica's ASGI app: answers JSON POSTs to /v1/score itself and hands all else to FastAPI.
-
-    A single-image JSON request cost about 4 ms of event-loop CPU on 2 cores at concurrency 32, and
-    about 11% of it was FastAPI/Starlette's routing and middleware (Request objects, exception
-    middleware, JSONResponse), not the request's own work. This path matches what the FastAPI route
-    matches and shares its helpers, so its responses are the same; the FastAPI route stays for
-    multipart bodies and OpenAPI, and FastAPI keeps every other route and the lifespan events.
-    """
-
-    def __init__(self, scorer: RewardScorer, app: FastAPI):
-        self._scorer = scorer
-        self._app = app
-        # Serve reads the app's routes (route names in its metrics, route patterns for its proxies)
-        # and adds its 503 handlers for back-pressure to it: these are the FastAPI app's.
-        self.routes, self.router, self.root_path = app.routes, app.router, app.root_path
-        self.add_exception_handler = app.add_exception_handler
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not (
-            scope["type"] == "http"
-            and scope["method"] == "POST"
-            and get_route_path(scope) == "/v1/score"  # Serve's route prefix is in root_path, as for FastAPI
-            and _is_json((_header(scope, b"content-type") or "").lower())
-        ):
-            await self._app(scope, receive, send)
-            return
-        try:
-            status, body = 200, _json(await self._score(scope, receive))
-        except BadRequest as error:
-            status, body = error.status, _json({"detail": str(error)})
-        except Exception:  # as Starlette's ServerErrorMiddleware: a bare 500, raised on for Serve to log
-            await _respond(send, 500, b"Internal Server Error", b"text/plain; charset=utf-8")
-            raise
-        await _respond(send, status, body, b"application/json")
-
-    async def _score(self, scope: Scope, receive: Receive) -> dict:
-        started = time.perf_counter()
-        limit = self._scorer._config.max_body_bytes
-        body = await _read_capped(_header(scope, b"content-length"), receive, limit)
-        pixels, classes = _decode_json(self._scorer, body)
-        return await _score_decoded(self._scorer, pixels, classes, started)
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    """The first `name` header of the request, as Starlette's `Headers.get` reads it."""
-    return next((value.decode("latin-1") for key, value in scope["headers"] if key == name), None)
-
-
-def _json(content: Any) -> bytes:
-    """`content` encoded as Starlette's JSONResponse encodes it."""
-    return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
-
-
-async def _respond(send: Send, status: int, body: bytes, content_type: bytes) -> None:
-    headers = [(b"content-length", str(len(body)).encode()), (b"content-type", content_type)]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-def _is_json(content_type: str) -> bool:
-    """A lower-cased Content-Type the /v1/score route reads as JSON (a missing one included)."""
-    return content_type.startswith("application/json") or not content_type
-
-
-def _decode_json(scorer: RewardScorer, body: bytes) -> tuple[np.ndarray, list[str]]:
-    """A JSON body -> (N, S, S, 3) uint8 pixels and the N declared classes; BadRequest names a fault."""
-    encoded, classes = _parse_json(body, scorer._config.max_images_per_request)
-    scorer.check_request(len(encoded), classes)  # cheap checks before any base64 is decoded
-    return scorer.decode([_b64(item, i) for i, item in enumerate(encoded)], classes), classes
-
-
-async def _score_decoded(scorer: RewardScorer, pixels: np.ndarray, classes: list[str], started: float) -> dict:
-    """{"scores", "model"} of a decoded request; its latency since `started` goes to the dashboard."""
-    result = await scorer.score_pixels(pixels, classes)
-    if any(s != s for s in result["scores"]):  # NaN: see _forward
-        raise BadRequest(409, f"model {result['model']} no longer knows a class of this request: retry")
-    record_endpoint_latency(time.perf_counter() - started, scorer.app_name)
-    return result
-
-
-async def _read_capped(declared: str | None, receive: Receive, limit: int) -> bytes:
-    """The body, refused with 413 as soon as Content-Length (`declared`) or the bytes received pass `limit`.
-
-    The chunks are joined once at the end: a body that arrives in one message is not copied at all.
-    """
-    if declared is not None:
-        if not declared.strip().isdigit():
-            raise BadRequest(400, f"Content-Length {declared[:40]!r} is not a byte count")
-        if int(declared) > limit:
-            raise BadRequest(413, f"request body of {int(declared)} bytes is over the limit of {limit} bytes")
-    chunks, size, more = [], 0, True
-    while more:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect()  # as Starlette's Request.stream
-        chunk, more = message.get("body", b""), message.get("more_body", False)
-        size += len(chunk)
-        if size > limit:
-            raise BadRequest(413, f"request body is over the limit of {limit} bytes")
-        if chunk:
-            chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _parse_json(body: bytes, max_images: int) -> tuple[list, list]:
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError) as error:
-        raise BadRequest(400, f"body is not valid JSON: {str(error)[:200]}") from None
-    if not isinstance(data, dict):
-        raise BadRequest(422, f"body must be a JSON object with images and classes, got {type(data).__name__}")
-    for key in ("images", "classes"):
-        if key not in data:
-            raise BadRequest(422, f"{key} is missing: send {{\"images\": [base64, ...], \"classes\": [name, ...]}}")
-        if not isinstance(data[key], list):
-            raise BadRequest(422, f"{key} must be a list, got {type(data[key]).__name__}")
-    images, classes = data["images"], data["classes"]
-    if len(images) > max_images:
-        raise BadRequest(413, f"{len(images)} images in one request; the maximum is {max_images}: split the request")
-    for i, item in enumerate(images):
-        if not isinstance(item, str):
-            raise BadRequest(422, f"images[{i}] must be a base64 string, got {type(item).__name__}")
-    return images, classes
-
-
-def _b64(text: str, i: int) -> bytes:
-    if text.startswith("data:"):
-        text = text.partition(",")[2]
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        try:  # line-wrapped base64 (76-column encoders) is still base64
-            return base64.b64decode("".join(text.split()), validate=True)
-        except (binascii.Error, ValueError) as error:
-            raise BadRequest(422, f"images[{i}]: invalid base64 ({error})") from None
 
 
 async def _parse_multipart(request: Request, body: bytes) -> tuple[list[bytes], list[str]]:
@@ -572,7 +426,7 @@ def _code_version(config: ServeRewardConfig) -> str:
     from pathalign_ray.reward import model
 
     digest = hashlib.sha256(json.dumps(config_to_dict(config), sort_keys=True).encode())
-    for module in (__file__, model.__file__):
+    for module in (__file__, fast_path.__file__, model.__file__):
         digest.update(Path(module).read_bytes())
     return digest.hexdigest()[:16]
 
