@@ -18,8 +18,11 @@ endif
 
 .PHONY: demo test install browser bench clean
 
+# DEMO_CONFIG=configs/demo_pretrain.yaml pretrains the generator first; DEMO_ARGS takes key.sub=value overrides
+DEMO_CONFIG ?= configs/demo.yaml
+DEMO_ARGS ?=
 demo: $(VENV)/.deepspeed-ops
-	$(PY) jobs/demo.py --config configs/demo.yaml
+	$(PY) jobs/demo.py --config $(DEMO_CONFIG) $(DEMO_ARGS)
 
 test: $(VENV)/.deepspeed-ops browser
 	$(PY) -m pytest

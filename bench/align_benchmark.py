@@ -1,76 +1,111 @@
-"""The feedback loop on the 32 px benchmark: reward-weighted likelihood and policy gradient at the same label budget.
+"""The feedback loop on the 32 px benchmark, judged on held-out noise, round after round, over seeds.
 
-    .venv/bin/python bench/pretrain32.py --restore  # once: runs/pretrain32/{data,model} from the kept model (or pretrain it: no flag)
-    .venv/bin/python bench/align_benchmark.py [key.sub=value ...] [--objectives rwl ddpo] [--evaluate key.sub=value ...]
-        # overrides apply to configs/align.yaml, --evaluate's to configs/evaluate.yaml
+    .venv/bin/python bench/align_benchmark.py [--objectives rwl ddpo] [--seeds 0 1 2] [--rounds 3]
+        [--select all|uncertain] [--merge-only] [key.sub=value ...]   # overrides apply to configs/align.yaml
 
-Each objective runs jobs/align.py's loop in its own run folder (runs/align32-rwl, runs/align32-ddpo,
-both starting from runs/pretrain32/model): one round of 256 fresh samples (DDIM 50, eta 1) judged
-by 3 simulated pathologists, a reward model trained on the verdicts and weak feedback, then
-finetuning. Both see the same samples and the same 768 labels. Then jobs/evaluate.py's evaluation
-of the base model and both finetuned models against the real data set, on 32 samples per class
-drawn with each of EVAL_SAMPLERS (DDIM 50 eta 1, the rounds' sampler; DDIM 10 eta 1, the one DDPO
-trains on): the simulated pathologist's plausibility, domain Frechet distance, coverage. Writes
-bench/results/RESULTS.json and a contact sheet per model and sampler.
+Each (objective, seed) is its own resumable part: the align loop in runs/align32-OBJ-sSEED (started
+from models/cells32 on the procedural 32 px data set in runs/pretrain32/data, made here if missing)
+and bench/results/align_rounds_parts/OBJ-sSEED.json, one dated row per finished round. A stopped
+run resumes at its first unfinished round, so the table fills over several sessions. A seed moves
+the pool's noise (pool seed namespace), the simulated experts' flips, the reward model's split and
+initial weights, and the finetuning's noise; every round's model is judged on the same held-out
+noise (evaluation namespace, EVAL_SAMPLING) under both EVAL_SAMPLERS, beside the base model.
+
+The parts merge into bench/results/align_rounds.json: per objective and round, the labels spent,
+plausibility (mean over seeds, 95% t-interval), domain FID and coverage relative to the base model,
+the change in utility accuracy, wall time; eval_noise_disjoint is checked against every manifest
+of every part's run (pathalign_ray.sampling.seeds_drawn_under).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
-import shutil
 import time
 from pathlib import Path
 
-from bench_common import RESULTS_DIR, write_result
+from bench_common import RESULTS_DIR, machine, write_result
 from pathalign_ray.align import AlignConfig, align
 from pathalign_ray.config import load_config
+from pathalign_ray.data.make import MakeDatasetConfig, make_dataset
+from pathalign_ray.diffusion import namespaced_seed
 from pathalign_ray.evaluation.evaluate import EvaluateConfig, evaluate
+from pathalign_ray.evaluation.metrics import mean_interval
+from pathalign_ray.sampling import seeds_drawn_under
 
-BASE = Path("runs/pretrain32")
-# One round of 256 samples for both (768 verdicts), drawn with DDIM 50, eta 1: the base model's
-# samples that its own loss finds nearly as likely as real images, and its best sampler (evaluated so too).
-ROUND = ["rounds=1", "sample.n_per_class=32", "sample.ddim_steps=50", "sample.eta=1.0",
-         "finetune.train.eval_ddim_steps=50", "finetune.train.eval_eta=1.0"]  # the loop's own check after finetuning too
-# Each model is judged on fresh samples from both: the rounds' sampler, and the one DDPO trains on.
-EVAL_SAMPLERS = {
-    "ddim50_eta1": ["sampling.ddim_steps=50", "sampling.eta=1.0"],
-    "ddim10_eta1": ["sampling.ddim_steps=10", "sampling.eta=1.0"],
-}
+BASE_MODEL = Path("models/cells32")
+DATA = Path("runs/pretrain32/data")
+PARTS = RESULTS_DIR / "align_rounds_parts"
+EVAL_SAMPLING = {"namespace": "evaluation", "seed": 1000, "n_per_class": 32}
+# DDIM 50 eta 1: the pools' sampler and the base model's best; DDIM 10 eta 1: the one DDPO trains on
+EVAL_SAMPLERS = {"ddim50_eta1": (50, 1.0), "ddim10_eta1": (10, 1.0)}
+# One round: 256 samples (DDIM 50, eta 1) judged by 3 simulated pathologists (768 labels).
+ROUND = ["sample.n_per_class=32", "sample.ddim_steps=50", "sample.eta=1.0",
+         "finetune.train.eval_ddim_steps=50", "finetune.train.eval_eta=1.0"]  # fmt: skip
 OBJECTIVES = {
-    # the paper's objective with centred weights (w = r - the class's mean reward over the pool) and
-    # each synthetic loss taken relative to the pretrained model's, clipped to 1 +- 0.3
+    # centred reward weights, each synthetic loss relative to the round's starting model, clipped to 1 +- 0.3
     "rwl": [*ROUND, "finetune.objective.weighting=centred", "finetune.objective.ratio_clip=0.3",
             "finetune.train.lr=0.0001", "finetune.train.steps=600"],
-    # the settings that lifted plausibility in bench/feedback_ablation.py: 8 trajectories per class a
-    # step (2 workers x 32), lr 3e-5 after 5 warm-up steps, 80 steps, an EMA that follows the last ones
-    "ddpo": [
-        *ROUND, "finetune.objective.kind=ddpo", "finetune.objective.beta=0", "finetune.objective.kl_coef=0.1",
-        "finetune.objective.clip_range=0.0001", "finetune.objective.trajectories_per_step=32",
-        "finetune.objective.ddim_steps=10", "finetune.train.lr=0.00003", "finetune.train.steps=80",
-        "finetune.train.warmup_steps=5", "finetune.train.ema_decay=0.9",
-    ],
-}
+    # 8 trajectories per class a step (2 workers x 32), lr 3e-5 after 5 warm-up steps, an EMA that follows
+    "ddpo": [*ROUND, "finetune.objective.kind=ddpo", "finetune.objective.beta=0", "finetune.objective.kl_coef=0.1",
+             "finetune.objective.clip_range=0.0001", "finetune.objective.trajectories_per_step=32",
+             "finetune.objective.ddim_steps=10", "finetune.train.lr=0.00003", "finetune.train.steps=80",
+             "finetune.train.warmup_steps=5", "finetune.train.ema_decay=0.9"],
+}  # fmt: skip
 
 
-def run_objective(name: str, overrides: list[str]) -> tuple[Path, list[dict], float]:
-    """The align loop for one objective in runs/align32-NAME; (its last model, round rows, wall s)."""
-    run_dir = Path(f"runs/align32-{name}").resolve()
-    shutil.rmtree(run_dir, ignore_errors=True)  # align() resumes a run's finished rounds: measure afresh
-    run_dir.mkdir(parents=True)
-    (run_dir / "model").symlink_to((BASE / "model").resolve())
-    config = load_config(
-        AlignConfig, "configs/align.yaml",
-        [f"run_dir={run_dir}", f"reward.data.dataset={(BASE / 'data').resolve()}",
-         *OBJECTIVES[name], *overrides],
-    )
-    started = time.perf_counter()
-    rows = align(config)
-    return run_dir / f"round{config.rounds - 1}-model", rows, time.perf_counter() - started
+def seed_overrides(seed: int) -> list[str]:
+    """Everything random in a round, moved by one seed (the evaluation's noise stays put)."""
+    keys = ("sample.seed", "simulate.seed", "reward.data.seed", "reward.train.seed", "finetune.train.seed")
+    return [f"{key}={seed}" for key in keys]
 
 
-def summary(metrics: dict, column: str) -> dict:
+def run_part(objective: str, seed: int, rounds: int, select: str, overrides: list[str]) -> Path:
+    """Rounds not yet in the part's file: run each (align resumes) and judge its model; returns the part file."""
+    name = f"{objective}-s{seed}" + ("" if select == "all" else f"-{select}")
+    run_dir, part_path = Path(f"runs/align32-{name}").resolve(), PARTS / f"{name}.json"
+    part = json.loads(part_path.read_text()) if part_path.is_file() else {"name": name, "objective": objective, "seed": seed, "rows": []}
+    if not (run_dir / "model").exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "model").symlink_to(BASE_MODEL.resolve())
+    # uncertain: from round 1 on, the 256 of 768 fresh samples the last reward model is least sure of
+    selection = [] if select == "all" else ["sample.select=uncertain", "sample.n_per_class=96", "sample.k=256",
+                                            f"sample.reward_model={run_dir / 'reward'}"]
+    for round_index in range(len(part["rows"]), rounds):
+        config = load_config(
+            AlignConfig, "configs/align.yaml",
+            [f"run_dir={run_dir}", f"reward.data.dataset={DATA.resolve()}", f"rounds={round_index + 1}",
+             *OBJECTIVES[objective], *seed_overrides(seed), *(selection if round_index else []), *overrides],
+        )  # fmt: skip
+        started = time.perf_counter()
+        row = align(config)[round_index]
+        model = run_dir / f"round{round_index}-model"
+        judged = {sampler: judge(model, run_dir / f"eval-{sampler}", sampler) for sampler in EVAL_SAMPLERS}
+        part["rows"].append(
+            {**row, "judged": judged, "eval_noise_disjoint": noise_disjoint(run_dir), "round_wall_s": row["wall_s"],
+             "evaluation_wall_s": time.perf_counter() - started - row["wall_s"],
+             "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine()}
+        )  # fmt: skip
+        part.update(overrides=[*OBJECTIVES[objective], *seed_overrides(seed), *overrides], select=select)
+        PARTS.mkdir(parents=True, exist_ok=True)
+        part_path.write_text(json.dumps(part, indent=2) + "\n")
+        print(f"[bench] {name} round {round_index}: " + json.dumps({s: j["model"]["plausibility"] for s, j in judged.items()}))
+    return part_path
+
+
+def judge(model: Path, out_dir: Path, sampler: str) -> dict:
+    """The base model and `model` on the held-out noise under one sampler: {"base": figures, "model": figures}."""
+    steps, eta = EVAL_SAMPLERS[sampler]
+    sampling = [f"sampling.{key}={value}" for key, value in EVAL_SAMPLING.items()]
+    config = load_config(EvaluateConfig, "configs/evaluate.yaml", [*sampling, f"sampling.ddim_steps={steps}", f"sampling.eta={eta}"])
+    report = evaluate(dataclasses.replace(config, models=(str(BASE_MODEL), str(model)), real=str(DATA), out_dir=str(out_dir)))
+    metrics = json.loads((report / "metrics.json").read_text())
+    return {label: figures(metrics, column) for label, column in zip(("base", "model"), metrics["columns"])}
+
+
+def figures(metrics: dict, column: str) -> dict:
     simulated = metrics["plausibility"]["simulated"][column]
     return {
         "plausibility": simulated["plausible"]["rate"],
@@ -78,80 +113,77 @@ def summary(metrics: dict, column: str) -> dict:
         "per_class": {name: value["rate"] for name, value in simulated["per_class"].items()},
         "domain_fid": metrics["fidelity"]["domain"][column]["frechet_distance"],
         "coverage": metrics["diversity"]["domain"][column]["coverage"],
-        "density": metrics["diversity"]["domain"][column]["density"],
-        "utility_accuracy": metrics["utility"][column]["accuracy"] if column in metrics["utility"] else None,
+        "utility_accuracy": metrics["utility"][column]["accuracy"],
     }
 
 
-def evaluate_models(finals: dict[str, Path], sampler: str, overrides: list[str], results: str) -> dict:
-    """jobs/evaluate.py's report on the base and finetuned models under one sampler; copies its contact sheets."""
-    report = evaluate(
-        dataclasses.replace(
-            load_config(EvaluateConfig, "configs/evaluate.yaml", overrides),
-            models=(str(BASE / "model"), *(str(path) for path in finals.values())),
-            real=str(BASE / "data"),
-            out_dir=f"runs/align32-report-{sampler}",
-        )
-    )
-    metrics = json.loads((report / "metrics.json").read_text())
-    columns = dict(zip(["base", *finals], metrics["columns"]))
-    for label, column in columns.items():
-        grid = report / "grids" / f"{column}.png"
-        if grid.is_file():
-            shutil.copy(grid, RESULTS_DIR / f"{results}_{sampler}_{label}.png")
-    return {label: summary(metrics, column) for label, column in columns.items()}
+def noise_disjoint(run_dir: Path) -> bool:
+    """Whether no manifest of the run (pools, any sample folder) drew a seed of the held-out evaluation noise."""
+    classes = json.loads((BASE_MODEL / "class_names.json").read_text())
+    seeds = {
+        namespaced_seed(EVAL_SAMPLING["namespace"], EVAL_SAMPLING["seed"], c, j)
+        for c in range(len(classes))
+        for j in range(EVAL_SAMPLING["n_per_class"])
+    }
+    return not seeds_drawn_under(run_dir, seeds)
 
 
-def against_base(rows: dict, rounds: dict, walls: dict) -> dict:
-    """Each finetuned model's summary row against the base model's: the Must-show's figures."""
-    base = rows["base"]
+def merge(parts: list[dict]) -> dict:
+    """Per objective (and selection), one row per round over the seeds that reached it."""
+    table = {}
+    for key in sorted({(p["objective"], p.get("select", "all")) for p in parts}):
+        mine = [p for p in parts if (p["objective"], p.get("select", "all")) == key]
+        rows = []
+        for round_index in range(max(len(p["rows"]) for p in mine)):
+            reached = [p["rows"][round_index] for p in mine if len(p["rows"]) > round_index]
+            rows.append({"round": round_index, "seeds": [p["seed"] for p in mine if len(p["rows"]) > round_index],
+                         "labels": reached[0]["labels"], "wall_s": mean_interval([r["round_wall_s"] for r in reached])[0],
+                         **{sampler: over_seeds([r["judged"][sampler] for r in reached]) for sampler in EVAL_SAMPLERS}})  # fmt: skip
+        table["-".join(key) if key[1] != "all" else key[0]] = rows
+    return table
+
+
+def over_seeds(judged: list[dict]) -> dict:
+    """The Must-show's figures of one round under one sampler, mean and 95% interval over seeds."""
+    mean, low, high = mean_interval([j["model"]["plausibility"] for j in judged])
     return {
-        label: {
-            "plausibility_gain_pp": 100 * (row["plausibility"] - base["plausibility"]),
-            "fid_change": row["domain_fid"] / base["domain_fid"] - 1,
-            "coverage_ratio": row["coverage"] / base["coverage"] if base["coverage"] else None,
-            "labels": rounds[label][-1]["labels"],
-            "wall_s": walls[label],
-        }
-        for label, row in rows.items()
-        if label != "base"
+        "plausibility_mean": mean,
+        "plausibility_ci": [low, high],
+        "base_plausibility_mean": mean_interval([j["base"]["plausibility"] for j in judged])[0],
+        "fid_ratio": mean_interval([j["model"]["domain_fid"] / j["base"]["domain_fid"] for j in judged])[0],
+        "coverage_ratio": mean_interval([j["model"]["coverage"] / j["base"]["coverage"] for j in judged])[0],
+        "utility_delta": mean_interval([j["model"]["utility_accuracy"] - j["base"]["utility_accuracy"] for j in judged])[0],
+        "per_class": {c: mean_interval([j["model"]["per_class"][c] for j in judged])[0] for c in judged[0]["model"]["per_class"]},
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=list(OBJECTIVES))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--select", default="all", choices=["all", "uncertain"], help="which samples experts see from round 1 on")
+    parser.add_argument("--merge-only", action="store_true", help="merge the parts already written; run nothing")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of configs/align.yaml")
-    parser.add_argument("--results", default="align_benchmark", help="bench/results/RESULTS.json and its contact sheets")
-    parser.add_argument("--evaluate", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="overrides of configs/evaluate.yaml, for every sampler")
     args = parser.parse_args()
-    if not (BASE / "model").is_dir():
-        raise SystemExit(f"{BASE / 'model'} is missing: run bench/pretrain32.py --restore first")
-    started = time.perf_counter()
-    finals, rounds, walls = {}, {}, {}
-    for name in args.objectives:
-        finals[name], rounds[name], walls[name] = run_objective(name, args.overrides)
-        print(f"[bench] {name}: {walls[name]:.0f} s, rounds {json.dumps(rounds[name])}")
-    eval_started = time.perf_counter()
-    table = {
-        sampler: evaluate_models(finals, sampler, [*sampling, *args.evaluate], args.results)
-        for sampler, sampling in EVAL_SAMPLERS.items()
-    }
-    checks = {sampler: against_base(rows, rounds, walls) for sampler, rows in table.items()}
-    figures = {
-        "objective_overrides": {name: OBJECTIVES[name] for name in finals},
-        "overrides": args.overrides,
-        "evaluate_overrides": args.evaluate,
-        "eval_samplers": EVAL_SAMPLERS,
-        "table": table,
-        "against_base": checks,
-        "rounds_rows": rounds,
-        "evaluation_wall_s": time.perf_counter() - eval_started,
-        "total_wall_s": time.perf_counter() - started,
-    }
-    write_result(args.results, figures)
-    print(json.dumps({"table": table, "against_base": checks}, indent=2))
+    if not (DATA / "dataset.json").is_file():
+        make_dataset(MakeDatasetConfig(out_dir=str(DATA), image_size=32, n_per_class=160))
+    if not args.merge_only:
+        for objective in args.objectives:
+            for seed in args.seeds:
+                run_part(objective, seed, args.rounds, args.select, args.overrides)
+    parts = [json.loads(path.read_text()) for path in sorted(PARTS.glob("*.json"))]
+    rows = [row for part in parts for row in part["rows"]]
+    write_result("align_rounds", {
+        "table": merge(parts),
+        "seeds": sorted({part["seed"] for part in parts}),
+        "eval_seed_namespace": EVAL_SAMPLING["namespace"],
+        "eval_sampling": {**EVAL_SAMPLING, "samplers": EVAL_SAMPLERS},
+        "eval_noise_disjoint": bool(rows) and all(row["eval_noise_disjoint"] for row in rows),
+        "parts": {p["name"]: [r["date"] for r in p["rows"]] for p in parts},
+        "objective_overrides": {name: OBJECTIVES[name] for name in args.objectives},
+    })  # fmt: skip
+    print(json.dumps(merge(parts), indent=1)[:4000])
 
 
 if __name__ == "__main__":

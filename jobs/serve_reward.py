@@ -1,6 +1,6 @@
 """Serve a reward model over HTTP on Ray Serve (127.0.0.1:8000 by default).
 
-    python jobs/serve_reward.py --model runs/demo/reward/model
+    python jobs/serve_reward.py --model runs/demo/reward
     python jobs/serve_reward.py --config configs/serve_reward.yaml --model PATH num_replicas=2 max_batch_size=64
 
 Submitted with `ray job submit`, the endpoint is deployed on the cluster and the job ends; run by

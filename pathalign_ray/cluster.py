@@ -68,6 +68,8 @@ def init_ray(
     address = address or os.environ.get("RAY_ADDRESS")
     runtime_env = {"env_vars": env}
     if not log_to_driver:
+        import ray.data  # noqa: F401  (it configures its loggers on import: quiet them after that)
+
         for name in ("ray", "ray.data", "ray.serve", "ray.train", "ray.tune"):
             logging.getLogger(name).setLevel(logging.WARNING)
     if address:

@@ -1,61 +1,115 @@
-"""The end-to-end demo on a local Ray cluster: make the data set, pretrain, sample, contact sheet,
-then the feedback loop (simulated pathologists -> reward model -> finetuning) for a few rounds.
+"""The demo (`make demo`): one round of the feedback loop on the shipped 32 px generator, judged before
+and after on held-out noise, with a report a person can look at.
 
-Every path comes from run_dir, so one setting moves the whole run. Rerunning reuses the data set,
-resumes pretraining from its last checkpoint, replaces the samples and skips finished rounds.
+Stages: the procedural data set (the real images: weak feedback, the beta term, the evaluation's
+reference); the generator (models/cells32, or pretrained here with a `pretrain` section); the loop
+(pool sampled, simulated pathologists' verdicts, reward model on Ray Train, served on Ray Serve,
+finetuning on Ray Train with DeepSpeed, scored over HTTP); the evaluation of both models on noise no
+round drew; RUN_DIR/demo.json and RUN_DIR/report.html. Every path comes from run_dir. A rerun
+reuses the data set, skips finished rounds and reuses the evaluation's samples.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 import time
 from pathlib import Path
 
 from pathalign_ray.align import AlignConfig, align
+from pathalign_ray.cluster import RAY_TEMP_DIR, init_ray
 from pathalign_ray.config import config_dataclass
 from pathalign_ray.data.make import MakeDatasetConfig, make_dataset
+from pathalign_ray.evaluation.evaluate import EvaluateConfig, evaluate
 from pathalign_ray.pretrain import PretrainConfig, pretrain
-from pathalign_ray.sampling import SampleConfig, sample
+
+SUMMARY_FILE = "demo.json"
+REPORT_FILE = "report.html"
 
 
 @config_dataclass
 class DemoConfig:
-    run_dir: str = "runs/demo"  # data/, pretrain/ (checkpoints), model/, samples/ go under it
-    dataset: MakeDatasetConfig = dataclasses.field(default_factory=MakeDatasetConfig)  # out_dir is set from run_dir
-    pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)  # run_dir and data from run_dir
-    sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)  # model and out_dir from run_dir
+    run_dir: str = "runs/demo"  # data/, model/, rounds/, feedback/, reward/, evaluation/, demo.json, report.html
+    model: str = "models/cells32"  # the exported generator the loop starts from (unused when pretrain is set)
+    pretrain: PretrainConfig | None = None  # set: pretrain a generator in run_dir first and start from it
+    dataset: MakeDatasetConfig = dataclasses.field(default_factory=MakeDatasetConfig)  # out_dir: RUN_DIR/data
     align: AlignConfig = dataclasses.field(default_factory=AlignConfig)  # run_dir and the real data set from run_dir
+    evaluate: EvaluateConfig = dataclasses.field(default_factory=EvaluateConfig)  # models, real, out_dir from run_dir
+    # logical CPUs of the local Ray cluster the demo starts (not under `ray job submit`): the reward
+    # endpoint's replica, 2 training workers and their data tasks at once on a 2-core machine
+    ray_cpus: int = 4
+    verbose: bool = False  # true: every Ray worker's log lines on the console too (always in RUN_DIR/ray_logs)
+
+    def __post_init__(self) -> None:
+        if self.pretrain is None and not (Path(self.model) / "unet").is_dir():
+            raise ValueError(f"model: {self.model} is not an exported generator (no unet/ folder in it)")
 
 
-def run_demo(config: DemoConfig) -> Path:
-    """Returns the samples folder."""
-    run_dir = Path(config.run_dir)
-    data_dir = run_dir / "data"
+@dataclasses.dataclass
+class DemoResult:
+    summary: dict  # the figures of demo.json
+    report: Path  # report.html
+
+
+def run_demo(config: DemoConfig) -> DemoResult:
+    """Run every stage not yet done; return the before/after figures and the report's path."""
+    from pathalign_ray.demo_report import demo_summary, write_demo_report
+
     started = time.perf_counter()
+    run_dir = Path(config.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _start_ray(config, run_dir)
+    data_dir = _dataset(config, run_dir)
+    model_dir = _generator(config, run_dir, data_dir)
+    reward = dataclasses.replace(config.align.reward, data=dataclasses.replace(config.align.reward.data, dataset=str(data_dir)))
+    rows = align(dataclasses.replace(config.align, run_dir=str(run_dir), reward=reward))
+    finetuned = run_dir / f"round{len(rows) - 1}-model"
+    print(f"[demo] evaluating {model_dir.name} and {finetuned.name} on held-out noise")
+    report_dir = evaluate(
+        dataclasses.replace(
+            config.evaluate, models=(str(model_dir), str(finetuned)), real=str(data_dir), out_dir=str(run_dir / "evaluation")
+        )
+    )
+    metrics = json.loads((report_dir / "metrics.json").read_text())
+    history = [json.loads(line) for line in (run_dir / f"round{len(rows) - 1}_metrics.jsonl").read_text().splitlines()]
+    reward_info = json.loads((run_dir / "reward" / "reward.json").read_text())
+    summary = demo_summary(metrics, rows, reward_info, wall_s=time.perf_counter() - started)
+    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    report = write_demo_report(summary, metrics, history, report_dir / "grids", run_dir / REPORT_FILE)
+    return DemoResult(summary=summary, report=report)
+
+
+def _start_ray(config: DemoConfig, run_dir: Path) -> None:
+    """Join or start the cluster; on a local one RUN_DIR/ray_logs points at its session's logs (the workers' output)."""
+    init_ray(num_cpus=config.ray_cpus, log_to_driver=config.verbose)
+    logs = (Path(RAY_TEMP_DIR) / "session_latest" / "logs").resolve()
+    where = "on the head node"
+    if logs.is_dir():
+        link = run_dir / "ray_logs"
+        link.unlink(missing_ok=True)
+        link.symlink_to(logs)
+        where = f"in {link}"
+    print(f"[demo] Ray dashboard: http://127.0.0.1:8265; the workers' logs are {where}")
+
+
+def _dataset(config: DemoConfig, run_dir: Path) -> Path:
+    data_dir = run_dir / "data"
     if (data_dir / "dataset.json").is_file():
         print(f"[demo] reusing the data set in {data_dir}")
     else:
         make_dataset(dataclasses.replace(config.dataset, out_dir=str(data_dir)))
         print(f"[demo] data set written to {data_dir}")
-    pretrain_config = dataclasses.replace(
-        config.pretrain, run_dir=str(run_dir), data=dataclasses.replace(config.pretrain.data, dataset=str(data_dir))
-    )
-    model_dir = pretrain(pretrain_config)
-    print(f"[demo] model exported to {model_dir}")
-    samples_dir = sample(
-        dataclasses.replace(
-            config.sample, model=str(model_dir), out_dir=str(run_dir / "samples" / "pretrained"), overwrite=True
-        )
-    )
-    print(f"[demo] samples and contact sheet in {samples_dir}")
-    reward = dataclasses.replace(
-        config.align.reward, data=dataclasses.replace(config.align.reward.data, dataset=str(data_dir))
-    )
-    rows = align(dataclasses.replace(config.align, run_dir=str(run_dir), reward=reward))
-    for row in rows:
-        print(
-            f"[demo] round {row['round']}: plausibility {row['plausibility']:.1%} of its samples, "
-            f"{row['fresh_plausibility_after']:.1%} after finetuning"
-        )
-    print(f"[demo] done in {time.perf_counter() - started:.0f} s; rounds in {run_dir / 'rounds.jsonl'}")
-    return samples_dir
+    return data_dir
+
+
+def _generator(config: DemoConfig, run_dir: Path, data_dir: Path) -> Path:
+    """RUN_DIR/model: pretrained here when config.pretrain is set, else a copy of config.model."""
+    if config.pretrain is not None:
+        data = dataclasses.replace(config.pretrain.data, dataset=str(data_dir))
+        return pretrain(dataclasses.replace(config.pretrain, run_dir=str(run_dir), data=data))
+    model_dir = run_dir / "model"
+    if not (model_dir / "unet").is_dir():
+        shutil.copytree(config.model, model_dir)
+        print(f"[demo] starting from the shipped generator {config.model}")
+    return model_dir

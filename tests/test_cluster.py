@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -162,14 +163,20 @@ def _wait_for_end(cluster: LocalCluster, job_id: str) -> str:
 
 
 def _tiny_demo(run_dir: Path) -> list[str]:
-    """jobs/demo.py on 16 px: data set, 4 pretraining steps, samples, one round of the align loop."""
+    """jobs/demo.py on 16 px with its generator pretrained first (configs/demo_pretrain.yaml): data set,
+    4 pretraining steps, one round of the align loop with the reward served on a free port, the evaluation."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     pretrain = [f"pretrain.{override}" for override in TINY_PRETRAIN_OVERRIDES]
     align = ["align.rounds=1", "align.sample.n_per_class=2", "align.sample.ddim_steps=2", "align.simulate.experts=2"]
-    align += [f"align.{override}" for override in TINY_ALIGN_OVERRIDES]
+    align += [f"align.{override}" for override in TINY_ALIGN_OVERRIDES] + [f"align.serve.port={port}"]
+    evaluate = ["evaluate.sampling.n_per_class=2", "evaluate.sampling.ddim_steps=2", "evaluate.prdc_k=2",
+                "evaluate.encoder.steps=20", "evaluate.utility.steps=20", "evaluate.grid_per_class=2"]
     return [
-        "python", "jobs/demo.py", "--config", "configs/demo.yaml", f"run_dir={run_dir}",
+        "python", "jobs/demo.py", "--config", "configs/demo_pretrain.yaml", f"run_dir={run_dir}", "verbose=true",
         "dataset.image_size=16", "dataset.n_per_class=6", "dataset.classes=[myeloblast,lymphocyte,segmented_neutrophil]",
-        *pretrain, "pretrain.train.steps=4", "sample.n_per_class=2", "sample.ddim_steps=2", *align,
+        *pretrain, "pretrain.train.steps=4", *align, *evaluate,
     ]  # fmt: skip
 
 
@@ -183,7 +190,9 @@ def test_the_tiny_align_loop_sent_with_ray_job_submit_runs_on_both_nodes_and_exp
     watcher.join()
     logs = cluster.cli("job", "logs", "demo-two-nodes").stdout
     assert status == "SUCCEEDED", logs[-3000:]
-    assert "pretrain step 4/4" in logs and re.search(r"\[demo\] round 0: plausibility \d", logs), logs[-3000:]
+    assert "pretrain step 4/4" in logs and re.search(r"\[align\] round 0: plausibility of its samples \d", logs), logs[-3000:]
+    assert re.search(r"\[demo\] plausibility \d+\.\d% \[.*\] -> \d+\.\d%", logs), logs[-3000:]
+    assert (tmp_path / "report.html").is_file() and json.loads((tmp_path / "demo.json").read_text())["labels"] > 0
     assert _history(tmp_path) == [1, 2, 3, 4]
     (round_row,) = [json.loads(line) for line in (tmp_path / "rounds.jsonl").read_text().splitlines()]
     assert round_row["labels"] > 0 and (tmp_path / "round0-model").is_dir()

@@ -202,3 +202,13 @@ def test_plausibility_per_round():
         {"round": 1, "verdict": "implausible"},
     ]
     assert [(r["round"], r["successes"], r["n"]) for r in plausibility_per_round(rows)] == [(0, 0, 1), (1, 1, 2)]
+
+
+def test_mean_interval_of_three_seeds_by_hand():
+    from pathalign_ray.evaluation.metrics import mean_interval
+
+    mean, low, high = mean_interval([0.5, 0.6, 0.7])  # sd 0.1, t(0.975, 2) = 4.3027
+    assert mean == pytest.approx(0.6) and high - mean == pytest.approx(4.302653 * 0.1 / math.sqrt(3), abs=1e-6)
+    assert mean - low == pytest.approx(high - mean)
+    mean, low, high = mean_interval([0.4])
+    assert mean == 0.4 and math.isnan(low) and math.isnan(high)

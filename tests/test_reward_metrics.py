@@ -33,6 +33,7 @@ def test_an_undefined_auc_says_why():
     assert auc_text(math.nan, 10, 0) == "n/a: no plausible sample held out"
     assert auc_text(math.nan, 10, 10) == "n/a: no implausible sample held out"
     assert auc_text(math.nan, 0, 0) == "n/a: nothing held out"
+    assert auc_text(None, 10, 0) == "n/a: no plausible sample held out"  # NaN as JSON writes it
 
 
 def test_accuracy_and_balanced_accuracy_by_hand():

@@ -52,9 +52,10 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
 
 
-def auc_text(auc: float, n: int, n_plausible: int) -> str:
-    """An AUC for people: "0.912", or why it is undefined ("n/a: no plausible sample held out")."""
-    if not math.isnan(auc):
+def auc_text(auc: float | None, n: int, n_plausible: int) -> str:
+    """An AUC for people: "0.912", or why it is undefined ("n/a: no plausible sample held out"); None
+    (a NaN read back from JSON) counts as undefined."""
+    if auc is not None and not math.isnan(auc):
         return f"{auc:.3f}"
     if n == 0:
         return "n/a: nothing held out"
