@@ -15,7 +15,7 @@ Long on 2 CPU cores: each trial finetunes up to 200 steps on 2 Ray Train workers
 probing 160 fresh samples) every 50 steps, one trial at a time; plan on several hours. Rerun the same
 command to resume a stopped search (Tune restores it from runs/pretrain32/tune/search).
 
-Writes configs/best_feedback.yaml (the best trial's FinetuneConfig), runs/pretrain32/tune/ (trials.csv,
+Writes runs/pretrain32/tune/best_feedback.yaml (the best trial's FinetuneConfig), runs/pretrain32/tune/ (trials.csv,
 pareto.md, objective_vs_beta.png, the trials' runs), and bench/results/tune_search.json (wall times, the
 base model's and every trial's scores, the best config), bench/results/tune_objective_vs_beta.png and
 bench/results/tune_pareto.md. With --finetune-best it then runs jobs/finetune.py on the best config too.

@@ -3,7 +3,7 @@
     python jobs/tune.py --config configs/tune.yaml
     python jobs/tune.py --config configs/tune.yaml algorithm=optuna num_trials=24 out_dir=runs/pretrain32/tune_optuna
 
-Rerun the same command to resume a stopped search. Then: python jobs/finetune.py --config configs/best_feedback.yaml
+Rerun the same command to resume a stopped search. Then: python jobs/finetune.py --config OUT_DIR/best_feedback.yaml
 """
 
 import sys

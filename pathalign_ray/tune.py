@@ -100,7 +100,7 @@ class SearchConfig:
     time_budget_s: float = 0.0  # the whole search; 0: no limit
     restart_errored: bool = True  # on resume, rerun failed trials from scratch (a timeout may have been transient)
     out_dir: str = "runs/pretrain32/tune"  # Tune's experiment, trial runs, tables and plot
-    best_config: str = "configs/best_feedback.yaml"  # the best trial's FinetuneConfig, for jobs/finetune.py
+    best_config: str = ""  # the best trial's FinetuneConfig, for jobs/finetune.py; "": OUT_DIR/best_feedback.yaml
     best_name: str = "tuned"  # `name` of the finetuning run the best config describes
     # the first trial runs the finetune section's own values of the searched fields (the paper's beta 0.3
     # and raw reward weights by default): the baseline the best trial is measured against
@@ -606,7 +606,7 @@ def write_best_config(best: dict, config: SearchConfig) -> Path:
         f"{best['objective']:.4g}, plausibility {best['plausibility']:.4g}, FID {best['fid']:.4g}, "
         f"coverage {best['coverage']:.4g}\n# run it: python jobs/finetune.py --config THIS_FILE\n"
     )
-    path = Path(config.best_config)
+    path = Path(config.best_config or Path(config.out_dir) / "best_feedback.yaml")  # a search result, not a shipped config
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(header + yaml.safe_dump(config_to_dict(finetune), sort_keys=False))
     return path

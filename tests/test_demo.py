@@ -37,13 +37,11 @@ DOCUMENTED_INPUTS = {
     "runs/pretrain32/model": "bench/pretrain32.py --restore",
     "runs/pretrain32/samples/pretrained": "bench/pretrain32.py --restore",
     "runs/pretrain32/reward": "jobs/train_reward.py run_dir=runs/pretrain32 (bench/tune_search.py)",
-    "runs/reward_auc/reward": "bench/reward_auc.py",
     "runs/pretrain64/data": "jobs/make_dataset.py image_size=64 (configs/pretrain_64_gpu.yaml's header)",
 }
 # Each config file, its config class, and the dotted keys that name inputs (relative ones under run_dir).
 CONFIG_INPUTS = {
     "align.yaml": ("pathalign_ray.align:AlignConfig", ["run_dir", "reward.data.dataset"]),
-    "best_feedback.yaml": ("pathalign_ray.finetune:FinetuneConfig", ["base_model", "data.samples", "data.real_dataset", "reward.model"]),
     "demo.yaml": ("pathalign_ray.demo:DemoConfig", ["model"]),
     "demo_pretrain.yaml": ("pathalign_ray.demo:DemoConfig", []),
     "evaluate.yaml": ("pathalign_ray.evaluation.evaluate:EvaluateConfig", ["models", "real"]),
