@@ -84,11 +84,13 @@ def check_inception_available(weights: str) -> None:
     """Fail before any work if the InceptionV3 space is asked for but cannot run."""
     if not Path(weights).is_file():
         raise FileNotFoundError(f"inception_weights={weights!r}: no such file (the weights are never downloaded)")
-    from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
-
+    try:
+        from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
+    except ModuleNotFoundError:
+        _TORCH_FIDELITY_AVAILABLE = False
     if not _TORCH_FIDELITY_AVAILABLE:
         raise ModuleNotFoundError(
-            "inception_weights is set but torch-fidelity is not installed: pip install 'torchmetrics[image]' "
+            "inception_weights is set but torchmetrics' image extra is not installed: pip install -e '.[fid]' "
             "(or leave inception_weights empty to skip the InceptionV3 space)"
         )
 
