@@ -103,7 +103,7 @@ def test_model_names_are_short_and_unique():
 def test_samples_of_a_model_exported_again_are_not_reused(tmp_path):
     import os
 
-    from pathalign_ray.evaluation.evaluate import written_after
+    from pathalign_ray.evaluation.samples import written_after
 
     model, manifest = tmp_path / "round0-model", tmp_path / "manifest.parquet"
     (model / "unet").mkdir(parents=True)

@@ -30,29 +30,12 @@ import pyarrow as pa
 import ray
 
 from pathalign_ray.config import config_dataclass, config_to_dict
-from pathalign_ray.diffusion import SeedNamespace
 from pathalign_ray.evaluation.classifier import ClassifierConfig
+from pathalign_ray.evaluation.samples import EvalSamplingConfig, check_noise_held_out, sample_model
 from pathalign_ray.evaluation.sources import MODEL, ImageSet
 from pathalign_ray.progress import bar
 
 SPACES = ("domain", "inception")  # feature spaces, in report order
-
-
-@config_dataclass
-class EvalSamplingConfig:
-    n_per_class: int = 32  # images sampled per declared class from each exported model folder
-    ddim_steps: int = 50  # DDIM steps per image
-    eta: float = 0.0  # DDIM stochasticity
-    seed: int = 1000  # base seed of the evaluation's noise
-    # evaluation: noise no pool, check or probe ever draws. Another namespace is refused where the
-    # run a model came from drew the same seeds (a model judged on its own feedback pool is flattered).
-    namespace: SeedNamespace = "evaluation"
-    batch_size: int = 32  # images per Ray sampling task
-    reuse: bool = True  # keep REPORT/samples/NAME when it holds this plan from this model, written since the model
-
-    def __post_init__(self) -> None:
-        if self.n_per_class < 1 or self.ddim_steps < 1 or self.batch_size < 1:
-            raise ValueError("sampling.n_per_class, ddim_steps and batch_size must be >= 1")
 
 
 @config_dataclass
@@ -130,7 +113,10 @@ def evaluate(config: EvaluateConfig) -> Path:
     sets: list[ImageSet] = []
     for path, kind, name in zip(config.models, kinds, names):
         if kind == MODEL:
-            folder = _sample_model(Path(path), out_dir / "samples" / name, class_names, config.sampling, config.scale)
+            scale = config.scale
+            folder = sample_model(
+                Path(path), out_dir / "samples" / name, class_names, config.sampling, scale.threads_per_worker, scale.device
+            )
             sets.append(read_sample_folder(folder, name, class_names, kind=MODEL))
             sets[-1].info["model"] = str(path)
         else:
@@ -203,84 +189,6 @@ def evaluate(config: EvaluateConfig) -> Path:
     report.write_metrics(metrics, out_dir)
     print(f"evaluation done in {timings['total_s']:.1f} s: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     return out_dir
-
-
-# ---------------------------------------------------------------- sampling
-
-
-def written_after(path: Path, folder: Path) -> bool:
-    """Whether `path` was written after every file in `folder`."""
-    return all(path.stat().st_mtime >= file.stat().st_mtime for file in folder.rglob("*") if file.is_file())
-
-
-def _sample_model(
-    model: Path, out: Path, class_names: list[str], sampling: EvalSamplingConfig, scale: EvalScaleConfig
-) -> Path:
-    """Sample n_per_class images of each class the model and the data set share into `out` (reused if it holds them)."""
-    from pathalign_ray.diffusion import MODEL_INFO_FILE
-    from pathalign_ray.sampling import read_manifest, sample
-
-    config, plan = _sample_plan(model, out, class_names, sampling, scale.threads_per_worker, scale.device)
-    step = (
-        json.loads((model / MODEL_INFO_FILE).read_text()).get("step", -1) if (model / MODEL_INFO_FILE).is_file() else -1
-    )
-    expected = {row["sample_id"] for row in plan}
-    if sampling.reuse and (out / "manifest.parquet").is_file():
-        manifest = read_manifest(out)
-        same = (
-            set(manifest.column("sample_id").to_pylist()) == expected
-            and set(manifest.column("model_step").to_pylist()) == {step}
-            and set(manifest.column("ddim_steps").to_pylist()) == {sampling.ddim_steps}
-            and np.allclose(manifest.column("eta").to_numpy(), sampling.eta)
-            and written_after(out / "manifest.parquet", model)  # not a same-named model finetuned again since
-        )
-        if same:
-            print(f"sampling: reusing {out} ({len(expected)} images of step {step})")
-            return out
-    print(f"sampling {len(expected)} images from {model} into {out}")
-    return sample(config)
-
-
-def check_noise_held_out(model: Path, class_names: list[str], sampling: EvalSamplingConfig, out_dir: Path) -> None:
-    """Refuse to judge `model` on noise that a pool, check or probe of the run it came from drew."""
-    from pathalign_ray.evaluation.sources import run_dir_of
-    from pathalign_ray.sampling import seeds_drawn_under
-
-    _, plan = _sample_plan(model, out_dir / "samples", class_names, sampling, 1, "cpu")
-    run_dir = run_dir_of(model)
-    shared = seeds_drawn_under(run_dir, {row["seed"] for row in plan}, skip=out_dir / "samples")
-    if shared:
-        where = "; ".join(f"{count} in {path.parent}" for path, count in shared.items())
-        raise ValueError(
-            f"sampling.namespace={sampling.namespace} sampling.seed={sampling.seed} would judge {model} on noise "
-            f"its run {run_dir} already drew ({where}); evaluate on held-out noise: sampling.namespace=evaluation"
-        )
-
-
-def _sample_plan(model: Path, out: Path, class_names: list[str], sampling: EvalSamplingConfig, threads: int, device):
-    """(SampleConfig, plan) of the evaluation's samples of `model`: each class it shares with the data set."""
-    from pathalign_ray.diffusion import CLASS_NAMES_FILE
-    from pathalign_ray.sampling import SampleConfig, plan_samples
-
-    model_classes = json.loads((model / CLASS_NAMES_FILE).read_text())
-    classes = tuple(c for c in model_classes if c in class_names)
-    if not classes:
-        raise ValueError(f"{model} knows none of the data set's classes {class_names}")
-    config = SampleConfig(
-        model=str(model),
-        out_dir=str(out),
-        n_per_class=sampling.n_per_class,
-        classes=classes,
-        ddim_steps=sampling.ddim_steps,
-        eta=sampling.eta,
-        seed=sampling.seed,
-        namespace=sampling.namespace,
-        batch_size=sampling.batch_size,
-        threads_per_worker=threads,
-        device=device,
-        overwrite=True,
-    )
-    return config, plan_samples(config, model_classes)
 
 
 # ---------------------------------------------------------------- classifiers (Ray tasks)
