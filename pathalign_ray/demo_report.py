@@ -94,8 +94,8 @@ def write_demo_report(summary: dict, metrics: dict, history: list[dict], grids: 
         "</table>",
         "<h2>Samples, one row per declared cell type</h2><div class='pair'>",
         *[
-            f"<figure><figcaption>{label}: {e(s['name'])}</figcaption>{_img((grids / (s['name'] + '.png')).read_bytes(), label)}</figure>"
-            for label, s in (("before", b), ("after", a))
+            f"<figure><figcaption>{e(caption)}</figcaption>{_img((grids / (s['name'] + '.png')).read_bytes(), caption)}</figure>"
+            for caption, s in (("before: the generator the round started from", b), (f"after: {a['name']}", a))
         ],
         "</div>",
         "<h2>Plausibility per cell type</h2>",
