@@ -122,3 +122,18 @@ def _paths(config, key: str) -> list[str]:
         value = getattr(value, part)
     values = list(value) if isinstance(value, (list, tuple)) else [value]
     return [str(Path(getattr(config, base)) / v) if base else str(v) for v in values]
+
+
+def test_a_wrong_input_path_is_named_with_its_key_before_ray_starts(tmp_path):
+    import ray
+
+    from pathalign_ray.config import ConfigError, load_config
+    from pathalign_ray.demo import DemoConfig
+    from pathalign_ray.reward.serve import ServeRewardConfig, start_reward_server
+
+    ray_was_up = ray.is_initialized()
+    with pytest.raises(ConfigError, match=f"model: {tmp_path} is not an exported generator"):
+        load_config(DemoConfig, "configs/demo.yaml", [f"model={tmp_path}"])
+    with pytest.raises(FileNotFoundError, match=f"model={tmp_path}: .*reward.safetensors is missing"):
+        start_reward_server(ServeRewardConfig(model=str(tmp_path)))
+    assert ray.is_initialized() == ray_was_up

@@ -175,12 +175,18 @@ def save_reward_model(model: RewardModel, out_dir: str | Path, info: dict) -> Pa
     return out_dir
 
 
-def load_reward_model(model_dir: str | Path) -> tuple[RewardModel, dict]:
-    """Load what save_reward_model wrote, in eval mode: (model, metadata)."""
+def reward_model_folder(model_dir: str | Path) -> Path:
+    """`model_dir` if it holds what save_reward_model writes; else a FileNotFoundError naming what is missing."""
     model_dir = Path(model_dir)
     for needed in (WEIGHTS_FILE, CONFIG_FILE):
         if not (model_dir / needed).is_file():
             raise FileNotFoundError(f"{model_dir} is not a reward model: {needed} is missing")
+    return model_dir
+
+
+def load_reward_model(model_dir: str | Path) -> tuple[RewardModel, dict]:
+    """Load what save_reward_model wrote, in eval mode: (model, metadata)."""
+    model_dir = reward_model_folder(model_dir)
     meta = json.loads((model_dir / CONFIG_FILE).read_text())
     model = RewardModel(RewardModelConfig(**meta["config"]), meta["class_names"], meta.get("backbone_config"))
     model.load_state_dict(load_file(str(model_dir / WEIGHTS_FILE)))

@@ -443,10 +443,20 @@ def start_reward_server(config: ServeRewardConfig) -> str:
     """Deploy the reward endpoint and return its base URL. It outlives this call; `serve.delete(APP_NAME)` ends it."""
     from pathalign_ray.cluster import init_ray
 
+    _check_model(config.model)  # here, before Ray: a replica failing to load would be retried over and over
     init_ray()
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(build_app(config), name=APP_NAME, route_prefix=config.route_prefix)
     return f"http://{config.host}:{config.port}{config.route_prefix.rstrip('/')}/"
+
+
+def _check_model(model: str) -> None:
+    from pathalign_ray.reward.model import reward_model_folder
+
+    try:
+        reward_model_folder(model)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"model={model}: {error} (jobs/train_reward.py or make demo writes one)") from None
 
 
 def switch_model(config: ServeRewardConfig, model: str) -> None:
@@ -455,10 +465,7 @@ def switch_model(config: ServeRewardConfig, model: str) -> None:
     Replicas load the new version beside the serving one (`reconfigure`) and swap between two batches.
     Deployed from a Serve config file instead, change `user_config: {model: PATH}` there and `serve deploy` it.
     """
-    from pathalign_ray.reward.model import CONFIG_FILE
-
-    if not (Path(model) / CONFIG_FILE).is_file():  # checked here: a replica failing to load would be restarted
-        raise FileNotFoundError(f"{model} is not a reward model: {CONFIG_FILE} is missing")
+    _check_model(model)  # here: a replica failing to load would be restarted over and over
     serve.run(build_app(config, user_config={"model": model}), name=APP_NAME, route_prefix=config.route_prefix)
 
 
