@@ -148,7 +148,7 @@ def over_seeds(judged: list[dict]) -> dict:
     mean, low, high = mean_interval([j["model"]["plausibility"] for j in judged])
     return {
         "plausibility_mean": mean,
-        "plausibility_ci": [low, high],
+        "plausibility_ci": [low, high] if len(judged) > 1 else None,  # one seed has no interval over seeds
         "base_plausibility_mean": mean_interval([j["base"]["plausibility"] for j in judged])[0],
         "fid_ratio": mean_interval([j["model"]["domain_fid"] / j["base"]["domain_fid"] for j in judged])[0],
         "coverage_ratio": mean_interval([j["model"]["coverage"] / j["base"]["coverage"] for j in judged])[0],
