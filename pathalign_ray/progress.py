@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from typing import Iterator
 
 import ray
 from tqdm import tqdm
 
 BOARD_NAME = "pathalign-progress"
-_board_handle = None  # a worker's handle on the board, looked up once
 
 
 def bar(total: int, stage: str, unit: str = "it", iterable=None) -> tqdm:
@@ -40,26 +40,32 @@ class _ProgressBoard:
 
 
 def report_progress(stage: str, done: int, postfix: str = "") -> None:
-    """From a worker: `done` units of `stage` finished. Does nothing when no driver watches."""
-    global _board_handle
-    if _board_handle is None:
-        try:
-            _board_handle = ray.get_actor(BOARD_NAME, namespace=BOARD_NAME)
-        except ValueError:
-            return
-    _board_handle.update.remote(stage, done, postfix)
+    """From a worker: `done` units of `stage` finished. Does nothing when no driver watches.
+
+    The board is looked up on every call (a name lookup, well under a step's time): each watch may
+    start a new one, and a handle kept from an earlier one would report to an actor that is gone.
+    """
+    try:
+        board = ray.get_actor(BOARD_NAME, namespace=BOARD_NAME)
+    except ValueError:
+        return
+    board.update.remote(stage, done, postfix)
 
 
 @contextlib.contextmanager
-def watch(stage: str, total: int, unit: str = "step", every_s: float = 0.5) -> Iterator[None]:
-    """On the driver, around work that calls report_progress(stage, ...) on some worker: draw its bar."""
+def watch(stage: str, total: int, unit: str = "step", every_s: float = 0.5, flush_s: float = 5.0) -> Iterator[None]:
+    """On the driver, around work that calls report_progress(stage, ...) on some worker: draw its bar.
+
+    Workers' reports are fire-and-forget, so the last ones may still be on their way when the work
+    returns: the bar waits up to flush_s for the stage to reach `total` before it closes.
+    """
     board = _ProgressBoard.options(name=BOARD_NAME, namespace=BOARD_NAME, get_if_exists=True).remote()
-    board.update.remote(stage, 0, "")  # a stage of the same name watched before starts again
+    ray.get(board.update.remote(stage, 0, ""))  # a stage watched before starts again, before any new report lands
     stop = threading.Event()
 
     def draw() -> None:
         with bar(total, stage, unit) as shown:
-            drawn = None
+            drawn, deadline = None, None
             while True:
                 stopping = stop.wait(every_s)
                 latest = ray.get(board.read.remote(stage))
@@ -68,7 +74,9 @@ def watch(stage: str, total: int, unit: str = "step", every_s: float = 0.5) -> I
                     shown.update(latest[0] - shown.n)
                     drawn = latest
                 if stopping:
-                    return
+                    deadline = deadline or time.monotonic() + flush_s
+                    if shown.n >= total or time.monotonic() > deadline:
+                        return
 
     thread = threading.Thread(target=draw, name=f"progress {stage}", daemon=True)
     thread.start()

@@ -68,7 +68,7 @@ def test_two_rounds_compound_and_the_evaluation_refuses_a_pools_noise(tiny_pretr
 
     overrides = [
         f"models=[{run / 'round1-model'}]", f"real={tiny_dataset}", f"out_dir={tmp_path / 'report'}",
-        "sampling.n_per_class=3", "sampling.ddim_steps=2", "prdc_k=2", "grid_per_class=2",
+        "sampling.n_per_class=3", "sampling.ddim_steps=2", "prdc_k=2", "grid_per_class=2", "cache_encoder=false",
         *[f"encoder.{o}" for o in TINY_CLASSIFIER], *[f"utility.{o}" for o in TINY_CLASSIFIER],
     ]  # fmt: skip
     on_the_pool = [*overrides, "sampling.namespace=pool", f"sampling.seed={pool_seed(0, 1)}"]
