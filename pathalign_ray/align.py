@@ -52,8 +52,8 @@ class AlignConfig:
     serve: ServeRewardConfig | None = None
 
     def __post_init__(self) -> None:
-        if self.rounds < 1:
-            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+        if not 1 <= self.rounds < 1000:  # pool_seed keeps (seed, round) apart below 1,000 rounds
+            raise ValueError(f"rounds must be in [1, 999], got {self.rounds}")
 
 
 def align(config: AlignConfig) -> list[dict]:

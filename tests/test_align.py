@@ -29,7 +29,12 @@ def test_each_namespace_draws_other_seeds_than_every_other_and_than_plain_keys()
 
 
 def test_pool_seeds_are_one_per_seed_and_round():
+    from pathalign_ray.align import AlignConfig
+    from pathalign_ray.config import ConfigError, load_config
+
     assert len({pool_seed(seed, r) for seed in range(3) for r in range(5)}) == 15
+    with pytest.raises(ConfigError, match=r"rounds must be in \[1, 999\]"):
+        load_config(AlignConfig, None, ["rounds=1000"])
 
 
 @pytest.mark.ray
