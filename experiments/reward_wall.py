@@ -37,7 +37,8 @@ from pathalign_ray.pathologist import _TOLERANCES, measure
 from pathalign_ray.reward.data import build_examples, split_examples
 from pathalign_ray.reward.metrics import roc_auc
 from pathalign_ray.reward.model import RewardModel
-from pathalign_ray.reward.train import TrainRewardConfig, _Heads, _tensors, lr_factor, reward_loss
+from pathalign_ray.reward.train import TrainRewardConfig, _Heads, _tensors, reward_loss, warmup_steps_of
+from pathalign_ray.training import lr_factor
 
 # bench_common (it writes bench/results/NAME.json) is in bench/, off the path when run as experiments/NAME.py
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -74,11 +75,12 @@ def train_cnn(config, train, epochs: int, targets: np.ndarray | None) -> tuple[R
     optimizer = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay)
     steps = math.ceil(len(train) / BATCH)
     total = steps * epochs
+    warmup = warmup_steps_of(config.train.lr_schedule, total)
     for epoch in range(epochs):
         rng = np.random.default_rng(epoch)
         for step in range(steps):
             for group in optimizer.param_groups:
-                group["lr"] = config.train.lr * lr_factor(epoch * steps + step, total, config.train.lr_schedule)
+                group["lr"] = config.train.lr * lr_factor(epoch * steps + step, total, config.train.lr_schedule, warmup)
             rows = rng.choice(len(train), BATCH, replace=False)
             batch = _tensors(train, rows, "cpu", rng)
             if regressor is None:

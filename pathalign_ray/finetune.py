@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from pathlib import Path
 from typing import Literal
 
@@ -260,7 +259,14 @@ class _Job:
         import ray.train
 
         from pathalign_ray.objectives import PerClassRewardStats
-        from pathalign_ray.training import cycle_batches, update_ema
+        from pathalign_ray.training import (
+            MetricsWindow,
+            checkpoint_due,
+            cycle_batches,
+            log_and_report,
+            mean_over_workers,
+            update_ema,
+        )
 
         train = self.config.train
         self.dtype = next(self.engine.module.parameters()).dtype
@@ -274,24 +280,24 @@ class _Job:
         self.advantage_stats = PerClassRewardStats()
         self.advantage_stats.load_state(self.state.get("advantage_stats", {}))
         step_fn = self._rwl_step if self.config.objective.kind == "rwl" else self._ddpo_step
-        window_start, window_steps = time.perf_counter(), 0
+        window = MetricsWindow()
         while self.state["step"] < train.steps:
             metrics = step_fn()
             update_ema(self.ema, self.engine.module, train.ema_decay)
             self.state["step"] += 1
-            step, window_steps = self.state["step"], window_steps + 1
+            step = self.state["step"]
+            window.step()
             if self.rank == 0:
                 report_progress(f"finetuning {self.config.name}", step, f"reward {metrics.get('reward_mean', float('nan')):.3f}")
-            checkpoint_now = step % train.checkpoint_every == 0 or step == train.steps
+            checkpoint_now = checkpoint_due(step, train.checkpoint_every, train.steps)
             evaluate_now = step == train.steps or (train.eval_every and step % train.eval_every == 0)
             if step % train.log_every == 0 or checkpoint_now or evaluate_now:
-                metrics = self._reduce(metrics)
-                step_time = (time.perf_counter() - window_start) / window_steps
+                metrics = mean_over_workers(metrics, self.world_size)
+                step_time = window.close()
                 metrics.update(step=step, step_time_s=step_time, images_per_s=self._images_per_step() / step_time)
                 if evaluate_now:
                     metrics.update(self._evaluate_fresh_samples())
-                self._log(metrics, checkpoint_now)
-                window_start, window_steps = time.perf_counter(), 0
+                log_and_report(self.config.name, metrics, self.state, self.engine, self.ema, self.rank, train.steps, checkpoint_now)
 
     def _images_per_step(self) -> int:
         """Images one optimizer step trains on, over all workers: synthetic (+ real) batches, or trajectories."""
@@ -446,30 +452,6 @@ class _Job:
         from pathalign_ray.pathologist import judge
 
         return float(np.mean([judge(image, self.class_names[c]).plausible for image, c in zip(images, class_ids)]))
-
-    def _reduce(self, metrics: dict) -> dict:
-        if self.world_size == 1:
-            return metrics
-        keys = sorted(metrics)
-        values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
-        torch.distributed.all_reduce(values)
-        return {k: float(v) / self.world_size for k, v in zip(keys, values)}
-
-    def _log(self, metrics: dict, checkpoint_now: bool) -> None:
-        import ray.train
-
-        from pathalign_ray.metrics import record_train_metrics
-        from pathalign_ray.training import report_checkpoint
-
-        self.state["history"].append(metrics)
-        if self.rank == 0:
-            record_train_metrics(self.config.name, metrics)
-            shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "step")
-            print(f"{self.config.name} step {metrics['step']}/{self.config.train.steps} {shown}")
-        if checkpoint_now:
-            report_checkpoint(self.engine, self.ema, self.state, self.rank, metrics)
-        else:
-            ray.train.report(metrics)
 
 
 def _export(checkpoint_dir: Path, unet, ddim, class_names, base_info, config: FinetuneConfig, run_dir: Path) -> Path:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -26,15 +25,16 @@ from pathalign_ray.diffusion import (
     draw_noise_and_timesteps,
     export_model,
 )
-from pathalign_ray.metrics import record_train_metrics
 from pathalign_ray.progress import report_progress, watch
 from pathalign_ray.training import (
+    MetricsWindow,
     build_engine,
+    checkpoint_due,
     cycle_batches,
     init_ema,
+    log_and_report,
     mean_over_workers,
     read_checkpoint,
-    report_checkpoint,
     restore_checkpoint,
     update_ema,
     worker_setup,
@@ -131,16 +131,15 @@ def train_loop(loop_config: dict) -> None:
     )
     ema = init_ema(engine.module)
     state = restore_checkpoint(engine, ema) or {"step": 0, "history": [], "class_names": class_names}
-    step, history = state["step"], state["history"]
-    if rank == 0 and step:
-        print(f"resumed pretraining at step {step}")
+    if rank == 0 and state["step"]:
+        print(f"resumed pretraining at step {state['step']}")
 
-    seed = derive_seed(config.train.seed, rank, step)
+    seed = derive_seed(config.train.seed, rank, state["step"])
     batches = cycle_batches(ray.train.get_dataset_shard("train"), config.train.batch_size, seed)
     generator = torch.Generator().manual_seed(seed)
     model_dtype = next(engine.module.parameters()).dtype
-    window_start, window_images, window_step = time.perf_counter(), 0, step
-    while step < config.train.steps:
+    window = MetricsWindow()
+    while state["step"] < config.train.steps:
         batch = next(batches)
         images = batch["image"].to(device, model_dtype)
         labels = batch["label"].to(device)
@@ -153,29 +152,22 @@ def train_loop(loop_config: dict) -> None:
         engine.backward(loss)
         engine.step()
         update_ema(ema, engine.module, config.train.ema_decay)
-        step += 1
-        window_images += len(images) * world_size
+        state["step"] += 1
+        step = state["step"]
+        window.step()
         if rank == 0:
             report_progress("pretraining", step, f"loss {float(loss):.4f}")
-        checkpoint_now = step % config.train.checkpoint_every == 0 or step == config.train.steps
+        checkpoint_now = checkpoint_due(step, config.train.checkpoint_every, config.train.steps)
         if step % config.train.log_every == 0 or checkpoint_now:
-            elapsed = time.perf_counter() - window_start
+            step_time = window.close()
             metrics = {
                 "step": step,
-                "loss": mean_over_workers(loss, world_size),
-                "images_per_s": window_images / elapsed,
-                "step_time_s": elapsed / (step - window_step),
+                **mean_over_workers({"loss": loss}, world_size),
+                "images_per_s": len(images) * world_size / step_time,
+                "step_time_s": step_time,
                 "lr": lr_schedule.get_last_lr()[0],
             }
-            history.append(metrics)
-            if rank == 0:
-                record_train_metrics("pretrain", metrics)
-                print(f"pretrain step {step}/{config.train.steps} loss {metrics['loss']:.4f} {metrics['images_per_s']:.1f} img/s")
-            if checkpoint_now:
-                report_checkpoint(engine, ema, {**state, "step": step, "history": history}, rank, metrics)
-            else:
-                ray.train.report(metrics)
-            window_start, window_images, window_step = time.perf_counter(), 0, step
+            log_and_report("pretrain", metrics, state, engine, ema, rank, config.train.steps, checkpoint_now)
 
 
 def _export_checkpoint(checkpoint_dir: Path, config: PretrainConfig, run_dir: Path) -> Path:

@@ -1,23 +1,32 @@
-"""What every Ray Train worker of a diffusion job does around its objective: the DeepSpeed engine,
-EMA weights, and checkpoints that resume.
+"""What every Ray Train worker does around its objective: the learning-rate schedule, metrics averaged
+over workers, the log and checkpoint window, Ray Train checkpoints that resume, and, for the diffusion
+jobs, the DeepSpeed engine and EMA weights.
 
-A checkpoint holds each rank's DeepSpeed shard, the EMA weights (rank 0) and a JSON train state
-(step, metric history, and whatever the job adds). Only ray.train and deepspeed wiring lives here;
-the objectives are in pathalign_ray.objectives and pathalign_ray.diffusion.
+The three training loops (pretrain, finetune: DeepSpeed; the reward model: DDP) and the evaluation's
+classifiers all take their schedule and reduction from here. A diffusion checkpoint holds each rank's
+DeepSpeed shard, the EMA weights (rank 0) and a JSON train state (step, metric history, and whatever
+the job adds). Only ray.train and deepspeed wiring lives here; the objectives are in
+pathalign_ray.objectives and pathalign_ray.diffusion.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import tempfile
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Iterator
+from typing import TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from pathalign_ray.cluster import ScaleConfig, deepspeed_config
+from pathalign_ray.metrics import record_train_metrics
+
+T = TypeVar("T")
 
 EMA_FILE = "ema.safetensors"
 TRAIN_STATE_FILE = "train_state.json"
@@ -49,18 +58,35 @@ def build_engine(
     weight_decay: float = 0.0,
     accumulation_steps: int = 1,
 ):
-    """A DeepSpeed engine with a torch AdamW and linear warm-up. Returns (engine, lr scheduler).
+    """A DeepSpeed engine with a torch AdamW and linear warm-up to a constant rate. Returns (engine, lr scheduler).
 
     With accumulation_steps > 1, engine.step() applies the optimizer every that many micro-steps.
     """
     import deepspeed
 
     optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
-    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup_steps)))
+    schedule = lr_schedule(optimizer, total_steps=0, schedule="constant", warmup_steps=warmup_steps)
     engine, _, _, _ = deepspeed.initialize(
-        model=module, optimizer=optimizer, lr_scheduler=warmup, config=deepspeed_config(scale, batch_size, grad_clip, accumulation_steps)
+        model=module, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(scale, batch_size, grad_clip, accumulation_steps)
     )
-    return engine, warmup
+    return engine, schedule
+
+
+def lr_factor(step: int, total_steps: int, schedule: str = "constant", warmup_steps: int = 0) -> float:
+    """The learning rate of optimizer step `step` (0-based), as a fraction of the peak: a linear warm-up
+    over the first `warmup_steps`, then constant, or half a cosine down to 0 at step `total_steps`."""
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {schedule!r}")
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+
+
+def lr_schedule(optimizer, total_steps: int, schedule: str = "constant", warmup_steps: int = 0):
+    """A torch scheduler that sets lr_factor for each optimizer step (call .step() after each)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, schedule, warmup_steps))
 
 
 def init_ema(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -89,12 +115,53 @@ def ema_weights(module: torch.nn.Module, ema: dict[str, torch.Tensor]):
                 params[name].copy_(value)
 
 
-def mean_over_workers(value: torch.Tensor, world_size: int) -> float:
-    if world_size > 1:
-        value = value.detach().float().clone()
-        torch.distributed.all_reduce(value)
-        value /= world_size
-    return float(value)
+def mean_over_workers(metrics: dict[str, float], world_size: int) -> dict[str, float]:
+    """Each scalar (a float or a 0-d tensor) averaged over the Ray Train workers, who all call this
+    together with the same keys. One all-reduce, on the device the process group runs on (nccl: the GPU)."""
+    values = {key: float(value) for key, value in metrics.items()}
+    if world_size == 1:
+        return values
+    keys = sorted(values)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else "cpu"
+    summed = torch.tensor([values[key] for key in keys], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(summed)
+    return {key: float(value) / world_size for key, value in zip(keys, summed.tolist())}
+
+
+class MetricsWindow:
+    """The steps and seconds since the last report, so each report gives its own window's step time."""
+
+    def __init__(self):
+        self.start, self.steps = time.perf_counter(), 0
+
+    def step(self) -> None:
+        self.steps += 1
+
+    def close(self) -> float:
+        """Seconds per step over the window; a new window starts."""
+        step_time = (time.perf_counter() - self.start) / max(1, self.steps)
+        self.start, self.steps = time.perf_counter(), 0
+        return step_time
+
+
+def checkpoint_due(step: int, every: int, total_steps: int) -> bool:
+    return step % every == 0 or step == total_steps
+
+
+def log_and_report(job: str, metrics: dict, state: dict, engine, ema: dict, rank: int, total_steps: int, checkpoint: bool) -> None:
+    """One report of a diffusion job: the metrics join the train state's history; rank 0 sets the
+    training gauges and prints them; every rank reports to Ray Train, with a checkpoint when asked."""
+    import ray.train
+
+    state["history"].append(metrics)
+    if rank == 0:
+        record_train_metrics(job, metrics)
+        shown = " ".join(f"{key} {value:.4g}" for key, value in metrics.items() if key != "step")
+        print(f"{job} step {metrics['step']}/{total_steps} {shown}")
+    if checkpoint:
+        report_checkpoint(engine, ema, state, rank, metrics)
+    else:
+        ray.train.report(metrics)
 
 
 # A shard up to this size is held in the worker's memory and reshuffled each epoch by an index
@@ -150,32 +217,49 @@ def _streamed_shuffled_batches(shard, batch_size: int, seed: int) -> Iterator[di
         epoch += 1
 
 
-def restore_checkpoint(engine, ema: dict[str, torch.Tensor]) -> dict | None:
-    """Load this run's latest checkpoint into the engine and EMA; return its train state, or None."""
+def read_latest_checkpoint(read: Callable[[Path], T]) -> T | None:
+    """read(folder) of this Ray Train run's latest checkpoint (after a worker failure or a rerun), or None."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as checkpoint_dir:
-        checkpoint_dir = Path(checkpoint_dir)
+        return read(Path(checkpoint_dir))
+
+
+def report_with_checkpoint(metrics: dict, write: Callable[[Path], None]) -> None:
+    """ray.train.report the metrics with a checkpoint of what write(folder) puts in a fresh folder."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write(Path(tmp))
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+
+def restore_checkpoint(engine, ema: dict[str, torch.Tensor]) -> dict | None:
+    """Load this run's latest checkpoint into the engine and EMA; return its train state, or None."""
+
+    def read(checkpoint_dir: Path) -> dict:
         engine.load_checkpoint(str(checkpoint_dir), tag=DEEPSPEED_TAG)
         for name, tensor in load_file(checkpoint_dir / EMA_FILE).items():
             ema[name].copy_(tensor)
         return json.loads((checkpoint_dir / TRAIN_STATE_FILE).read_text())
 
+    return read_latest_checkpoint(read)
+
 
 def report_checkpoint(engine, ema: dict[str, torch.Tensor], state: dict, rank: int, metrics: dict) -> None:
     """Every rank saves its DeepSpeed shard; rank 0 adds the EMA weights and the train state."""
-    import ray.train
-    from ray.train import Checkpoint
 
-    with tempfile.TemporaryDirectory() as tmp:
-        engine.save_checkpoint(tmp, tag=DEEPSPEED_TAG)
+    def write(folder: Path) -> None:
+        engine.save_checkpoint(str(folder), tag=DEEPSPEED_TAG)
         if rank == 0:
-            save_file({name: tensor.contiguous() for name, tensor in ema.items()}, str(Path(tmp) / EMA_FILE))
-            (Path(tmp) / TRAIN_STATE_FILE).write_text(json.dumps(state))
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+            save_file({name: tensor.contiguous() for name, tensor in ema.items()}, str(folder / EMA_FILE))
+            (folder / TRAIN_STATE_FILE).write_text(json.dumps(state))
+
+    report_with_checkpoint(metrics, write)
 
 
 def read_checkpoint(checkpoint_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:

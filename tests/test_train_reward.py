@@ -22,9 +22,10 @@ from pathalign_ray.diffusion import load_model
 from pathalign_ray.reward.data import build_examples, split_examples
 from pathalign_ray.reward.model import load_reward_model
 from pathalign_ray.reward.selection import most_uncertain
-from pathalign_ray.reward.train import TrainRewardConfig, evaluate, lr_factor, train_reward
+from pathalign_ray.reward.train import TrainRewardConfig, evaluate, train_reward, warmup_steps_of
 from pathalign_ray.sampling import read_manifest
 from pathalign_ray.simulated_feedback import SimulateFeedbackConfig, simulate_feedback
+from pathalign_ray.training import lr_factor
 
 pytestmark = pytest.mark.ray
 
@@ -143,18 +144,39 @@ def test_missing_feedback_fails_before_training(tmp_path, tiny_dataset):
     assert not (tmp_path / "reward").exists()
 
 
-def test_cosine_schedule_warms_up_peaks_and_decays_to_zero():
+def test_the_reward_models_cosine_schedule_warms_up_peaks_and_decays_to_zero():
     total = 200
-    factors = [lr_factor(step, total, "cosine") for step in range(total)]
-    assert factors[0] == pytest.approx(1 / 10)  # 5 % warm-up: 10 steps
+    warmup = warmup_steps_of("cosine", total)
+    factors = [lr_factor(step, total, "cosine", warmup) for step in range(total)]
+    assert warmup == 10 and factors[0] == pytest.approx(1 / 10)  # 5 % warm-up: 10 steps
     assert factors[9] == pytest.approx(1.0)
     assert factors[10] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(factors[9:], factors[10:]))
     assert factors[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 189 / 190)))
-    assert lr_factor(total, total, "cosine") == pytest.approx(0.0)
+    assert lr_factor(total, total, "cosine", warmup) == pytest.approx(0.0)
+    assert warmup_steps_of("constant", total) == 0
     assert {lr_factor(step, total, "constant") for step in range(total)} == {1.0}
     with pytest.raises(ValueError, match="lr_schedule"):
         lr_factor(0, total, "linear")
+
+
+def test_one_schedule_serves_deepspeeds_warm_up_and_the_classifiers_cosine():
+    """build_engine's warm-up to a constant rate and the evaluation's cosine without warm-up, as torch schedulers."""
+    from pathalign_ray.training import lr_schedule
+
+    def rates(schedule) -> list[float]:
+        seen = []
+        for _ in range(8):
+            seen.append(schedule.get_last_lr()[0])
+            schedule.step()
+        return seen
+
+    def optimizer():
+        return torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+
+    assert rates(lr_schedule(optimizer(), 0, "constant", warmup_steps=4)) == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0]
+    cosine = rates(lr_schedule(optimizer(), 8, "cosine"))
+    assert cosine == pytest.approx([0.5 * (1 + math.cos(math.pi * t / 8)) for t in range(8)])
 
 
 def test_epochs_are_ranked_by_the_held_out_experts_brier_score_or_by_the_loss():

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from pathalign_ray.config import config_dataclass
+from pathalign_ray.training import lr_schedule
 
 
 @config_dataclass
@@ -113,7 +114,7 @@ def train_classifier(
         model = CellClassifier(tuple(config.channels), num_classes)
     x, y = to_input(images), torch.from_numpy(labels)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps)
+    schedule = lr_schedule(optimizer, config.steps, "cosine")
     order, losses = torch.empty(0, dtype=torch.int64), []
     model.train()
     for _ in range(config.steps):
