@@ -96,13 +96,28 @@ def run_part(objective: str, seed: int, rounds: int, select: str, overrides: lis
 
 
 def judge(model: Path, out_dir: Path, sampler: str) -> dict:
-    """The base model and `model` on the held-out noise under one sampler: {"base": figures, "model": figures}."""
+    """The base model and `model` on the held-out noise under one sampler: {"base": figures, "model": figures}.
+
+    Every figure of a column depends on its own samples alone, so the base model, the same on the same
+    noise in every round and seed, is judged once per sampler and kept in PARTS/base/SAMPLER.json.
+    """
+    base_path = PARTS / "base" / f"{sampler}.json"
+    if not base_path.is_file():
+        base_path.parent.mkdir(parents=True, exist_ok=True)
+        base = {**evaluated(BASE_MODEL, out_dir.with_name(f"eval-base-{sampler}"), sampler),
+                "date": datetime.datetime.now().isoformat(timespec="seconds")}  # fmt: skip
+        base_path.write_text(json.dumps(base, indent=2) + "\n")
+    return {"base": json.loads(base_path.read_text()), "model": evaluated(model, out_dir, sampler)}
+
+
+def evaluated(model: Path, out_dir: Path, sampler: str) -> dict:
+    """One model's figures on the held-out noise under one sampler."""
     steps, eta = EVAL_SAMPLERS[sampler]
     sampling = [f"sampling.{key}={value}" for key, value in EVAL_SAMPLING.items()]
     config = load_config(EvaluateConfig, "configs/evaluate.yaml", [*sampling, f"sampling.ddim_steps={steps}", f"sampling.eta={eta}"])
-    report = evaluate(dataclasses.replace(config, models=(str(BASE_MODEL), str(model)), real=str(DATA), out_dir=str(out_dir)))
+    report = evaluate(dataclasses.replace(config, models=(str(model),), real=str(DATA), out_dir=str(out_dir)))
     metrics = json.loads((report / "metrics.json").read_text())
-    return {label: figures(metrics, column) for label, column in zip(("base", "model"), metrics["columns"])}
+    return figures(metrics, metrics["columns"][0])
 
 
 def figures(metrics: dict, column: str) -> dict:
