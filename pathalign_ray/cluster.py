@@ -118,10 +118,17 @@ def deepspeed_config(scale: ScaleConfig, micro_batch_size: int, grad_clip: float
 def trainer_settings(scale: ScaleConfig, run_name: str, storage_path: str | Path, keep_checkpoints: int) -> dict:
     """ScalingConfig, TorchConfig and RunConfig for a TorchTrainer, as keyword arguments.
 
+    storage_path is a plain path (made absolute) or a URI (s3://bucket/prefix, gs://..., file://...);
+    a URI goes to Ray Train as the path on the bucket plus storage.py's filesystem, which carries an
+    endpoint override (AWS_ENDPOINT_URL) to every worker.  The bucket is checked here, before Ray runs.
     A rerun with the same run_name and storage_path resumes from that run's latest checkpoint.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
+
+    from pathalign_ray.storage import ray_storage
+
+    path, filesystem = ray_storage(storage_path)
 
     use_gpu = scale.device == "cuda"
     return dict(
@@ -133,7 +140,8 @@ def trainer_settings(scale: ScaleConfig, run_name: str, storage_path: str | Path
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
             name=run_name,
-            storage_path=str(Path(storage_path).resolve()),
+            storage_path=path,
+            storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=scale.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
             worker_runtime_env={"env_vars": job_env(scale.device)},
