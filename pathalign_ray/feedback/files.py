@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,6 +20,7 @@ from pathalign_ray import storage
 
 FILE_PREFIX = "fb-"
 TEMP_PREFIX = ".tmp-"
+PREFETCH_THREADS = 16  # concurrent GETs when a reader meets objects it has not read yet
 _STALE_TEMP_S = 3600.0  # compact() removes temp files older than this: their writer died mid-batch
 
 
@@ -55,6 +57,10 @@ class LocalFiles:
     def read(self, name: str) -> bytes:
         with open(self.directory / name, "rb") as file:  # once open, a concurrent unlink no longer matters
             return file.read()
+
+    def prefetch(self, names: list[str]) -> dict[str, bytes]:
+        """Nothing: local files are read one by one as they are needed."""
+        return {}
 
     def write(self, name: str, data: bytes | pa.Buffer) -> None:
         """Write a new file durably: temp name, fsync, rename, fsync the folder."""
@@ -109,6 +115,13 @@ class ObjectFiles:
 
     def read(self, name: str) -> bytes:
         return storage.read_bytes(self.where(name))  # FileNotFoundError if compacted away meanwhile
+
+    def prefetch(self, names: list[str]) -> dict[str, bytes]:
+        """The objects' bytes, up to PREFETCH_THREADS requests at once: one GET each is mostly waiting."""
+        if len(names) < 2:
+            return {}
+        with ThreadPoolExecutor(min(PREFETCH_THREADS, len(names))) as pool:
+            return dict(zip(names, pool.map(self.read, names)))  # FileNotFoundError if one was compacted away
 
     def write(self, name: str, data: bytes | pa.Buffer) -> None:
         storage.write_bytes(self.where(name), data)

@@ -108,7 +108,8 @@ class FeedbackStore:
             if len(names) < 2:
                 return 0
             try:
-                tables = [self._load(name) for name in names]
+                fetched = self._files.prefetch([n for n in names if n not in self._tables])
+                tables = [self._load(name, fetched.get(name)) for name in names]
             except FileNotFoundError:
                 return 0  # another compaction took them first
             merged = _first_per_record(pa.concat_tables(tables))
@@ -254,7 +255,8 @@ class FeedbackStore:
         for _ in range(100):
             names = self._files.list()
             try:
-                tables = [self._load(name) for name in names]
+                fetched = self._files.prefetch([n for n in names if n not in self._tables])
+                tables = [self._load(name, fetched.get(name)) for name in names]
             except FileNotFoundError:
                 continue  # compacted away after the listing; the next listing shows the merged file
             for gone in self._tables.keys() - set(names):
@@ -262,10 +264,10 @@ class FeedbackStore:
             return tables
         raise FeedbackStoreError(f"{self.directory}: files kept disappearing while reading (100 tries)")
 
-    def _load(self, name: str) -> pa.Table:
+    def _load(self, name: str, data: bytes | None = None) -> pa.Table:
         table = self._tables.get(name)
         if table is None:
-            table = _parse(self._files.read(name), self._files.where(name))
+            table = _parse(self._files.read(name) if data is None else data, self._files.where(name))
             self._remember(name, table)
         return table
 
