@@ -1,106 +1,140 @@
-"""The paper's Algorithm 4: teach a cell type the pretraining never saw, from expert feedback alone.
+"""The paper's Algorithm 4: expert feedback names a concept the generator's labels never did.
 
-    .venv/bin/python bench/new_concept.py [--steps 1800] [--rounds 2] [key.sub=value ...]   # overrides: configs/align.yaml
+    .venv/bin/python bench/new_concept.py [--variants merged unseen] [--rounds 3] [--steps 1800] [key.sub=value ...]
+        # overrides apply to configs/align.yaml
 
-1. Pretrain the 32 px model on the procedural set WITHOUT one type (band neutrophils by default):
-   runs/concept32-pre/.
-2. Give the model a new class for it (pathalign_ray.concepts.add_class), its embedding started
-   between its neighbours in maturation (metamyelocyte and segmented neutrophil): runs/concept32/model.
-3. The align loop, sampling only the new class: simulated pathologists judge its samples against
-   what a band neutrophil must look like, a reward model learns their verdicts (no real image of the
-   type exists anywhere in the run), and reward-weighted finetuning (beta term on the other types'
-   real images) teaches the model.
-4. Fresh samples (DDIM 50, eta 1; seeds no round used) of every class, before and after, judged by
-   the simulated pathologist. Writes bench/results/new_concept.json and a contact sheet of the new class.
+Two variants, each its own resumable part (bench/results/new_concept_parts/VARIANT.json, one dated row
+per finished round), merged into bench/results/new_concept.json:
+- merged (the paper's setting): the pretraining data draws band neutrophils but labels them as their
+  parent, segmented neutrophils (MakeDatasetConfig.merge), so the generator can already draw bands
+  under the parent's label. The model gets a band class started from the parent's embedding
+  (pathalign_ray.concepts.add_class); the loop samples the band class and the parent, simulated
+  pathologists judge each against its own criteria, the reward model learns both.
+- unseen: no band neutrophil anywhere in pretraining; the class starts between its neighbours in
+  maturation (metamyelocyte and segmented neutrophil) and the loop samples it alone.
+Every round's model, and the model before the first round, is judged on held-out noise (evaluation
+seed namespace, DDIM 50 eta 1): the new class's plausibility with its Wilson 95% interval, the
+parent's, and the mean of the other classes'.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
+from bench_common import RESULTS_DIR, machine, write_result
 
-from bench_common import RESULTS_DIR, write_result
 from pathalign_ray.align import AlignConfig, align
 from pathalign_ray.concepts import add_class
 from pathalign_ray.config import load_config
 from pathalign_ray.data import procedural
 from pathalign_ray.data.make import MakeDatasetConfig, make_dataset
+from pathalign_ray.evaluation.metrics import wilson_interval
+from pathalign_ray.images import decode_image
+from pathalign_ray.pathologist import judge
 from pathalign_ray.pretrain import PretrainConfig, pretrain
 from pathalign_ray.sampling import SampleConfig, read_manifest, sample
 
-PRE = Path("runs/concept32-pre")
-RUN = Path("runs/concept32")
+CONCEPT, PARENT = "band_neutrophil", "segmented_neutrophil"
+PARTS = RESULTS_DIR / "new_concept_parts"
+# per variant: the data set's classes and merge, the new class's initial embedding, the classes the loop samples
+VARIANTS = {
+    "merged": {"classes": procedural.DEFAULT_CELL_TYPES, "merge": {CONCEPT: PARENT},
+               "init_from": [PARENT], "sampled": [CONCEPT, PARENT]},
+    "unseen": {"classes": tuple(c for c in procedural.DEFAULT_CELL_TYPES if c != CONCEPT), "merge": {},
+               "init_from": ["metamyelocyte", PARENT], "sampled": [CONCEPT]},
+}  # fmt: skip
+EVAL = {"namespace": "evaluation", "seed": 5000, "ddim_steps": 50, "eta": 1.0}
 
 
-def plausibility_per_class(model: Path, out_dir: Path, n_per_class: int) -> dict[str, float]:
-    """The simulated pathologist's plausible rate of fresh samples, per declared class."""
-    from pathalign_ray.images import decode_image
-    from pathalign_ray.pathologist import judge
-
-    folder = sample(SampleConfig(model=str(model), out_dir=str(out_dir), n_per_class=n_per_class, ddim_steps=50,
-                                 eta=1.0, seed=5000, overwrite=True))
+def judged_per_class(model: Path, out_dir: Path, n_per_class: int) -> dict[str, list[bool]]:
+    """The simulated pathologist's verdicts on fresh samples of every declared class, on held-out noise."""
+    folder = sample(SampleConfig(model=str(model), out_dir=str(out_dir), n_per_class=n_per_class, overwrite=True, **EVAL))
     verdicts: dict[str, list[bool]] = {}
     for row in read_manifest(folder).to_pylist():
         image = decode_image((folder / row["path"]).read_bytes(), 32, row["path"])
         verdicts.setdefault(row["declared_class"], []).append(judge(image, row["declared_class"]).plausible)
-    return {name: float(np.mean(values)) for name, values in verdicts.items()}
+    return verdicts
+
+
+def figures(verdicts: dict[str, list[bool]]) -> dict:
+    new = verdicts[CONCEPT]
+    others = [name for name in verdicts if name not in (CONCEPT, PARENT)]
+    return {
+        "new_class_plausibility": float(np.mean(new)),
+        "new_class_ci": list(wilson_interval(int(np.sum(new)), len(new))),
+        "parent_plausibility": float(np.mean(verdicts[PARENT])),
+        "parent_ci": list(wilson_interval(int(np.sum(verdicts[PARENT])), len(verdicts[PARENT]))),
+        "others_plausibility": float(np.mean([np.mean(verdicts[name]) for name in others])),
+        "per_class": {name: float(np.mean(values)) for name, values in verdicts.items()},
+    }
+
+
+def run_variant(variant: str, rounds: int, steps: int, n_eval: int, overrides: list[str]) -> dict:
+    """Pretrain, add the class, judge the start, then each round not yet in the part; returns the part."""
+    spec = VARIANTS[variant]
+    pre, run = Path(f"runs/concept32-{variant}-pre"), Path(f"runs/concept32-{variant}")
+    part_path = PARTS / f"{variant}.json"
+    part = json.loads(part_path.read_text()) if part_path.is_file() else {"variant": variant, **spec, "rows": []}
+    data_dir = pre / "data"
+    if not (data_dir / "dataset.json").is_file():
+        make_dataset(MakeDatasetConfig(out_dir=str(data_dir), image_size=32, classes=spec["classes"], merge=spec["merge"]))
+    started = time.perf_counter()
+    pre_model = pretrain(load_config(PretrainConfig, "configs/pretrain.yaml",
+                                     [f"run_dir={pre}", f"data.dataset={data_dir}", f"train.steps={steps}"]))  # fmt: skip
+    part.setdefault("pretraining", {"steps": steps, "wall_s": time.perf_counter() - started})
+    if not (run / "model").is_dir():
+        add_class(pre_model, CONCEPT, run / "model", init_from=spec["init_from"])
+    if not part["rows"]:
+        before = judged_per_class(run / "model", run / "eval" / "before", n_eval)
+        part["rows"].append({"round": None, "labels": 0, **figures(before), "date": _now(), "machine": machine()})
+        _save(part, part_path)
+    for round_index in range(len(part["rows"]) - 1, rounds):
+        config = load_config(AlignConfig, "configs/align.yaml", [
+            f"run_dir={run.resolve()}", f"rounds={round_index + 1}", f"sample.classes=[{', '.join(spec['sampled'])}]",
+            "sample.n_per_class=64", f"reward.data.dataset={data_dir.resolve()}", *overrides,
+        ])  # fmt: skip
+        row = align(config)[round_index]
+        after = judged_per_class(run / f"round{round_index}-model", run / "eval" / f"round{round_index}", n_eval)
+        part["rows"].append({"round": round_index, "labels": row["labels"], "round_wall_s": row["wall_s"],
+                             **figures(after), "date": _now(), "machine": machine()})  # fmt: skip
+        _save(part, part_path)
+        print(f"[bench] {variant} round {round_index}: {CONCEPT} {part['rows'][-1]['new_class_plausibility']:.1%}")
+    last = run / "eval" / f"round{rounds - 1}" / "contact_sheet.png"
+    if last.is_file():
+        shutil.copy(run / "eval" / "before" / "contact_sheet.png", RESULTS_DIR / f"new_concept_{variant}_before.png")
+        shutil.copy(last, RESULTS_DIR / f"new_concept_{variant}_after.png")
+    return part
+
+
+def _now() -> str:
+    return datetime.datetime.now().isoformat(timespec="seconds")
+
+
+def _save(part: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(part, indent=2) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--concept", default="band_neutrophil")
-    parser.add_argument("--init-from", nargs="+", default=["metamyelocyte", "segmented_neutrophil"])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=1800, help="pretraining steps")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--eval-per-class", type=int, default=32)
-    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--eval-per-class", type=int, default=64)
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of configs/align.yaml")
     args = parser.parse_args()
-    started = time.perf_counter()
-    known = tuple(name for name in procedural.DEFAULT_CELL_TYPES if name != args.concept)
-    data_dir = PRE / "data"
-    if not (data_dir / "dataset.json").is_file():
-        make_dataset(MakeDatasetConfig(out_dir=str(data_dir), image_size=32, classes=known))
-    pre_model = pretrain(load_config(PretrainConfig, "configs/pretrain.yaml",
-                                     [f"run_dir={PRE}", f"data.dataset={data_dir}", f"train.steps={args.steps}"]))
-    pretrain_s = time.perf_counter() - started
-    if not (RUN / "model").is_dir():
-        add_class(pre_model, args.concept, RUN / "model", init_from=args.init_from)
-    before = plausibility_per_class(RUN / "model", RUN / "eval" / "before", args.eval_per_class)
-    align_started = time.perf_counter()
-    config = load_config(
-        AlignConfig, "configs/align.yaml",
-        [f"run_dir={RUN.resolve()}", f"rounds={args.rounds}", f"sample.classes=[{args.concept}]",
-         "sample.n_per_class=64", f"reward.data.dataset={data_dir.resolve()}", *args.overrides],
-    )
-    rows = align(config)
-    align_s = time.perf_counter() - align_started
-    final = RUN / f"round{args.rounds - 1}-model"
-    after = plausibility_per_class(final, RUN / "eval" / "after", args.eval_per_class)
-    shutil.copy(RUN / "eval" / "after" / "contact_sheet.png", RESULTS_DIR / "new_concept_after.png")
-    shutil.copy(RUN / "eval" / "before" / "contact_sheet.png", RESULTS_DIR / "new_concept_before.png")
-    figures = {
-        "concept": args.concept,
-        "init_from": args.init_from,
-        "pretraining": {"classes": list(known), "steps": args.steps, "wall_s": pretrain_s},
-        "rounds": rows,
-        "labels": rows[-1]["labels"],
-        "concept_plausibility_before": before[args.concept],
-        "concept_plausibility_after": after[args.concept],
-        "other_classes_plausibility_before": float(np.mean([before[name] for name in known])),
-        "other_classes_plausibility_after": float(np.mean([after[name] for name in known])),
-        "per_class_before": before,
-        "per_class_after": after,
-        "eval_per_class": args.eval_per_class,
-        "align_wall_s": align_s,
-        "total_wall_s": time.perf_counter() - started,
-    }
-    write_result("new_concept", figures)
-    print(json.dumps({k: v for k, v in figures.items() if k != "rounds"}, indent=2))
+    for variant in args.variants:
+        run_variant(variant, args.rounds, args.steps, args.eval_per_class, args.overrides)
+    parts = {path.stem: json.loads(path.read_text()) for path in sorted(PARTS.glob("*.json"))}
+    write_result("new_concept", {"concept": CONCEPT, "parent": PARENT, "eval_sampling": EVAL,
+                                 "eval_per_class": args.eval_per_class, "variants": parts})  # fmt: skip
+    print(json.dumps({name: [row["new_class_plausibility"] for row in p["rows"]] for name, p in parts.items()}))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""A new concept: one more class embedding row, the old classes untouched (pure), and the loop teaching it (Ray)."""
+"""A new concept: a data set whose labels hide it in its parent, one more class embedding row with the old
+classes untouched (pure), and the loop teaching it (Ray)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,29 @@ import torch
 from conftest import TINY_ALIGN_OVERRIDES
 
 from pathalign_ray.concepts import add_class, extend_class_embedding
+from pathalign_ray.data import procedural
+from pathalign_ray.data.labeled import merge_classes
 from pathalign_ray.diffusion import ddim_sample, export_model, load_model
+
+# the tiny model's 4 classes, with band neutrophils drawn among the metamyelocytes under their label
+MERGED = (*procedural.DEFAULT_CELL_TYPES[:4], "band_neutrophil")
+
+
+def test_a_merged_concept_stays_in_the_images_and_leaves_the_labels():
+    drawn = procedural.generate(3, 16, seed=0, classes=MERGED)
+    merged = merge_classes(drawn, {"band_neutrophil": "metamyelocyte"})
+    assert merged.class_names == procedural.DEFAULT_CELL_TYPES[:4]
+    np.testing.assert_array_equal(merged.images, drawn.images)
+    parent = merged.class_names.index("metamyelocyte")
+    assert [f["cell_type"] for f, label in zip(merged.features, merged.labels) if label == parent] == (
+        ["metamyelocyte"] * 3 + ["band_neutrophil"] * 3
+    )
+    assert merge_classes(drawn, {}).class_names == MERGED
+    with pytest.raises(ValueError, match="merge: 'eosinophil' is not a class"):
+        merge_classes(drawn, {"eosinophil": "myelocyte"})
+    with pytest.raises(ValueError, match="the parent of 'band_neutrophil', 'eosinophil', must be a class"):
+        merge_classes(drawn, {"band_neutrophil": "eosinophil"})
+
 
 def test_the_new_row_is_the_mean_of_its_init_classes_and_old_classes_draw_the_same_images(unet):
     from diffusers import DDIMScheduler
@@ -40,28 +63,36 @@ def test_add_class_exports_a_model_with_the_concept_last(unet, tmp_path):
 
 
 @pytest.mark.ray
-def test_one_round_of_the_loop_finetunes_a_new_class_with_no_real_image(tiny_pretrained, tiny_dataset, tmp_path):
-    """The loop samples the concept, judges it, trains a reward model that knows it, and finetunes on it."""
+def test_one_round_of_the_loop_teaches_a_concept_its_data_drew_under_the_parents_label(tiny_pretrained, tmp_path):
+    """Algorithm 4: the real images hold band neutrophils labelled metamyelocyte; the model gets a band class,
+    the loop samples it and its parent, the experts judge it, the reward model knows it, finetuning moves it."""
     from pathalign_ray.align import AlignConfig, align
     from pathalign_ray.config import load_config
+    from pathalign_ray.data.make import MakeDatasetConfig, make_dataset
     from pathalign_ray.reward.model import load_reward_model
+    from pathalign_ray.sampling import read_manifest
 
     _, _, model_dir = tiny_pretrained
-    add_class(model_dir, "eosinophil", tmp_path / "model", init_from=["myelocyte"])
+    data = make_dataset(MakeDatasetConfig(out_dir=str(tmp_path / "data"), image_size=16, n_per_class=8, classes=MERGED,
+                                          merge={"band_neutrophil": "metamyelocyte"}, test_fraction=0.25))  # fmt: skip
+    add_class(model_dir, "band_neutrophil", tmp_path / "run" / "model", init_from=["metamyelocyte"])
     config = load_config(
         AlignConfig,
         None,
         [
-            f"run_dir={tmp_path}", "rounds=1", "sample.n_per_class=6", "sample.ddim_steps=2", "sample.classes=[eosinophil]",
-            "simulate.experts=2", f"reward.data.dataset={tiny_dataset}", *TINY_ALIGN_OVERRIDES,
+            f"run_dir={tmp_path / 'run'}", "rounds=1", "sample.n_per_class=3", "sample.ddim_steps=2",
+            "sample.classes=[band_neutrophil, metamyelocyte]", "simulate.experts=2", f"reward.data.dataset={data}",
+            *TINY_ALIGN_OVERRIDES,
         ],
     )
     rows = align(config)
     assert len(rows) == 1 and rows[0]["labels"] == 12
-    reward, _ = load_reward_model(tmp_path / "reward")
-    assert reward.class_names[-1] == "eosinophil"
-    finetuned, _, class_names, _ = load_model(tmp_path / "round0-model")
-    assert class_names[-1] == "eosinophil"
-    base, _, _, _ = load_model(tmp_path / "model")
+    pool = read_manifest(tmp_path / "run" / "rounds/0/samples").to_pylist()
+    assert sorted({row["declared_class"] for row in pool}) == ["band_neutrophil", "metamyelocyte"]
+    reward, _ = load_reward_model(tmp_path / "run" / "reward")
+    assert reward.class_names[-1] == "band_neutrophil"
+    finetuned, _, class_names, _ = load_model(tmp_path / "run" / "round0-model")
+    assert class_names[-1] == "band_neutrophil"
+    base, _, _, _ = load_model(tmp_path / "run" / "model")
     assert not torch.equal(finetuned.class_embedding.weight[-1], base.class_embedding.weight[-1])
     assert np.isfinite(rows[0]["plausibility"])

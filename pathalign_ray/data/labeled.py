@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,3 +45,18 @@ class LabeledImages:
     def subset(self, index: np.ndarray) -> LabeledImages:
         features = None if self.features is None else [self.features[i] for i in index]
         return LabeledImages(self.images[index], self.labels[index], self.class_names, features)
+
+
+def merge_classes(images: LabeledImages, merge: Mapping[str, str]) -> LabeledImages:
+    """The images with each class in `merge` relabelled as its parent, e.g. {"band_neutrophil":
+    "segmented_neutrophil"}: the concept stays in the pixels but not in the labels (the paper's
+    Algorithm 4 setting). Merged classes leave the vocabulary; the others keep their order. Features
+    (procedural data) still record each image's true cell type."""
+    for concept, parent in merge.items():
+        if concept not in images.class_names:
+            raise ValueError(f"merge: {concept!r} is not a class of the data ({', '.join(images.class_names)})")
+        if parent not in images.class_names or parent in merge:
+            raise ValueError(f"merge: the parent of {concept!r}, {parent!r}, must be a class of the data that is not merged itself")
+    kept = tuple(name for name in images.class_names if name not in merge)
+    target = np.array([kept.index(merge.get(name, name)) for name in images.class_names], dtype=np.int64)
+    return LabeledImages(images.images, target[images.labels], kept, images.features)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Literal
 
 from pathalign_ray.config import config_dataclass
-from pathalign_ray.data.labeled import LabeledImages
+from pathalign_ray.data.labeled import LabeledImages, merge_classes
 
 SOURCES_WITH_PATH = ("folder", "parquet", "medmnist")
 
@@ -19,6 +20,9 @@ class MakeDatasetConfig:
     image_size: int = 32  # every image is converted to RGB and resized to this side, in pixels
     n_per_class: int = 160  # procedural and ihc: images per class (the paper: 128 train + 32 held out)
     classes: tuple[str, ...] = ()  # procedural: cell types (empty: the 8 defaults); folder/parquet: expected classes
+    # class -> parent: that class's images are labelled as the parent's, e.g. {band_neutrophil: segmented_neutrophil}
+    # (a concept in the images that no label names: the paper's Algorithm 4, pathalign_ray.concepts)
+    merge: dict[str, str] = dataclasses.field(default_factory=dict)
     test_fraction: float = 0.2  # held-out share of each class
     seed: int = 0  # generation and the train/test split
 
@@ -51,6 +55,6 @@ def load_source(config: MakeDatasetConfig) -> LabeledImages:
 def make_dataset(config: MakeDatasetConfig) -> Path:
     from pathalign_ray.data.shards import write_dataset
 
-    images = load_source(config)
+    images = merge_classes(load_source(config), config.merge)
     source = config.source if not config.path else f"{config.source}:{config.path}"
     return write_dataset(images, config.out_dir, config.test_fraction, config.seed, source=source)
