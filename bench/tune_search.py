@@ -30,7 +30,8 @@ from pathlib import Path
 
 from bench_common import RESULTS_DIR, write_result
 from pathalign_ray.config import config_to_dict, load_config
-from pathalign_ray.tune import SearchConfig, search
+from pathalign_ray.tune import search
+from pathalign_ray.tune_config import SearchConfig
 
 INPUTS = {
     "finetune.base_model": "bench/pretrain32.py --restore",

@@ -9,7 +9,8 @@ Rerun the same command to resume a stopped search. Then: python jobs/finetune.py
 import sys
 
 from pathalign_ray.config import parse_job_args
-from pathalign_ray.tune import SearchConfig, search
+from pathalign_ray.tune import search
+from pathalign_ray.tune_config import SearchConfig
 
 
 def main(argv=None) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import typing
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
@@ -76,21 +77,49 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def _apply_override(data: dict, override: str) -> None:
-    key, sep, raw_value = override.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"override {override!r} must look like key.sub=value")
+def get_dotted(data: dict, key: str) -> Any:
+    """The value at a dotted key ("train.lr") of a nested config dict."""
+    node = data
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def set_dotted(data: dict, key: str, value: Any) -> None:
+    """Set the value at a dotted key of a nested config dict, making missing sections on the way."""
     *parents, leaf = key.split(".")
     node = data
     for i, part in enumerate(parents):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"override {override!r}: {'.'.join(parents[: i + 1])} is not a section")
+            raise ConfigError(f"{'.'.join(parents[: i + 1])} is not a section")
         node = child
+    node[leaf] = value
+
+
+def field_type(cls: type, key: str) -> Any:
+    """The annotated type of a config class's field at a dotted key, or None where it has no such field."""
+    node = cls
+    for part in key.split("."):
+        hints = typing.get_type_hints(node) if dataclasses.is_dataclass(node) else {}
+        if part not in hints:
+            return None
+        node = hints[part]
+    return node
+
+
+def _apply_override(data: dict, override: str) -> None:
+    key, sep, raw_value = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} must look like key.sub=value")
     try:
-        node[leaf] = yaml.safe_load(raw_value)
+        value = yaml.safe_load(raw_value)
     except yaml.YAMLError:
-        node[leaf] = raw_value
+        value = raw_value
+    try:
+        set_dotted(data, key, value)
+    except ConfigError as error:
+        raise ConfigError(f"override {override!r}: {error}") from None
 
 
 def _describe(error: dict) -> str:

@@ -56,6 +56,12 @@ def decode_image(data: bytes, size: int, name: str) -> np.ndarray:
     return normalise_array(np.asarray(image), size, name)
 
 
+def decode_images(data: Sequence[bytes], size: int, name: str) -> np.ndarray:
+    """decode_image of each of a set's encoded images: (N, size, size, 3) uint8 (N = 0 allowed)."""
+    images = [decode_image(item, size, f"{name} image {i}") for i, item in enumerate(data)]
+    return np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
+
+
 def normalise_array(image: np.ndarray, size: int, name: str = "array") -> np.ndarray:
     """Bring one image array to (size, size, 3) uint8 RGB.
 

@@ -2,7 +2,16 @@ import dataclasses
 
 import pytest
 
-from pathalign_ray.config import ConfigError, config_to_dict, load_config, parse_job_args, save_config
+from pathalign_ray.config import (
+    ConfigError,
+    config_to_dict,
+    field_type,
+    get_dotted,
+    load_config,
+    parse_job_args,
+    save_config,
+    set_dotted,
+)
 from pathalign_ray.pretrain import PretrainConfig
 
 
@@ -36,6 +45,18 @@ def test_yaml_and_dotted_overrides(tmp_path):
 def test_bad_configs_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         load_config(PretrainConfig, None, overrides)
+
+
+def test_dotted_keys_read_write_and_name_fields():
+    data = {"train": {"lr": 0.1}}
+    set_dotted(data, "train.lr", 0.2)
+    set_dotted(data, "model.sample_size", 16)  # a missing section is made
+    assert get_dotted(data, "train.lr") == 0.2 and data["model"] == {"sample_size": 16}
+    with pytest.raises(ConfigError, match=r"train\.lr is not a section"):
+        set_dotted(data, "train.lr.x", 1)
+    assert field_type(PretrainConfig, "train.lr") is float
+    assert field_type(PretrainConfig, "train.learning_rate") is None
+    assert field_type(PretrainConfig, "train.lr.x") is None
 
 
 def test_missing_file_and_non_mapping(tmp_path):

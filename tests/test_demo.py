@@ -54,7 +54,7 @@ CONFIG_INPUTS = {
     "serve_reward.yaml": ("pathalign_ray.reward.serve:ServeRewardConfig", ["model"]),
     "simulate_feedback.yaml": ("pathalign_ray.simulated_feedback:SimulateFeedbackConfig", ["run_dir", "run_dir/samples"]),
     "train_reward.yaml": ("pathalign_ray.reward.train:TrainRewardConfig", ["run_dir/data.feedback", "data.dataset"]),
-    "tune.yaml": ("pathalign_ray.tune:SearchConfig", ["finetune.base_model", "finetune.data.samples", "finetune.data.real_dataset", "finetune.reward.model"]),
+    "tune.yaml": ("pathalign_ray.tune_config:SearchConfig", ["finetune.base_model", "finetune.data.samples", "finetune.data.real_dataset", "finetune.reward.model"]),
 }  # fmt: skip
 
 

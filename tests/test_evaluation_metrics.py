@@ -11,6 +11,7 @@ from pathalign_ray.checklist import CRITERIA
 from pathalign_ray.evaluation.metrics import (
     classification_metrics,
     feature_statistics,
+    fidelity_and_diversity,
     frechet_distance,
     frechet_distance_of,
     precision_recall_density_coverage,
@@ -107,6 +108,14 @@ def test_prdc_is_nan_when_a_set_is_too_small_and_checks_shapes():
         precision_recall_density_coverage(REAL, FAKE, k=0)
     with pytest.raises(ValueError, match="(N, D)"):
         precision_recall_density_coverage(REAL, np.zeros((4, 2)), k=1)
+
+
+def test_fidelity_and_diversity_is_the_distance_and_prdc_with_nan_below_two_points():
+    distance, diversity = fidelity_and_diversity(REAL, FAKE, k=1)
+    assert distance == frechet_distance_of(REAL, FAKE)
+    assert diversity == precision_recall_density_coverage(REAL, FAKE, k=1)
+    distance, diversity = fidelity_and_diversity(REAL, FAKE[:1], k=1)
+    assert math.isnan(distance) and all(math.isnan(v) for v in diversity.values())
 
 
 # ---------------------------------------------------------------- classifier scores

@@ -16,7 +16,7 @@ import pytest
 
 from pathalign_ray.config import ConfigError, load_config
 from pathalign_ray.finetune import FinetuneConfig
-from pathalign_ray.tune import SearchConfig
+from pathalign_ray.tune_config import SearchConfig
 
 pytestmark = pytest.mark.ray
 
@@ -156,7 +156,7 @@ def test_each_search_algorithm_draws_from_the_configured_space(algorithm):
 
 def test_results_tables_plot_and_best_config_from_trial_rows(tmp_path):
     """write_results on rows as trial_rows makes them: a failed trial is listed, never best, never on the front."""
-    from pathalign_ray.tune import write_results
+    from pathalign_ray.tune_report import write_results
 
     config = load_config(SearchConfig, ROOT / "configs" / "tune.yaml", [
         f"out_dir={tmp_path}", f"best_config={tmp_path / 'best.yaml'}", f"finetune.run_dir={tmp_path / 'run'}",

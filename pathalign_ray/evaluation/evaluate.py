@@ -19,7 +19,6 @@ the gathered features (they need all of them at once; see metrics.py).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from pathlib import Path
@@ -124,7 +123,7 @@ def evaluate(config: EvaluateConfig) -> Path:
     timings["samples_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    encoder_state, encoder_info = _domain_encoder(config, class_names, size, train, test)
+    encoder_state, encoder_info = domain_encoder(config.real, config.encoder, config.seed, train, test, config.cache_encoder)
     timings["domain_encoder_s"] = time.perf_counter() - clock
     print(
         f"domain encoder: {'cached' if encoder_info['cached'] else 'trained'}, real test accuracy "
@@ -194,13 +193,6 @@ def evaluate(config: EvaluateConfig) -> Path:
 # ---------------------------------------------------------------- classifiers (Ray tasks)
 
 
-def _decode_all(png: list[bytes], size: int, name: str) -> np.ndarray:
-    from pathalign_ray.images import decode_image
-
-    images = [decode_image(data, size, f"{name} image {i}") for i, data in enumerate(png)]
-    return np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
-
-
 @ray.remote
 def _train_and_test(
     train: tuple[list[bytes], np.ndarray],
@@ -216,10 +208,11 @@ def _train_and_test(
 
     from pathalign_ray.evaluation.classifier import predict_proba, train_classifier
     from pathalign_ray.evaluation.metrics import classification_metrics
+    from pathalign_ray.images import decode_images
 
     torch.set_num_threads(config.threads)
-    model, losses = train_classifier(_decode_all(train[0], size, "train"), train[1], num_classes, config, seed)
-    probabilities = predict_proba(model, _decode_all(test[0], size, "test"))
+    model, losses = train_classifier(decode_images(train[0], size, "train"), train[1], num_classes, config, seed)
+    probabilities = predict_proba(model, decode_images(test[0], size, "test"))
     out = {
         "metrics": classification_metrics(test[1], probabilities),
         "final_loss": float(np.mean(losses[-10:])),
@@ -230,44 +223,49 @@ def _train_and_test(
     return out
 
 
-def _domain_encoder(config: EvaluateConfig, class_names: list[str], size: int, train: ImageSet, test: ImageSet):
-    """(state dict, info) of the domain encoder: from REAL/.cache when the key matches, else trained in a Ray task."""
-    from pathalign_ray.evaluation.features import encoder_cache_key, load_cached_encoder, save_encoder
+def domain_encoder(
+    real: str | Path, encoder: ClassifierConfig, seed: int, train: ImageSet, test: ImageSet, cache: bool = True
+) -> tuple[dict, dict]:
+    """(state dict, info) of a data set's domain encoder, the one cache of it that the evaluation and the Tune
+    probe share: from REAL/.cache when the key (dataset.json, recipe, seed) matches, else trained on `train`
+    and scored on `test` (the real splits) in a Ray task, then cached unless `cache` is False.
+    info is the cache record plus "cached": whether it came from the cache."""
+    from pathalign_ray.data.shards import read_dataset_info
+    from pathalign_ray.evaluation.features import (
+        encoder_cache_key,
+        encoder_from_state,
+        load_cached_encoder,
+        save_encoder,
+    )
 
-    key = encoder_cache_key(config.real, config.encoder, config.seed)
-    cached = load_cached_encoder(config.real, key) if config.cache_encoder else None
+    key = encoder_cache_key(real, encoder, seed)
+    cached = load_cached_encoder(real, key) if cache else None
     if cached is not None:
         model, info = cached
         return model.state_dict(), {**info, "cached": True}
-    print(f"domain encoder: training on {len(train)} real images ({config.encoder.steps} steps)")
+    dataset = read_dataset_info(real)
+    class_names, size = list(dataset["class_names"]), int(dataset["image_size"])
+    print(f"domain encoder: training on {len(train)} real images ({encoder.steps} steps)")
     result = ray.get(
-        _train_and_test.options(num_cpus=config.encoder.threads).remote(
-            (train.png, train.labels),
-            (test.png, test.labels),
-            size,
-            len(class_names),
-            config.encoder,
-            config.seed,
-            True,
+        _train_and_test.options(num_cpus=encoder.threads).remote(
+            (train.png, train.labels), (test.png, test.labels), size, len(class_names), encoder, seed, True
         )
     )
     info = {
         "key": key,
-        "config": config_to_dict(config.encoder),
-        "seed": config.seed,
+        "config": config_to_dict(encoder),
+        "seed": seed,
         "class_names": class_names,
         "image_size": size,
-        "feature_dim": int(config.encoder.channels[-1]),
+        "feature_dim": int(encoder.channels[-1]),
         "test_metrics": result["metrics"],
         "final_loss": result["final_loss"],
         "n_train": result["n_train"],
     }
-    if config.cache_encoder:
-        from pathalign_ray.evaluation.features import encoder_from_state
-
-        model = encoder_from_state(tuple(config.encoder.channels), len(class_names), result["state"])
-        if save_encoder(model, info, config.real) is None:
-            print(f"domain encoder: {config.real} is read-only; not cached")
+    if cache:
+        model = encoder_from_state(tuple(encoder.channels), len(class_names), result["state"])
+        if save_encoder(model, info, real) is None:
+            print(f"domain encoder: {real} is read-only; not cached")
     return result["state"], {**info, "cached": False}
 
 
@@ -321,24 +319,15 @@ class _Featurizer:
         self.size, self.strictness = size, strictness
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from pathalign_ray.evaluation.classifier import extract_features
-        from pathalign_ray.evaluation.features import inception_features
+        from pathalign_ray.evaluation.features import features_and_verdicts
         from pathalign_ray.images import decode_image
-        from pathalign_ray.checklist import CRITERIA
-        from pathalign_ray.pathologist import judge
 
         names = [f"{s} image {i}" for s, i in zip(batch["set"], batch["index"])]
         images = np.stack([decode_image(data, self.size, name) for data, name in zip(batch["image"], names)])
-        out = {"set": batch["set"], "index": batch["index"], "domain": extract_features(self.encoder, images)}
-        if self.inception is not None:
-            out["inception"] = inception_features(self.inception, images)
-        plausible, found_cell = np.zeros(len(images), bool), np.zeros(len(images), bool)
-        failed = np.zeros((len(images), len(CRITERIA)), bool)
-        for i in np.flatnonzero(batch["judge"]):
-            verdict = judge(images[i], str(batch["declared_class"][i]), self.strictness)
-            plausible[i], found_cell[i] = verdict.plausible, verdict.measurements.found_cell
-            failed[i] = [c in verdict.failed for c in CRITERIA]
-        return {**out, "plausible": plausible, "found_cell": found_cell, "failed": failed}
+        outputs = features_and_verdicts(
+            images, batch["declared_class"], batch["judge"], self.encoder, self.inception, self.strictness
+        )
+        return {"set": batch["set"], "index": batch["index"], **outputs}
 
 
 def _features_and_verdicts(
@@ -394,7 +383,7 @@ def _features_and_verdicts(
 
 def _fidelity_and_diversity(outputs, spaces, sets: list[ImageSet], reference: str, k: int, notes: list[str]):
     """Per space and set: {"frechet_distance"} and {precision, recall, density, coverage} against `reference`."""
-    from pathalign_ray.evaluation.metrics import frechet_distance_of, precision_recall_density_coverage
+    from pathalign_ray.evaluation.metrics import fidelity_and_diversity
 
     fidelity, diversity = {}, {}
     for space in spaces:
@@ -402,10 +391,8 @@ def _fidelity_and_diversity(outputs, spaces, sets: list[ImageSet], reference: st
         fidelity[space], diversity[space] = {}, {}
         for s in sets:
             fake = outputs[s.name][space]
-            fidelity[space][s.name] = {
-                "frechet_distance": frechet_distance_of(real, fake) if len(fake) >= 2 else math.nan
-            }
-            diversity[space][s.name] = precision_recall_density_coverage(real, fake, k)
+            distance, diversity[space][s.name] = fidelity_and_diversity(real, fake, k)
+            fidelity[space][s.name] = {"frechet_distance": distance}
             if min(len(real), len(fake)) < k + 2:
                 notes.append(f"{space} diversity of {s.name}: NaN, a set has fewer than prdc_k + 2 = {k + 2} images")
     return fidelity, diversity
@@ -444,7 +431,7 @@ def _plausibility(config, class_names, sets: list[ImageSet], outputs, judged: bo
 
 def _grids(config, size, class_names, sets: list[ImageSet], out_dir: Path) -> dict[str, Path]:
     """One contact sheet per set (rows: classes, grid_per_class images each): {set name: PNG path}."""
-    from pathalign_ray.images import contact_sheet
+    from pathalign_ray.images import contact_sheet, decode_images
 
     grids = {}
     for s in sets:
@@ -452,7 +439,7 @@ def _grids(config, size, class_names, sets: list[ImageSet], out_dir: Path) -> di
             [np.flatnonzero(s.labels == c)[: config.grid_per_class] for c in range(len(class_names))]
         )
         chosen = np.sort(chosen).astype(np.int64)
-        images = _decode_all([s.png[i] for i in chosen], size, s.name)
+        images = decode_images([s.png[i] for i in chosen], size, s.name)
         grids[s.name] = contact_sheet(
             images, s.labels[chosen], class_names, out_dir / "grids" / f"{s.name}.png", per_class=config.grid_per_class
         )

@@ -1,5 +1,8 @@
 """Feature spaces for fidelity and diversity: the cached domain encoder, and InceptionV3 from a local file.
 
+`features_and_verdicts` makes what the evaluation and the Tune probe need of each image: its
+features in each space and the simulated pathologist's verdict.
+
 The domain encoder (`classifier.CellClassifier` trained on the real training split) is cached per
 data set in DATASET/.cache/:
 
@@ -24,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pathalign_ray.config import config_to_dict
-from pathalign_ray.evaluation.classifier import CellClassifier, ClassifierConfig
+from pathalign_ray.evaluation.classifier import CellClassifier, ClassifierConfig, extract_features
 
 CACHE_DIR = ".cache"
 ENCODER_WEIGHTS = "domain_encoder.safetensors"
@@ -113,3 +116,29 @@ def inception_features(model: torch.nn.Module, images: np.ndarray, batch_size: i
         batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).permute(0, 3, 1, 2)
         out.append(model(batch).reshape(len(batch), -1).float())
     return torch.cat(out).numpy() if out else np.zeros((0, INCEPTION_FEATURES), np.float32)
+
+
+def features_and_verdicts(
+    images: np.ndarray,
+    declared_classes,
+    judged: np.ndarray,
+    encoder: CellClassifier,
+    inception: torch.nn.Module | None,
+    strictness: float,
+) -> dict[str, np.ndarray]:
+    """images (N, S, S, 3) uint8 with their declared classes (N,) -> {"domain": (N, D), "inception"?: (N, 2048),
+    "plausible": (N,), "found_cell": (N,), "failed": (N, 6) in CRITERIA order}; the simulated pathologist judges
+    the rows where judged (N,) is true, the others stay False."""
+    from pathalign_ray.checklist import CRITERIA
+    from pathalign_ray.pathologist import judge
+
+    out = {"domain": extract_features(encoder, images)}
+    if inception is not None:
+        out["inception"] = inception_features(inception, images)
+    plausible, found_cell = np.zeros(len(images), bool), np.zeros(len(images), bool)
+    failed = np.zeros((len(images), len(CRITERIA)), bool)
+    for i in np.flatnonzero(judged):
+        verdict = judge(images[i], str(declared_classes[i]), strictness)
+        plausible[i], found_cell[i] = verdict.plausible, verdict.measurements.found_cell
+        failed[i] = [c in verdict.failed for c in CRITERIA]
+    return {**out, "plausible": plausible, "found_cell": found_cell, "failed": failed}

@@ -88,6 +88,13 @@ def precision_recall_density_coverage(real: np.ndarray, fake: np.ndarray, k: int
     return {name: float(value) for name, value in values.items()}
 
 
+def fidelity_and_diversity(real: np.ndarray, fake: np.ndarray, k: int) -> tuple[float, dict[str, float]]:
+    """(Frechet distance, precision/recall/density/coverage) of fake (M, D) against real (N, D) features;
+    the distance is NaN below 2 fake points, the four rates below k + 2 points in either set."""
+    distance = frechet_distance_of(real, fake) if len(fake) >= 2 else math.nan
+    return distance, precision_recall_density_coverage(real, fake, k)
+
+
 def classification_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
     """Scores of a K-class classifier: labels (N,) in [0, K), probabilities (N, K) rows summing to 1.
 
