@@ -42,6 +42,12 @@ _CREDENTIAL_VARS = (
 )
 
 
+_DENIED = (  # pyarrow's names for S3's refusals, and S3's own
+    "ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "EXPIRED_TOKEN", "AccessDenied",
+    "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "HTTP status 403", "credentials",
+)  # fmt: skip
+
+
 class StorageError(OSError):
     """A location that cannot be used; the message names the URI and the reason."""
 
@@ -283,8 +289,7 @@ def _errors(location: str | os.PathLike):
         elif "NETWORK_CONNECTION" in text or "Could not connect" in text or "curlCode" in text:
             endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS"
             reason = f"cannot reach the storage endpoint ({endpoint})"
-        elif any(s in text for s in ("ACCESS_DENIED", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-                                     "HTTP status 403", "credentials")):  # fmt: skip
+        elif any(code in text for code in _DENIED):
             configured = "" if _aws_credentials_configured() else "; no credentials are set in the environment"
             reason = f"access denied: the credentials are missing or refused{configured}"
         else:

@@ -12,6 +12,8 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -124,6 +126,10 @@ def test_a_bucket_that_does_not_exist_is_an_error_naming_it(s3_server):
             call(uri)
     with pytest.raises(StorageError, match=f"{uri}/feedback: .*does not exist"):
         FeedbackStore(f"{uri}/feedback").append([verdict("s1")])
+    from pathalign_ray.cluster import ScaleConfig, trainer_settings
+
+    with pytest.raises(StorageError, match=f"{uri}: .*does not exist"):  # before any Ray worker starts
+        trainer_settings(ScaleConfig(), "run", uri, keep_checkpoints=1)
 
 
 def test_missing_credentials_are_an_error_naming_the_uri(s3_server, monkeypatch, tmp_path):
@@ -134,6 +140,43 @@ def test_missing_credentials_are_an_error_naming_the_uri(s3_server, monkeypatch,
         storage.resolve("s3://bkt/runs")
     with pytest.raises(StorageError, match="s3://bkt/fb: no AWS credentials"):
         FeedbackStore("s3://bkt/fb")
+
+
+@pytest.fixture(scope="module")
+def s3_server_with_auth(s3_server):
+    """A second moto server, in a process of its own, that checks every request's credentials."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}  # moto: authenticate from the first request on
+    server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "moto's server did not start"
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()  # SIGTERM: a process started from a non-interactive shell ignores SIGINT
+        server.wait(timeout=10)
+
+
+def test_refused_credentials_are_an_error_naming_the_uri(s3_server_with_auth, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server_with_auth)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIANOTAKEYTHISSERVERKNOWS")
+    uri = "s3://bkt/runs/r1"
+    calls = (storage.check_bucket, storage.read_bytes, storage.list_files, lambda u: storage.write_bytes(u, b"x"))
+    for call in calls:
+        with pytest.raises(StorageError, match=f"{uri}: access denied: the credentials are missing or refused"):
+            call(uri)
+    with pytest.raises(StorageError, match=f"{uri}/feedback: access denied"):
+        FeedbackStore(f"{uri}/feedback").records()
+    assert "AKIANOTAKEY" not in str(pytest.raises(StorageError, storage.list_files, uri).value)  # never the key
 
 
 def test_an_unreachable_endpoint_is_an_error_naming_the_uri_and_endpoint(s3_server, monkeypatch):
