@@ -39,7 +39,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip show torch >/dev/null 2>&1 || $(PY) -m pip install --quiet $(TORCH_SPEC) $(TORCH_PIP_ARGS)
-	$(PY) -m pip install --quiet -e '.[dev,tune]'
+	$(PY) -m pip install --quiet -e '.[dev,tune,lora]'
 	touch $@
 
 # DeepSpeed compiles its shared-memory communication op on first use (35-50 s); do it once, here.
