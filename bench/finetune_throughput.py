@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_common import write_result
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from bench_common import write_result
 from pathalign_ray.config import load_config
 from pathalign_ray.data import procedural
 from pathalign_ray.data.shards import read_dataset, write_dataset
@@ -101,8 +101,7 @@ def ray_run(model_dir: Path, samples: Path, dataset: Path, steps: int, batch: in
             "train.eval_ddim_steps=2", "scale.num_workers=1", "scale.threads_per_worker=2",
         ],
     )
-    finetune(config)
-    history = [json.loads(line) for line in (run_dir / "throughput_metrics.jsonl").read_text().splitlines()]
+    history = finetune(config).history
     windows = [row for row in history if row["step"] % LOG_EVERY == 0][1:]
     return statistics.median(2 * batch / row["step_time_s"] for row in windows)
 

@@ -86,7 +86,7 @@ def run_variant(variant: str, rounds: int, steps: int, n_eval: int, overrides: l
         make_dataset(MakeDatasetConfig(out_dir=str(data_dir), image_size=32, classes=spec["classes"], merge=spec["merge"]))
     started = time.perf_counter()
     pre_model = pretrain(load_config(PretrainConfig, "configs/pretrain.yaml",
-                                     [f"run_dir={pre}", f"data.dataset={data_dir}", f"train.steps={steps}"]))  # fmt: skip
+                                     [f"run_dir={pre}", f"data.dataset={data_dir}", f"train.steps={steps}"])).model_dir  # fmt: skip
     part.setdefault("pretraining", {"steps": steps, "wall_s": time.perf_counter() - started})
     if not (run / "model").is_dir():
         add_class(pre_model, CONCEPT, run / "model", init_from=spec["init_from"])

@@ -21,8 +21,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-
 from bench_common import RESULTS_DIR, write_result
+
 from pathalign_ray.config import load_config
 from pathalign_ray.data.make import MakeDatasetConfig, make_dataset
 from pathalign_ray.pretrain import PretrainConfig, pretrain
@@ -61,12 +61,12 @@ def main(argv: list[str]) -> None:
     started = time.perf_counter()
     make_dataset(MakeDatasetConfig(out_dir=config.data.dataset, image_size=config.model.sample_size))
     data_done = time.perf_counter()
-    model_dir = pretrain(config)
+    result = pretrain(config)
     pretrain_done = time.perf_counter()
-    samples = sample_pretrained(model_dir.parent)
+    samples = sample_pretrained(result.model_dir.parent)
     sample_done = time.perf_counter()
 
-    history = [json.loads(line) for line in (run_dir / "pretrain_metrics.jsonl").read_text().splitlines()]
+    history = result.history
     shutil.copy(samples / "contact_sheet.png", RESULTS_DIR / "pretrain32_contact_sheet.png")
     figure, axis = plt.subplots(figsize=(6, 3.5))
     axis.plot([row["step"] for row in history], [row["loss"] for row in history])
@@ -90,7 +90,7 @@ def main(argv: list[str]) -> None:
     }
     write_result("pretrain32", figures)
     shutil.rmtree(KEPT_MODEL, ignore_errors=True)
-    shutil.copytree(model_dir, KEPT_MODEL)
+    shutil.copytree(result.model_dir, KEPT_MODEL)
     print(json.dumps({k: v for k, v in figures.items() if k != "loss_curve"}, indent=2))
 
 

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from bench_common import write_result
+
 from pathalign_ray.config import load_config
 from pathalign_ray.reward.data import build_examples, read_votes, split_examples
 from pathalign_ray.reward.train import TrainRewardConfig, train_reward
@@ -70,16 +71,14 @@ def main(argv: list[str]) -> None:
     timings["simulate_feedback"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    baseline_dir = train_reward(_with(config, expert_train=False))
+    weak_only = train_reward(_with(config, expert_train=False))
     shutil.rmtree(RUN / "reward_weak_only", ignore_errors=True)
-    baseline_dir.rename(RUN / "reward_weak_only")
+    weak_only.model_dir.rename(RUN / "reward_weak_only")
     timings["train_weak_only"] = time.perf_counter() - started
     started = time.perf_counter()
-    model_dir = train_reward(config)
+    mixed = train_reward(config).info
     timings["train_expert_and_weak"] = time.perf_counter() - started
-
-    mixed = json.loads((model_dir / "reward.json").read_text())
-    weak_only = json.loads((RUN / "reward_weak_only" / "reward.json").read_text())
+    weak_only = weak_only.info
     labels = _labels(config, feedback["experts"])
     figures = {
         "held_out_synthetic_auc": {

@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from bench_common import write_result
+
 from pathalign_ray.config import load_config
 from pathalign_ray.data import procedural
 from pathalign_ray.data.shards import read_dataset, write_dataset
@@ -76,8 +76,7 @@ def ray_run(config: PretrainConfig, dataset: Path, steps: int, workers: int, thr
         train=dataclasses.replace(config.train, steps=steps, checkpoint_every=steps),
         scale=dataclasses.replace(config.scale, num_workers=workers, threads_per_worker=threads),
     )
-    pretrain(run)
-    history = [json.loads(line) for line in (run_dir / "pretrain_metrics.jsonl").read_text().splitlines()]
+    history = pretrain(run).history
     return statistics.median(row["images_per_s"] for row in history[1:])
 
 

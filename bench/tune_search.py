@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from bench_common import RESULTS_DIR, write_result
+
 from pathalign_ray.config import config_to_dict, load_config
 from pathalign_ray.tune import search
 from pathalign_ray.tune_config import SearchConfig
@@ -78,9 +79,9 @@ def main(argv: list[str]) -> None:
         from pathalign_ray.finetune import FinetuneConfig, finetune
 
         clock = time.perf_counter()
-        model_dir = finetune(load_config(FinetuneConfig, written["best_config"]))
+        best = finetune(load_config(FinetuneConfig, written["best_config"]))
         figures["wall_s"]["finetune_best"] = time.perf_counter() - clock
-        figures["best_model"] = str(model_dir)
+        figures["best_model"] = str(best.model_dir)
     print(f"wrote {write_result('tune_search', figures)}")
 
 

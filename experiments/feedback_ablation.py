@@ -122,7 +122,7 @@ def finetune_variant(name: str, overrides: list[str], reward_dir: str) -> tuple[
         shutil.rmtree(folder, ignore_errors=True)
     (RUN / f"{name}_metrics.jsonl").unlink(missing_ok=True)
     started = time.perf_counter()
-    return finetune(config), time.perf_counter() - started
+    return finetune(config).model_dir, time.perf_counter() - started
 
 
 def fresh_plausibility(model_dir: Path) -> dict:

@@ -12,8 +12,8 @@ from pathalign_ray.finetune import FinetuneConfig, finetune
 
 def main(argv=None) -> None:
     config = parse_job_args(FinetuneConfig, argv, "configs/finetune.yaml", __doc__)
-    model_dir = finetune(config)
-    print(f"finetuned model exported to {model_dir} (diffusers format)")
+    result = finetune(config)
+    print(f"finetuned model exported to {result.model_dir} (diffusers format)")
 
 
 if __name__ == "__main__":

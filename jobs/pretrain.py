@@ -11,8 +11,8 @@ from pathalign_ray.pretrain import PretrainConfig, pretrain
 
 def main(argv=None) -> None:
     config = parse_job_args(PretrainConfig, argv, "configs/pretrain.yaml", __doc__)
-    model_dir = pretrain(config)
-    print(f"model exported to {model_dir} (diffusers format)")
+    result = pretrain(config)
+    print(f"model exported to {result.model_dir} (diffusers format), final loss {result.final.get('loss', float('nan')):.4f}")
 
 
 if __name__ == "__main__":

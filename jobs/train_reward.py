@@ -12,8 +12,8 @@ from pathalign_ray.reward.train import TrainRewardConfig, train_reward
 
 def main(argv=None) -> None:
     config = parse_job_args(TrainRewardConfig, argv, "configs/train_reward.yaml", __doc__)
-    model_dir = train_reward(config)
-    print(f"reward model written to {model_dir} (reward.safetensors, reward.json with label counts and metrics)")
+    result = train_reward(config)
+    print(f"reward model written to {result.model_dir} (reward.safetensors, reward.json with label counts and metrics)")
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ def run_round(config: AlignConfig, run_dir: Path, round_index: int) -> dict:
     started = time.perf_counter()
     model = model_of_round(run_dir, round_index)
     row = collect_feedback(config, run_dir, round_index)
-    finetune(
+    finetuned = finetune(
         FinetuneConfig(
             run_dir=str(run_dir),
             name=f"round{round_index}",
@@ -106,7 +106,7 @@ def run_round(config: AlignConfig, run_dir: Path, round_index: int) -> dict:
             evaluate_with_pathologist=config.finetune.evaluate_with_pathologist,
         )
     )
-    after = [json.loads(line) for line in (run_dir / f"round{round_index}_metrics.jsonl").read_text().splitlines()][-1]
+    after = finetuned.final
     return {
         **row,
         "reward_mean": after.get("reward_mean"),
@@ -150,16 +150,15 @@ def collect_feedback(config: AlignConfig, run_dir: Path, round_index: int) -> di
     store = FeedbackStore(run_dir / "feedback")
     round_ids = {row["sample_id"] for row in read_manifest(run_dir / samples_rel).to_pylist()}
     round_verdicts = [row for row in store.consensus().to_pylist() if row["sample_id"] in round_ids]
-    reward_dir = train_reward(dataclasses.replace(config.reward, run_dir=str(run_dir)))
-    reward_info = json.loads((reward_dir / "reward.json").read_text())
+    reward = train_reward(dataclasses.replace(config.reward, run_dir=str(run_dir)))
     return {
         "round": round_index,
         "model": str(model),
         "labels": len(store.records()),
         "plausibility": sum(r["verdict"] == "plausible" for r in round_verdicts) / max(1, len(round_verdicts)),
-        "reward_model": reward_info.get("model_id"),
-        "reward_auc": reward_info.get("metrics", {}).get("test/expert/auc"),  # held-out verdicts on synthetic images
-        "reward_dir": str(reward_dir),
+        "reward_model": reward.info.get("model_id"),
+        "reward_auc": reward.info.get("metrics", {}).get("test/expert/auc"),  # held-out verdicts on synthetic images
+        "reward_dir": str(reward.model_dir),
     }
 
 

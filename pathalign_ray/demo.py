@@ -107,7 +107,7 @@ def _generator(config: DemoConfig, run_dir: Path, data_dir: Path) -> Path:
     """RUN_DIR/model: pretrained here when config.pretrain is set, else a copy of config.model."""
     if config.pretrain is not None:
         data = dataclasses.replace(config.pretrain.data, dataset=str(data_dir))
-        return pretrain(dataclasses.replace(config.pretrain, run_dir=str(run_dir), data=data))
+        return pretrain(dataclasses.replace(config.pretrain, run_dir=str(run_dir), data=data)).model_dir
     model_dir = run_dir / "model"
     if not (model_dir / "unet").is_dir():
         shutil.copytree(config.model, model_dir)

@@ -25,6 +25,7 @@ from pathalign_ray.config import config_dataclass, save_config
 from pathalign_ray.diffusion import namespaced_seed
 from pathalign_ray.progress import report_progress, watch
 from pathalign_ray.reward.functions import RewardSourceConfig
+from pathalign_ray.training import TrainResult
 
 
 @config_dataclass
@@ -109,8 +110,8 @@ class FinetuneConfig:
             raise ValueError("objective.beta > 0 needs data.real_dataset")
 
 
-def finetune(config: FinetuneConfig) -> Path:
-    """Finetune on the cluster, export the EMA model to RUN_DIR/NAME-model, and return that folder."""
+def finetune(config: FinetuneConfig) -> TrainResult:
+    """Finetune on the cluster, export the EMA model to RUN_DIR/NAME-model; return it with the metric history."""
     import ray
     import ray.data
     from ray.train.torch import TorchTrainer
@@ -454,7 +455,7 @@ class _Job:
         return float(np.mean([judge(image, self.class_names[c]).plausible for image, c in zip(images, class_ids)]))
 
 
-def _export(checkpoint_dir: Path, unet, ddim, class_names, base_info, config: FinetuneConfig, run_dir: Path) -> Path:
+def _export(checkpoint_dir: Path, unet, ddim, class_names, base_info, config: FinetuneConfig, run_dir: Path) -> TrainResult:
     from pathalign_ray.diffusion import export_model
     from pathalign_ray.training import read_checkpoint
 
@@ -469,4 +470,4 @@ def _export(checkpoint_dir: Path, unet, ddim, class_names, base_info, config: Fi
     model_dir = export_model(unet, ddim, class_names, run_dir / f"{config.name}-model", info)
     with (run_dir / f"{config.name}_metrics.jsonl").open("w") as out:
         out.writelines(json.dumps(row) + "\n" for row in state["history"])
-    return model_dir
+    return TrainResult(model_dir, state["history"])

@@ -28,6 +28,7 @@ from pathalign_ray.diffusion import (
 from pathalign_ray.progress import report_progress, watch
 from pathalign_ray.training import (
     MetricsWindow,
+    TrainResult,
     build_engine,
     checkpoint_due,
     cycle_batches,
@@ -79,8 +80,8 @@ class PretrainConfig:
     scale: ScaleConfig = dataclasses.field(default_factory=ScaleConfig)
 
 
-def pretrain(config: PretrainConfig) -> Path:
-    """Train on the cluster, then export the EMA model to RUN_DIR/model. Returns that folder."""
+def pretrain(config: PretrainConfig) -> TrainResult:
+    """Train on the cluster, then export the EMA model to RUN_DIR/model; return it with the metric history."""
     import ray.data
     from ray.train.torch import TorchTrainer
 
@@ -170,7 +171,7 @@ def train_loop(loop_config: dict) -> None:
             log_and_report("pretrain", metrics, state, engine, ema, rank, config.train.steps, checkpoint_now)
 
 
-def _export_checkpoint(checkpoint_dir: Path, config: PretrainConfig, run_dir: Path) -> Path:
+def _export_checkpoint(checkpoint_dir: Path, config: PretrainConfig, run_dir: Path) -> TrainResult:
     ema, state = read_checkpoint(checkpoint_dir)
     unet = build_unet(config.model, num_classes=len(state["class_names"]))
     unet.load_state_dict(ema, strict=True)
@@ -179,4 +180,4 @@ def _export_checkpoint(checkpoint_dir: Path, config: PretrainConfig, run_dir: Pa
     model_dir = export_model(unet, scheduler, state["class_names"], run_dir / "model", info)
     with (run_dir / "pretrain_metrics.jsonl").open("w") as out:
         out.writelines(json.dumps(row) + "\n" for row in state["history"])
-    return model_dir
+    return TrainResult(model_dir, state["history"])

@@ -162,7 +162,8 @@ def _load_reward_model(config: SampleConfig, plan: list[dict]):
 
 def _score_and_select(reward, config: SampleConfig, plan: list[dict], images: np.ndarray) -> tuple[list, np.ndarray]:
     """Score every image with the reward model; with select=uncertain keep the k most uncertain, in plan order."""
-    from pathalign_ray.reward.selection import most_uncertain, score_images
+    from pathalign_ray.reward.model import score_images
+    from pathalign_ray.reward.selection import most_uncertain
 
     scores = score_images(reward, images, [row["declared_class"] for row in plan])
     for row, score in zip(plan, scores):

@@ -12,6 +12,7 @@ pathalign_ray.objectives and pathalign_ray.diffusion.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import tempfile
@@ -260,6 +261,20 @@ def report_checkpoint(engine, ema: dict[str, torch.Tensor], state: dict, rank: i
             (folder / TRAIN_STATE_FILE).write_text(json.dumps(state))
 
     report_with_checkpoint(metrics, write)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """What a training job made: the exported model's folder and its metric history (one row per report;
+    also written to RUN_DIR/NAME_metrics.jsonl for people and for resumed runs)."""
+
+    model_dir: Path
+    history: list[dict]
+
+    @property
+    def final(self) -> dict:
+        """The last report's metrics (the fresh-sample check, when the job ran one, is in it)."""
+        return self.history[-1] if self.history else {}
 
 
 def read_checkpoint(checkpoint_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:

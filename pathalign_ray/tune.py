@@ -171,17 +171,15 @@ def run_trial(params: dict, search: SearchConfig, reference: Reference) -> None:
 def _chunk(config: FinetuneConfig, search: SearchConfig, reference: Reference) -> dict:
     from pathalign_ray.finetune import finetune
 
-    model_dir = finetune(config)
-    scores = probe(model_dir, reference, search.probe)
+    finetuned = finetune(config)
+    scores = probe(finetuned.model_dir, reference, search.probe)
     base, penalties = reference.base, search.penalties
     terms = objective_terms(
         scores["plausibility"], scores["fid"], scores["coverage"], base["plausibility"], base["fid"], base["coverage"],
         penalties.fid_weight, penalties.coverage_weight,
     )
-    history = Path(config.run_dir) / f"{config.name}_metrics.jsonl"
-    last = json.loads(history.read_text().splitlines()[-1])
     kept = ("loss", "reward_mean", "kl_to_base", "fresh_plausibility")  # finetuning's own last log line
-    trained = {f"train_{k}": v for k, v in last.items() if k in kept}
+    trained = {f"train_{k}": v for k, v in finetuned.final.items() if k in kept}
     return {**scores, **{k: float(v) for k, v in terms.items()}, "step": config.train.steps, **trained}
 
 

@@ -93,8 +93,6 @@ def tiny_pretrained(ray_cluster, tiny_dataset, tmp_path_factory):
 
     Returns (run_dir, metric history of the first run, exported model folder).
     """
-    import json
-
     from pathalign_ray.config import load_config
     from pathalign_ray.pretrain import PretrainConfig, pretrain
 
@@ -104,9 +102,8 @@ def tiny_pretrained(ray_cluster, tiny_dataset, tmp_path_factory):
         overrides = [f"run_dir={run_dir}", f"data.dataset={tiny_dataset}", f"train.steps={steps}"]
         return pretrain(load_config(PretrainConfig, None, TINY_PRETRAIN_OVERRIDES + overrides))
 
-    run(3)
-    first_history = [json.loads(line) for line in (run_dir / "pretrain_metrics.jsonl").read_text().splitlines()]
-    return run_dir, first_history, run(5)
+    first = run(3)
+    return run_dir, first.history, run(5).model_dir
 
 
 @pytest.fixture(scope="session")

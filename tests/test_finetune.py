@@ -69,7 +69,6 @@ def test_each_objective_finetunes_on_two_zero2_workers_scored_over_http(
     from diffusers import UNet2DModel
 
     from pathalign_ray.images import decode_image
-
     from pathalign_ray.reward.functions import RewardSourceConfig, make_reward_fn
     from pathalign_ray.sampling import read_manifest
 
@@ -82,7 +81,7 @@ def test_each_objective_finetunes_on_two_zero2_workers_scored_over_http(
         "objective.ddim_steps=3", "objective.trajectories_per_step=2", "objective.kl_coef=0.1",
         *(["objective.weighting=centred", "objective.ratio_clip=0.1"] if objective == "rwl_centred" else []),
     )
-    exported = finetune(config)
+    exported = finetune(config).model_dir
     history = _history(tmp_path, objective)
     assert [row["step"] for row in history] == [1, 2, 3]
     terms = {"rwl": ("loss_weighted_synthetic", "loss_real", "weight_mean", "kl_to_base"),
@@ -122,7 +121,7 @@ def test_a_killed_worker_is_replaced_and_the_run_resumes(tiny_pretrained, tiny_s
         "name=faulty", "reward.kind=pathologist", "train.steps=14", "train.checkpoint_every=2", "train.eval_every=0",
     )
     outcome = {}
-    runner = threading.Thread(target=lambda: outcome.setdefault("model", finetune(config)))
+    runner = threading.Thread(target=lambda: outcome.setdefault("model", finetune(config).model_dir))
     runner.start()
     deadline = time.time() + 240
     while not list((tmp_path / "faulty").glob("checkpoint_*")) and time.time() < deadline:

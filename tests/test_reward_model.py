@@ -24,8 +24,9 @@ from pathalign_ray.reward.model import (
     RewardModelConfig,
     load_reward_model,
     save_reward_model,
+    score_images,
 )
-from pathalign_ray.reward.selection import most_uncertain, score_images
+from pathalign_ray.reward.selection import most_uncertain
 from pathalign_ray.reward.train import _Heads, reward_loss
 from pathalign_ray.sampling import SampleConfig
 

@@ -9,10 +9,10 @@ http: the Ray Serve scoring endpoint (pathalign_ray.reward.serve), the way finet
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
-import torch
 
 from pathalign_ray.config import config_dataclass
 
@@ -60,22 +60,12 @@ def _handle(config: RewardSourceConfig) -> RewardFn:
 
 
 def _model(config: RewardSourceConfig) -> RewardFn:
-    from pathalign_ray.diffusion import to_model_input
-    from pathalign_ray.images import normalise_array
-    from pathalign_ray.reward.model import load_reward_model
+    from pathalign_ray.reward.model import load_reward_model, score_images
 
     model, meta = load_reward_model(config.model)
-    size = model.config.image_size
 
     def score(images: np.ndarray, classes: list[str]) -> tuple[np.ndarray, dict]:
-        if images.shape[1] != size:
-            images = np.stack([normalise_array(image, size) for image in images])
-        class_ids = model.class_ids(list(classes))
-        scores = [
-            model.score(to_model_input(images[i : i + config.batch_size]), class_ids[i : i + config.batch_size])
-            for i in range(0, len(images), config.batch_size)
-        ]
-        return torch.cat(scores).numpy().astype(np.float64), {"source": meta.get("id", config.model)}
+        return score_images(model, images, classes, config.batch_size), {"source": meta.get("model_id", config.model)}
 
     return score
 

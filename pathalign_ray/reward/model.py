@@ -12,8 +12,10 @@ unpickles anything.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import UNet2DModel
 from safetensors.torch import load_file, save_file
@@ -21,6 +23,7 @@ from torch import nn
 
 from pathalign_ray.checklist import CRITERIA
 from pathalign_ray.config import config_dataclass
+from pathalign_ray.images import normalise_array, to_model_range
 
 WEIGHTS_FILE = "reward.safetensors"
 CONFIG_FILE = "reward.json"
@@ -158,6 +161,27 @@ class RewardModel(nn.Module):
         if unknown:
             raise ValueError(f"unknown class {unknown[0]!r}; the reward model knows {', '.join(self.class_names)}")
         return torch.tensor([index[name] for name in class_names], dtype=torch.int64)
+
+
+@torch.no_grad()
+def score_images(model: RewardModel, images: np.ndarray, declared_classes: Sequence[str], batch_size: int = 256) -> np.ndarray:
+    """P(plausible) of (N, H, W, 3) uint8 images as their declared classes: (N,) float64.
+
+    The one in-process scorer (the finetuning's reward function, uncertainty selection). Images of another
+    size than model.config.image_size are resized as every image entering the project is (normalise_array).
+    """
+    if len(images) != len(declared_classes):
+        raise ValueError(f"{len(images)} images but {len(declared_classes)} declared classes")
+    size = model.config.image_size
+    if len(images) and images.shape[1] != size:
+        images = np.stack([normalise_array(image, size) for image in images])
+    class_ids = model.class_ids(list(declared_classes))
+    model.eval()
+    scores = [
+        model.score(torch.from_numpy(to_model_range(images[i : i + batch_size])), class_ids[i : i + batch_size])
+        for i in range(0, len(images), batch_size)
+    ]
+    return torch.cat(scores).double().numpy() if scores else np.zeros(0)
 
 
 def save_reward_model(model: RewardModel, out_dir: str | Path, info: dict) -> Path:

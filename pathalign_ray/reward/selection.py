@@ -6,10 +6,7 @@ near 0 or 1 teaches it little; one near 0.5 teaches it most. `most_uncertain` is
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
-import torch
 
 
 def most_uncertain(scores: np.ndarray, k: int) -> np.ndarray:
@@ -23,26 +20,3 @@ def most_uncertain(scores: np.ndarray, k: int) -> np.ndarray:
     if np.isnan(scores).any():
         raise ValueError("scores contain NaN")
     return np.argsort(np.abs(scores - 0.5), kind="stable")[: int(k)].astype(np.int64)
-
-
-@torch.no_grad()
-def score_images(model, images: np.ndarray, declared_classes: Sequence[str], batch_size: int = 256) -> np.ndarray:
-    """P(plausible) of (N, H, W, 3) uint8 images as their declared classes: (N,) float64.
-
-    `model` is a RewardModel (load_reward_model); images of another size than its
-    config.image_size are resized as every image entering the project is (images.normalise_array).
-    """
-    from pathalign_ray.images import normalise_array, to_model_range
-
-    if len(images) != len(declared_classes):
-        raise ValueError(f"{len(images)} images but {len(declared_classes)} declared classes")
-    size = model.config.image_size
-    if len(images) and images.shape[1] != size:
-        images = np.stack([normalise_array(image, size) for image in images])
-    class_ids = model.class_ids(list(declared_classes))
-    model.eval()
-    scores = [
-        model.score(torch.from_numpy(to_model_range(images[i : i + batch_size])), class_ids[i : i + batch_size])
-        for i in range(0, len(images), batch_size)
-    ]
-    return torch.cat(scores).double().numpy() if scores else np.zeros(0)

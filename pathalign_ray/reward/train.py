@@ -39,6 +39,16 @@ from pathalign_ray.reward.model import (
 )
 from pathalign_ray.training import lr_factor, mean_over_workers, read_latest_checkpoint, report_with_checkpoint
 
+
+@dataclasses.dataclass(frozen=True)
+class RewardTrainResult:
+    """The published reward model's folder and its metadata (reward.json: model_id, version, label counts,
+    the kept epoch and its held-out metrics, every epoch's history)."""
+
+    model_dir: Path
+    info: dict
+
+
 TRAIN_RUN_NAME = "reward_train"  # Ray Train's checkpoints: RUN_DIR/reward_train
 MODEL_DIR_NAME = "reward"  # the trained model: RUN_DIR/reward
 
@@ -96,8 +106,8 @@ class TrainRewardConfig:
     scale: RewardScaleConfig = dataclasses.field(default_factory=RewardScaleConfig)
 
 
-def train_reward(config: TrainRewardConfig) -> Path:
-    """Train on the cluster; write the best epoch's model to RUN_DIR/reward and return that folder."""
+def train_reward(config: TrainRewardConfig) -> RewardTrainResult:
+    """Train on the cluster; write the best epoch's model to RUN_DIR/reward; return that folder and its metadata."""
     import ray
     from ray.train.torch import TorchTrainer
 
@@ -145,8 +155,8 @@ def train_reward(config: TrainRewardConfig) -> Path:
     if result.checkpoint is None:
         raise RuntimeError(f"reward training in {run_dir} finished without a checkpoint")
     with result.checkpoint.as_directory() as checkpoint_dir:
-        load_reward_model(checkpoint_dir)  # refuse to publish anything that does not load
-        return _publish(Path(checkpoint_dir), run_dir / MODEL_DIR_NAME)
+        _, meta = load_reward_model(checkpoint_dir)  # refuse to publish anything that does not load
+        return RewardTrainResult(_publish(Path(checkpoint_dir), run_dir / MODEL_DIR_NAME), meta)
 
 
 def reward_loss(
