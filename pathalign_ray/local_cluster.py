@@ -1,5 +1,8 @@
 """A multi-node Ray cluster on one machine, started with `ray start`: for tests and benchmarks of cluster jobs.
 
+It ships in the package, not under tests/, for users as well: the README ("On a Ray cluster") offers it
+to try `ray job submit` against two nodes on one machine before renting them.
+
 Each node is a `ray start --block` child process with its own ports and its own --temp-dir, so
 other Ray clusters on the machine are never touched. Stopping a node terminates only that child:
 with --block it takes the node's Ray processes down with it (they share its fate through
