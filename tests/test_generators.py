@@ -8,15 +8,15 @@ import torch.nn.functional as F
 
 pytest.importorskip("peft")
 
-from diffusers import DDIMScheduler, UNet2DConditionModel  # noqa: E402
+from diffusers import DDIMScheduler, UNet2DConditionModel
 
-from pathalign_ray.diffusion import ModelConfig, build_noise_scheduler, build_unet, ddim_sample  # noqa: E402
-from pathalign_ray.generators import ddim as gddim  # noqa: E402
-from pathalign_ray.generators import lora  # noqa: E402
-from pathalign_ray.generators.base import Generator, load_generator  # noqa: E402
-from pathalign_ray.generators.latent import LatentGenerator  # noqa: E402
-from pathalign_ray.generators.pixel import PixelGenerator  # noqa: E402
-from pathalign_ray.generators.tiny import TinyLatentConfig, TinyTrainConfig, build_tiny_latent, train_tiny_latent  # noqa: E402
+from pathalign_ray.diffusion import ModelConfig, build_noise_scheduler, build_unet, ddim_sample
+from pathalign_ray.generators import ddim as gddim
+from pathalign_ray.generators import lora
+from pathalign_ray.generators.base import Generator, load_generator
+from pathalign_ray.generators.latent import LatentGenerator
+from pathalign_ray.generators.pixel import PixelGenerator
+from pathalign_ray.generators.tiny import TinyLatentConfig, TinyTrainConfig, build_tiny_latent, train_tiny_latent
 
 CLASSES = ["myeloblast", "lymphocyte", "eosinophil"]
 PIXEL = ModelConfig(sample_size=16, block_out_channels=(8, 16), norm_num_groups=4, num_train_timesteps=100)
@@ -294,3 +294,44 @@ def test_tiny_latent_trainer_and_latent_cache(tmp_path):
     loaded = load_generator(generator.save(tmp_path / "model"))
     assert loaded.vae.config.scaling_factor == generator.vae.config.scaling_factor
     assert torch.equal(loaded.sample(LABELS, SEEDS, 3), generator.sample(LABELS, SEEDS, 3))
+
+
+@pytest.mark.parametrize("objective", ["rwl", "ddpo"])
+def test_a_lora_round_of_each_objective_on_the_latent_model(objective):
+    """What finetune.py's steps will do through the interface: the adapter moves, the reference stays the base."""
+    from pathalign_ray.objectives import clipped_policy_loss, reward_weighted_loss
+
+    generator = _latent()
+    base = _predictions(generator)
+    generator.add_lora(lora.LoraSettings(rank=4, alpha=8.0))
+    optimizer = torch.optim.Adam(generator.trainable_parameters(), lr=3e-2)
+    rewards = torch.tensor([1.0, 0.0, 0.5])
+    if objective == "rwl":
+        images = generator.decode(torch.randn(3, *generator.latent_shape, generator=torch.Generator().manual_seed(4)))
+        latents = generator.encode(images)  # real or synthetic images, encoded once
+        _, noise, timesteps = _inputs(generator, seed=6)
+        losses = generator.loss_per_sample(latents, LABELS, noise, timesteps)
+        with torch.no_grad():
+            reference_losses = generator.loss_per_sample(latents, LABELS, noise, timesteps, reference=True)
+        torch.testing.assert_close(losses.detach(), reference_losses)  # a new adapter is the base model
+        loss, metrics = reward_weighted_loss(losses, rewards - rewards.mean(), losses, 0.3, reference_losses, 0.2)
+        loss.backward()
+        optimizer.step()
+        assert metrics["loss_ratio_mean"] == pytest.approx(1.0)
+    else:
+        trajectory = generator.trajectories(LABELS, 3, 1.0, torch.Generator().manual_seed(7))
+        for j, (t, prev_t) in enumerate(trajectory["timesteps"]):
+            log_prob, output = generator.step_log_prob(trajectory["latents"][j], trajectory["latents"][j + 1], t, prev_t,
+                                                       LABELS, 1.0)
+            with torch.no_grad():
+                reference_output = generator.denoise(trajectory["latents"][j], t, LABELS, reference=True)
+            loss, metrics = clipped_policy_loss(log_prob, trajectory["log_probs"][j], rewards - rewards.mean(), 1e-4)
+            loss = loss + 0.1 * ((output - reference_output) ** 2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if j == 0:  # before the first update the policy is the one that sampled: ratio 1
+                assert metrics["clipfrac"] == 0.0 and metrics["approx_kl"] < 1e-10
+    assert not torch.allclose(_predictions(generator), base)
+    with torch.no_grad(), generator.reference():
+        assert torch.equal(_predictions(generator), base)

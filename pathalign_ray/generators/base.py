@@ -16,8 +16,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -94,7 +95,7 @@ class UNetGenerator:
     def prediction_type(self) -> str:
         return self.noise_scheduler.config.prediction_type
 
-    def to(self, device: torch.device | str) -> "UNetGenerator":
+    def to(self, device: torch.device | str) -> UNetGenerator:
         self.unet.to(device)
         if self._reference is not None:
             self._reference.to(device)

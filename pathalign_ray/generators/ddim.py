@@ -9,7 +9,7 @@ config says, and v-prediction (converted to the epsilon `ddim_step_with_log_prob
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -9,6 +9,10 @@ A model folder in diffusers layout (what `save` writes and `load` reads):
     pathalign.json                      {"generator": "latent", ...}
     model_index.json                    a StableDiffusionPipeline without text encoder, for plain diffusers
     pytorch_lora_weights.safetensors    a LoRA export only: the adapter, as save_lora_weights writes it
+Plain diffusers reads it with `StableDiffusionPipeline.from_pretrained(folder, text_encoder=None, tokenizer=None,
+safety_checker=None, feature_extractor=None, image_encoder=None)` and `.load_lora_weights(folder)`, or
+`UNet2DConditionModel.from_pretrained(folder, subfolder="unet")` and `.load_lora_adapter(folder, prefix="unet",
+weight_name="pytorch_lora_weights.safetensors")`; the pipeline's __call__ needs a prompt, so sample with `sample` here.
 Latents: z = (E(x) - shift_factor) * scaling_factor, (B, C, h, w) with h = H / 2^(VAE levels - 1).
 """
 
@@ -46,7 +50,7 @@ class LatentGenerator(UNetGenerator):
     def _forward(self, model, latents, timesteps, labels):
         return model(latents, timesteps, encoder_hidden_states=None, class_labels=labels).sample
 
-    def to(self, device: torch.device | str) -> "LatentGenerator":
+    def to(self, device: torch.device | str) -> LatentGenerator:
         super().to(device)
         self.vae.to(device)
         return self
@@ -96,8 +100,8 @@ class LatentGenerator(UNetGenerator):
 
         digest = hashlib.sha256(images.tobytes())
         digest.update(json.dumps(dict(self.vae.config), sort_keys=True, default=str).encode())
-        for value in self.vae.state_dict().values():
-            digest.update(value.detach().float().sum().cpu().numpy().tobytes())
+        for value in self.vae.state_dict().values():  # every weight's bytes: about a second for an SD-sized VAE
+            digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
         path = Path(cache_dir) / f"latents-{digest.hexdigest()[:20]}.pt"
         if path.is_file():
             return torch.load(path)
@@ -153,7 +157,7 @@ class LatentGenerator(UNetGenerator):
         return out_dir
 
     @classmethod
-    def load(cls, model_dir: str | Path) -> "LatentGenerator":
+    def load(cls, model_dir: str | Path) -> LatentGenerator:
         """A diffusers folder with vae/, unet/, scheduler/ and class_names.json; its adapter too, if it has one."""
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -139,7 +139,7 @@ def load_lora(unet: torch.nn.Module, folder: str | Path) -> None:
     path = Path(folder) / LORA_WEIGHT_NAME
     with safe_open(path, "pt") as file:
         metadata = file.metadata() or {}
-        state = {key[len(_PREFIX):]: file.get_tensor(key) for key in file.keys() if key.startswith(_PREFIX)}
+        state = {key[len(_PREFIX):]: file.get_tensor(key) for key in file.keys() if key.startswith(_PREFIX)}  # noqa: SIM118, safe_open has no __iter__
     if _METADATA_KEY not in metadata:
         raise ValueError(f"{path} holds no LoRA config in its metadata (rank, alpha, target modules)")
     fields = {f for f in LoraConfig.__dataclass_fields__ if LoraConfig.__dataclass_fields__[f].init}

@@ -62,7 +62,7 @@ class PixelGenerator(UNetGenerator):
         return out_dir
 
     @classmethod
-    def load(cls, model_dir: str | Path) -> "PixelGenerator":
+    def load(cls, model_dir: str | Path) -> PixelGenerator:
         """What `save` (or `diffusion.export_model`) wrote; the adapter too when the folder holds one."""
         from pathalign_ray.diffusion import load_model
 
