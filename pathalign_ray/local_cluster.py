@@ -29,6 +29,9 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# A node's start on a loaded 2-core machine (three Ray clusters and a benchmark at once) took over 90 s.
+NODE_START_S = 240.0
+
 _WORKER_PORT_SPAN = 200  # ports per node for its worker processes, below the kernel's ephemeral range
 
 
@@ -87,7 +90,7 @@ class LocalCluster:
         self.address = ""
         self.dashboard_url = ""
 
-    def start_head(self, num_cpus: int, resources: dict | None = None, timeout: float = 90) -> LocalNode:
+    def start_head(self, num_cpus: int, resources: dict | None = None, timeout: float = NODE_START_S) -> LocalNode:
         gcs, dashboard, client = _free_ports(3)
         self.address, self.dashboard_url = f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}"
         head_args = [
@@ -99,7 +102,7 @@ class LocalCluster:
         self._wait_for_dashboard(timeout)
         return node
 
-    def add_node(self, num_cpus: int, resources: dict | None = None, timeout: float = 90) -> LocalNode:
+    def add_node(self, num_cpus: int, resources: dict | None = None, timeout: float = NODE_START_S) -> LocalNode:
         name = f"worker{sum(n.name.startswith('worker') for n in self.nodes) + 1}"
         alive = len(self.alive_nodes())
         node = self._start(name, [f"--address={self.address}"], num_cpus, resources, {})

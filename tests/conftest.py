@@ -13,11 +13,13 @@ os.environ.update(job_env("cpu"))
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_cluster(s3_server):
     """A local Ray cluster on 127.0.0.1 for the whole session, stopped at the end.
 
     Four logical CPUs on a 2-core machine: two Ray Train workers plus the Ray Data and
-    sampling tasks around them fit without waiting on each other.
+    sampling tasks around them fit without waiting on each other. It starts after the S3 server,
+    so every Ray process has the bucket's endpoint and credentials in its environment, as every
+    node of a real cluster has its instance profile (Ray Train's controller checks the storage too).
     """
     import ray
 
