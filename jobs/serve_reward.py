@@ -3,11 +3,11 @@
     python jobs/serve_reward.py --model runs/demo/reward
     python jobs/serve_reward.py --config configs/serve_reward.yaml --model PATH num_replicas=2 max_batch_size=64
 
-Submitted with `ray job submit`, the endpoint is deployed on the cluster and the job ends; run by
-hand, it keeps its local Ray cluster up until Ctrl-C.
+--model PATH (the reward model folder, save_reward_model) is the override model=PATH; every top-level
+key has such a flag (config.parse_job_args). Submitted with `ray job submit`, the endpoint is deployed
+on the cluster and the job ends; run by hand, it keeps its local Ray cluster up until Ctrl-C.
 """
 
-import argparse
 import sys
 
 from pathalign_ray.config import parse_job_args
@@ -15,11 +15,7 @@ from pathalign_ray.reward.serve import ServeRewardConfig, serve_until_interrupte
 
 
 def main(argv=None) -> None:
-    model = argparse.ArgumentParser(add_help=False)
-    model.add_argument("--model", help="reward model folder (save_reward_model); same as the override model=PATH")
-    known, rest = model.parse_known_args(argv)
-    overrides = [f"model={known.model}"] if known.model else []
-    serve_until_interrupted(parse_job_args(ServeRewardConfig, rest + overrides, "configs/serve_reward.yaml", __doc__))
+    serve_until_interrupted(parse_job_args(ServeRewardConfig, argv, "configs/serve_reward.yaml", __doc__))
 
 
 if __name__ == "__main__":

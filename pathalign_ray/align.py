@@ -13,11 +13,12 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pathalign_ray.cluster import ScaleConfig
-from pathalign_ray.config import config_dataclass
-from pathalign_ray.finetune import FinetuneConfig, FinetuneDataConfig, FinetuneTrainConfig, ObjectiveConfig, finetune
+from pydantic import Field
+
+from pathalign_ray.config import config_dataclass, refuse_overwritten
+from pathalign_ray.finetune import FinetuneConfig, FinetuneDataConfig, FinetuneRecipe, finetune
 from pathalign_ray.reward.functions import RewardSourceConfig
 from pathalign_ray.reward.serve import ServeRewardConfig
 from pathalign_ray.reward.train import TrainRewardConfig, train_reward
@@ -25,35 +26,33 @@ from pathalign_ray.sampling import SampleConfig, read_manifest, sample
 from pathalign_ray.simulated_feedback import SimulateFeedbackConfig, simulate_feedback
 
 ROUNDS_FILE = "rounds.jsonl"
-
-
-@config_dataclass
-class AlignFinetuneConfig:
-    objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
-    train: FinetuneTrainConfig = dataclasses.field(default_factory=FinetuneTrainConfig)
-    scale: ScaleConfig = dataclasses.field(default_factory=ScaleConfig)
-    evaluate_with_pathologist: bool = True  # report the simulated pathologist's plausibility of fresh samples
+# Keys of the sections below that each round sets (the round's model, folders, seed namespace, reward model)
+SET_PER_ROUND = (
+    "sample.model", "sample.out_dir", "sample.namespace", "sample.overwrite",
+    "simulate.run_dir", "simulate.samples", "simulate.round", "serve.model",
+)  # fmt: skip
 
 
 @config_dataclass
 class AlignConfig:
     run_dir: str = "runs/demo"  # holds model/ and data/ from pretraining; rounds/, feedback/, reward/ go here too
-    rounds: int = 2  # feedback rounds
+    rounds: Annotated[int, Field(ge=1, le=999)] = 2  # feedback rounds; pool_seed keeps (seed, round) apart below 1,000
     feedback: Literal["simulated", "human"] = "simulated"  # human: wait for verdicts from the labelling page
     quota: int = 0  # human: verdicts a round needs before the loop goes on; 0: every sample judged once
     poll_s: float = 15.0  # human: seconds between looks at the feedback store
-    # model and out_dir set per round; round r draws the "pool" seed namespace at base seed sample.seed * 1000 + r
+    # the keys in SET_PER_ROUND are the loop's, refused here; round r draws the "pool" seed namespace at base
+    # seed sample.seed * 1000 + r
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
-    simulate: SimulateFeedbackConfig = dataclasses.field(default_factory=SimulateFeedbackConfig)  # run_dir, samples, round set per round
-    reward: TrainRewardConfig = dataclasses.field(default_factory=TrainRewardConfig)  # run_dir set from run_dir
-    finetune: AlignFinetuneConfig = dataclasses.field(default_factory=AlignFinetuneConfig)  # models, pools, reward set per round
-    # set: each round's reward model is deployed on Ray Serve (model set per round) and finetuning scores
-    # it over HTTP, as in production; null: scored in-process
+    simulate: SimulateFeedbackConfig = dataclasses.field(default_factory=SimulateFeedbackConfig)
+    reward: TrainRewardConfig = dataclasses.field(default_factory=TrainRewardConfig)
+    finetune: FinetuneRecipe = dataclasses.field(default_factory=FinetuneRecipe)  # models, pools, reward set per round
+    # set: each round's reward model is deployed on Ray Serve and finetuning scores it over HTTP, as in
+    # production; null: scored in-process
     serve: ServeRewardConfig | None = None
 
     def __post_init__(self) -> None:
-        if not 1 <= self.rounds < 1000:  # pool_seed keeps (seed, round) apart below 1,000 rounds
-            raise ValueError(f"rounds must be in [1, 999], got {self.rounds}")
+        refuse_overwritten(self, SET_PER_ROUND, "set per round by the loop (RUN_DIR/rounds/R)")
+        refuse_overwritten(self, ("reward.run_dir",), "set from run_dir")
 
 
 def align(config: AlignConfig) -> list[dict]:
@@ -90,20 +89,18 @@ def run_round(config: AlignConfig, run_dir: Path, round_index: int) -> dict:
     started = time.perf_counter()
     model = model_of_round(run_dir, round_index)
     row = collect_feedback(config, run_dir, round_index)
+    recipe = {f.name: getattr(config.finetune, f.name) for f in dataclasses.fields(FinetuneRecipe)}
     finetuned = finetune(
         FinetuneConfig(
+            **recipe,
             run_dir=str(run_dir),
             name=f"round{round_index}",
             base_model=str(model),
-            objective=config.finetune.objective,
             data=FinetuneDataConfig(
                 samples=tuple(str(run_dir / f"rounds/{r}/samples") for r in range(round_index + 1)),
                 real_dataset=config.reward.data.dataset,
             ),
             reward=reward_source(config, row.pop("reward_dir"), round_index),
-            train=config.finetune.train,
-            scale=config.finetune.scale,
-            evaluate_with_pathologist=config.finetune.evaluate_with_pathologist,
         )
     )
     after = finetuned.final

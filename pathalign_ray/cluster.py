@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pathalign_ray.config import config_dataclass
+from pydantic import Field
+
+from pathalign_ray.config import PositiveInt, config_dataclass
 
 RAY_TEMP_DIR = "/tmp/pathalign_ray"  # Ray's sockets and logs; short, since unix socket paths are limited to 107 bytes
 TORCH_EXTENSIONS_DIR = str(Path.home() / ".cache" / "pathalign_ray" / "torch_extensions")
@@ -15,21 +17,14 @@ TORCH_EXTENSIONS_DIR = str(Path.home() / ".cache" / "pathalign_ray" / "torch_ext
 
 @config_dataclass
 class ScaleConfig:
-    num_workers: int = 2  # Ray Train workers (one DeepSpeed rank each)
-    threads_per_worker: int = 1  # torch intra-op threads and Ray CPUs reserved per worker
+    num_workers: PositiveInt = 2  # Ray Train workers (one DeepSpeed rank each)
+    threads_per_worker: PositiveInt = 1  # torch intra-op threads and Ray CPUs reserved per worker
     device: Literal["cpu", "cuda"] = "cpu"  # cuda: one GPU per worker, nccl; cpu: gloo
-    zero_stage: int = 2  # DeepSpeed ZeRO stage: 0 (plain DDP) to 2 (optimizer state and gradients sharded)
+    # DeepSpeed ZeRO stage: 0 (plain DDP) to 2 (optimizer state and gradients sharded). Not 3: it shards the
+    # parameters, and the EMA and reward-weighted terms here need them whole on every rank
+    zero_stage: Annotated[int, Field(ge=0, le=2)] = 2
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 runs on CPU and GPU; fp16 is not supported on CPU
     max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
-
-    def __post_init__(self) -> None:
-        if self.num_workers < 1 or self.threads_per_worker < 1:
-            raise ValueError("num_workers and threads_per_worker must be >= 1")
-        if self.zero_stage not in (0, 1, 2):
-            raise ValueError(
-                f"zero_stage must be 0, 1 or 2, got {self.zero_stage}: stage 3 shards the parameters, "
-                "and the EMA and reward-weighted terms here need them whole on every rank"
-            )
 
 
 def job_env(device: str = "cpu") -> dict[str, str]:

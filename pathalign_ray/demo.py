@@ -19,29 +19,36 @@ from pathlib import Path
 
 from pathalign_ray.align import AlignConfig, align
 from pathalign_ray.cluster import RAY_TEMP_DIR, init_ray
-from pathalign_ray.config import config_dataclass
+from pathalign_ray.config import config_dataclass, refuse_overwritten
 from pathalign_ray.data.make import MakeDatasetConfig, make_dataset
 from pathalign_ray.evaluation.evaluate import EvaluateConfig, evaluate
 from pathalign_ray.pretrain import PretrainConfig, pretrain
 
 SUMMARY_FILE = "demo.json"
 REPORT_FILE = "report.html"
+# Keys of the sections below that the demo sets from run_dir (RUN_DIR/data, RUN_DIR/model, RUN_DIR/evaluation)
+SET_FROM_RUN_DIR = (
+    "pretrain.run_dir", "pretrain.data.dataset", "dataset.out_dir", "align.run_dir", "align.reward.data.dataset",
+    "evaluate.models", "evaluate.real", "evaluate.out_dir",
+)  # fmt: skip
 
 
 @config_dataclass
 class DemoConfig:
     run_dir: str = "runs/demo"  # data/, model/, rounds/, feedback/, reward/, evaluation/, demo.json, report.html
     model: str = "models/cells32"  # the exported generator the loop starts from (unused when pretrain is set)
+    # the keys in SET_FROM_RUN_DIR are the demo's, refused in these sections
     pretrain: PretrainConfig | None = None  # set: pretrain a generator in run_dir first and start from it
-    dataset: MakeDatasetConfig = dataclasses.field(default_factory=MakeDatasetConfig)  # out_dir: RUN_DIR/data
-    align: AlignConfig = dataclasses.field(default_factory=AlignConfig)  # run_dir and the real data set from run_dir
-    evaluate: EvaluateConfig = dataclasses.field(default_factory=EvaluateConfig)  # models, real, out_dir from run_dir
+    dataset: MakeDatasetConfig = dataclasses.field(default_factory=MakeDatasetConfig)
+    align: AlignConfig = dataclasses.field(default_factory=AlignConfig)
+    evaluate: EvaluateConfig = dataclasses.field(default_factory=EvaluateConfig)  # the models before and after
     # logical CPUs of the local Ray cluster the demo starts (not under `ray job submit`): the reward
     # endpoint's replica, 2 training workers and their data tasks at once on a 2-core machine
     ray_cpus: int = 4
     verbose: bool = False  # true: every Ray worker's log lines on the console too (always in RUN_DIR/ray_logs)
 
     def __post_init__(self) -> None:
+        refuse_overwritten(self, SET_FROM_RUN_DIR, "set from run_dir")
         if self.pretrain is None and not (Path(self.model) / "unet").is_dir():
             raise ValueError(f"model: {self.model} is not an exported generator (no unet/ folder in it)")
 

@@ -15,13 +15,22 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from pathalign_ray.cluster import ScaleConfig, init_ray, trainer_settings
-from pathalign_ray.config import config_dataclass, save_config
+from pathalign_ray.config import (
+    FractionBelowOne,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    config_dataclass,
+    save_config,
+)
 from pathalign_ray.diffusion import namespaced_seed
 from pathalign_ray.progress import report_progress, watch
 from pathalign_ray.reward.functions import RewardSourceConfig
@@ -31,29 +40,24 @@ from pathalign_ray.training import TrainResult
 @config_dataclass
 class ObjectiveConfig:
     kind: Literal["rwl", "ddpo"] = "rwl"
-    beta: float = 0.3  # weight of the real-data term (the paper's default); 0 drops it
+    beta: NonNegativeFloat = 0.3  # weight of the real-data term (the paper's default); 0 drops it
     # rwl: w(r), see objectives.reward_weights
     weighting: Literal["raw", "threshold", "class_normalized", "centred"] = "raw"
     threshold: float = 0.5  # weighting=threshold: reward needed to count
     temperature: float = 1.0  # weighting=class_normalized: softmax temperature
-    ratio_clip: float = 0.0  # rwl: synthetic losses relative to the pretrained model's, clipped to 1 +- this (0: off)
-    clip_range: float = 1e-4  # ddpo: importance-ratio clip (DDPO's default)
-    ddim_steps: int = 10  # ddpo: denoising steps per trajectory
+    # rwl: synthetic losses relative to the pretrained model's, clipped to 1 +- this (0: off)
+    ratio_clip: FractionBelowOne = 0.0
+    clip_range: PositiveFloat = 1e-4  # ddpo: importance-ratio clip (DDPO's default)
+    ddim_steps: Annotated[int, Field(ge=2)] = 10  # ddpo: denoising steps per trajectory
     eta: float = 1.0  # ddpo: DDIM stochasticity of the policy (> 0)
-    trajectories_per_step: int = 8  # ddpo: trajectories sampled per worker per step
-    inner_epochs: int = 1  # ddpo: passes over each batch of trajectories
+    trajectories_per_step: PositiveInt = 8  # ddpo: trajectories sampled per worker per step
+    inner_epochs: PositiveInt = 1  # ddpo: passes over each batch of trajectories
     advantage_clip: float = 5.0  # ddpo: advantages clipped to +-this
     kl_coef: float = 0.0  # ddpo: weight of the drift penalty towards the pretrained model
 
     def __post_init__(self) -> None:
-        if self.beta < 0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
         if self.kind == "ddpo" and self.eta <= 0:
             raise ValueError("ddpo needs eta > 0: a deterministic DDIM step has no log-probability")
-        if self.clip_range <= 0 or self.ddim_steps < 2 or self.trajectories_per_step < 1 or self.inner_epochs < 1:
-            raise ValueError("clip_range, trajectories_per_step and inner_epochs must be positive, ddim_steps >= 2")
-        if not 0 <= self.ratio_clip < 1:
-            raise ValueError(f"ratio_clip must be in [0, 1), got {self.ratio_clip}")
         if self.weighting == "centred" and self.ratio_clip == 0:
             raise ValueError("weighting centred needs ratio_clip > 0: its negative weights would raise losses without bound")
 
@@ -66,42 +70,41 @@ class FinetuneDataConfig:
 
 @config_dataclass
 class FinetuneTrainConfig:
-    steps: int = 200  # optimizer steps in total (ddpo: sample-then-update rounds)
-    batch_size: int = 16  # images per worker per step, for each term
+    steps: PositiveInt = 200  # optimizer steps in total (ddpo: sample-then-update rounds)
+    batch_size: PositiveInt = 16  # images per worker per step, for each term
     lr: float = 1e-5  # AdamW learning rate
-    warmup_steps: int = 0  # linear warm-up: AdamW's first steps move every weight by about lr, whatever its gradient
+    # linear warm-up: AdamW's first steps move every weight by about lr, whatever its gradient
+    warmup_steps: NonNegativeInt = 0
     grad_clip: float = 1.0
     ema_decay: float = 0.99  # exported weights are this exponential moving average
-    log_every: int = 10
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 2
+    log_every: PositiveInt = 10
+    checkpoint_every: PositiveInt = 50
+    keep_checkpoints: PositiveInt = 2
     eval_every: int = 50  # steps between scoring fresh samples (and at the end); 0: only at the end
-    eval_per_class: int = 4  # fresh samples per class at each evaluation
+    eval_per_class: PositiveInt = 4  # fresh samples per class at each evaluation
     eval_ddim_steps: int = 20
-    eval_eta: float = 0.0  # DDIM stochasticity of those samples (match the sampler the model is judged with)
+    eval_eta: NonNegativeFloat = 0.0  # DDIM stochasticity of those samples (match the sampler the model is judged with)
     seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "eval_per_class"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.eval_eta < 0:
-            raise ValueError(f"eval_eta must be >= 0, got {self.eval_eta}")
 
 
 @config_dataclass
-class FinetuneConfig:
+class FinetuneRecipe:
+    """How to finetune, whatever the model and data: the part of FinetuneConfig the loop's rounds share (align)."""
+
+    objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
+    train: FinetuneTrainConfig = dataclasses.field(default_factory=FinetuneTrainConfig)
+    scale: ScaleConfig = dataclasses.field(default_factory=ScaleConfig)
+    # also the simulated pathologist's verdicts: fresh samples, DDPO trajectories
+    evaluate_with_pathologist: bool = True
+
+
+@config_dataclass
+class FinetuneConfig(FinetuneRecipe):
     run_dir: str = "runs/demo"  # checkpoints in RUN_DIR/NAME, the exported model in RUN_DIR/NAME-model
     name: str = "finetune"  # this finetuning run's name inside run_dir
     base_model: str = "runs/demo/model"  # the exported model to start from (jobs/pretrain.py)
-    objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
     data: FinetuneDataConfig = dataclasses.field(default_factory=FinetuneDataConfig)
     reward: RewardSourceConfig = dataclasses.field(default_factory=RewardSourceConfig)
-    train: FinetuneTrainConfig = dataclasses.field(default_factory=FinetuneTrainConfig)
-    scale: ScaleConfig = dataclasses.field(default_factory=ScaleConfig)
-    evaluate_with_pathologist: bool = True  # also the simulated pathologist's verdicts: fresh samples, DDPO trajectories
 
     def __post_init__(self) -> None:
         if self.objective.kind == "rwl" and not self.data.samples:

@@ -15,7 +15,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from pathalign_ray.cluster import ScaleConfig, init_ray, trainer_settings
-from pathalign_ray.config import config_dataclass, save_config
+from pathalign_ray.config import FractionBelowOne, PositiveFloat, PositiveInt, config_dataclass, save_config
 from pathalign_ray.diffusion import (
     ModelConfig,
     build_noise_scheduler,
@@ -49,26 +49,17 @@ class PretrainDataConfig:
 
 @config_dataclass
 class PretrainTrainConfig:
-    steps: int = 2000  # optimizer steps in total; every worker takes each step together
-    batch_size: int = 32  # images per worker per step
-    lr: float = 2e-4  # AdamW peak learning rate
+    steps: PositiveInt = 2000  # optimizer steps in total; every worker takes each step together
+    batch_size: PositiveInt = 32  # images per worker per step
+    lr: PositiveFloat = 2e-4  # AdamW peak learning rate
     weight_decay: float = 0.0
     warmup_steps: int = 100  # linear learning-rate warm-up
     grad_clip: float = 1.0  # max global gradient norm
-    ema_decay: float = 0.999  # exported weights are this exponential moving average
-    log_every: int = 20  # steps between reported metrics
-    checkpoint_every: int = 500  # steps between checkpoints (the last step always checkpoints)
-    keep_checkpoints: int = 2  # checkpoints kept on storage
+    ema_decay: FractionBelowOne = 0.999  # exported weights are this exponential moving average
+    log_every: PositiveInt = 20  # steps between reported metrics
+    checkpoint_every: PositiveInt = 500  # steps between checkpoints (the last step always checkpoints)
+    keep_checkpoints: PositiveInt = 2  # checkpoints kept on storage
     seed: int = 0  # noise and timestep draws; a resumed run continues the same stream
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
 
 
 @config_dataclass

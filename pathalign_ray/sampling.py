@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from pathalign_ray.config import config_dataclass
+from pathalign_ray.config import NonNegativeFloat, PositiveInt, config_dataclass
 from pathalign_ray.diffusion import SeedNamespace, ddim_sample, load_model, namespaced_seed, to_uint8
 from pathalign_ray.progress import bar
 
@@ -28,13 +28,13 @@ MANIFEST_FILE = "manifest.parquet"
 class SampleConfig:
     model: str = "runs/demo/model"  # an exported model folder (jobs/pretrain.py writes RUN_DIR/model)
     out_dir: str = "runs/demo/samples/pretrained"  # PNGs under images/, manifest.parquet, contact_sheet.png
-    n_per_class: int = 8  # images per declared class
+    n_per_class: PositiveInt = 8  # images per declared class
     classes: tuple[str, ...] = ()  # declared classes to sample; empty means all of the model's classes
-    ddim_steps: int = 50  # DDIM denoising steps per image
-    eta: float = 0.0  # DDIM stochasticity: 0 is deterministic given the initial noise
+    ddim_steps: PositiveInt = 50  # DDIM denoising steps per image
+    eta: NonNegativeFloat = 0.0  # DDIM stochasticity: 0 is deterministic given the initial noise
     seed: int = 0  # base seed; image (class c, index j) uses namespaced_seed(namespace, seed, c, j)
     namespace: SeedNamespace = "sample"  # whose noise: sample, pool (feedback rounds), evaluation, check, probe
-    batch_size: int = 32  # images per Ray task
+    batch_size: PositiveInt = 32  # images per Ray task
     threads_per_worker: int = 1  # torch threads and Ray CPUs per task
     device: Literal["cpu", "cuda"] = "cpu"
     overwrite: bool = False  # replace an existing out_dir; otherwise refuse, so no samples are lost
@@ -43,14 +43,10 @@ class SampleConfig:
     reward_model: str = ""  # a reward model folder (RUN_DIR/reward); scores go to the manifest's reward column
 
     def __post_init__(self) -> None:
-        if self.n_per_class < 1 or self.ddim_steps < 1 or self.batch_size < 1:
-            raise ValueError("n_per_class, ddim_steps and batch_size must be >= 1")
         if self.select == "uncertain" and (self.k < 1 or not self.reward_model):
             raise ValueError("select=uncertain needs k >= 1 and a reward_model to score the samples")
         if self.select == "all" and self.k:
             raise ValueError(f"k={self.k} applies to select=uncertain only")
-        if self.eta < 0:
-            raise ValueError(f"eta must be >= 0, got {self.eta}")
 
 
 def sample(config: SampleConfig) -> Path:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
+from pydantic import Field
 
-from pathalign_ray.config import config_dataclass
+from pathalign_ray.config import Fraction, PositiveInt, config_dataclass
 from pathalign_ray.feedback import FeedbackRecord, FeedbackStore
 from pathalign_ray.progress import bar
 
@@ -21,20 +23,13 @@ from pathalign_ray.progress import bar
 class SimulateFeedbackConfig:
     run_dir: str = "runs/demo"  # verdicts go to RUN_DIR/feedback
     samples: str = "samples/pretrained"  # sample folder (jobs/sample.py), relative to run_dir
-    experts: int = 3  # simulated pathologists, named sim_expert_0..N-1
-    flip_rate: float = 0.05  # probability an expert turns a verdict over (disagreement between experts)
-    strictness_spread: float = 0.2  # expert strictness runs evenly from 1 - spread/2 to 1 + spread/2
+    experts: PositiveInt = 3  # simulated pathologists, named sim_expert_0..N-1
+    flip_rate: Fraction = 0.05  # probability an expert turns a verdict over (disagreement between experts)
+    # expert strictness runs evenly from 1 - spread/2 to 1 + spread/2
+    strictness_spread: Annotated[float, Field(ge=0, lt=2)] = 0.2
     round: int = 0  # feedback round the verdicts belong to
     seed: int = 0  # the experts' flips
     batch_size: int = 256  # verdicts per durable append
-
-    def __post_init__(self) -> None:
-        if self.experts < 1:
-            raise ValueError(f"experts must be >= 1, got {self.experts}")
-        if not 0.0 <= self.flip_rate <= 1.0:
-            raise ValueError(f"flip_rate must lie in [0, 1], got {self.flip_rate}")
-        if not 0.0 <= self.strictness_spread < 2.0:
-            raise ValueError(f"strictness_spread must lie in [0, 2), got {self.strictness_spread}")
 
 
 def simulated_experts(config: SimulateFeedbackConfig):

@@ -15,7 +15,17 @@ from typing import Literal
 import numpy as np
 from pydantic import TypeAdapter, ValidationError
 
-from pathalign_ray.config import ConfigError, config_dataclass, config_to_dict, field_type, get_dotted, set_dotted
+from pathalign_ray.config import (
+    ConfigError,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    config_dataclass,
+    config_to_dict,
+    field_type,
+    get_dotted,
+    set_dotted,
+)
 from pathalign_ray.evaluation.probe import ProbeConfig
 from pathalign_ray.finetune import FinetuneConfig
 
@@ -58,15 +68,16 @@ class SearchConfig:
     # FinetuneConfig section -> field -> range, e.g. {"objective": {"beta": ...}, "train": {"lr": ...}}
     space: dict[str, dict[str, ParamRange]] = dataclasses.field(default_factory=dict)
     algorithm: Literal["random", "optuna", "hyperopt"] = "random"  # optuna and hyperopt: pip install -e '.[tune]'
-    num_trials: int = 12  # trials in the whole search
+    num_trials: PositiveInt = 12  # trials in the whole search
     seed: int = 0  # the search algorithm's seed
-    report_every: int = 50  # finetuning steps between reports; ASHA counts reports
+    report_every: PositiveInt = 50  # finetuning steps between reports; ASHA counts reports
     asha: AshaConfig = dataclasses.field(default_factory=AshaConfig)
     penalties: PenaltyConfig = dataclasses.field(default_factory=PenaltyConfig)
     probe: ProbeConfig = dataclasses.field(default_factory=ProbeConfig)
     max_concurrent_trials: int = 1  # trials at once; 0: as many as the cluster's CPUs hold; capped by that anyway
-    report_timeout_s: float = 1800.0  # a trial whose chunk (finetuning + probe) runs longer fails with a message
-    time_budget_s: float = 0.0  # the whole search; 0: no limit
+    # a trial whose chunk (finetuning + probe) runs longer fails with a message
+    report_timeout_s: PositiveFloat = 1800.0
+    time_budget_s: NonNegativeFloat = 0.0  # the whole search; 0: no limit
     restart_errored: bool = True  # on resume, rerun failed trials from scratch (a timeout may have been transient)
     out_dir: str = "runs/pretrain32/tune"  # Tune's experiment, trial runs, tables and plot
     best_config: str = ""  # the best trial's FinetuneConfig, for jobs/finetune.py; "": OUT_DIR/best_feedback.yaml
@@ -76,10 +87,6 @@ class SearchConfig:
     as_written_trial: bool = True
 
     def __post_init__(self) -> None:
-        if self.num_trials < 1 or self.report_every < 1 or self.report_timeout_s <= 0 or self.time_budget_s < 0:
-            raise ValueError("num_trials and report_every must be >= 1, report_timeout_s > 0, time_budget_s >= 0")
-        if self.probe.n_per_class < 1 or self.probe.ddim_steps < 1 or self.probe.prdc_k < 1:
-            raise ValueError("probe.n_per_class, ddim_steps and prdc_k must be >= 1")
         kind = self.finetune.objective.kind
         for key, value_range in self.ranges.items():
             _check_key(key, value_range.kind)

@@ -33,7 +33,7 @@ def test_pool_seeds_are_one_per_seed_and_round():
     from pathalign_ray.config import ConfigError, load_config
 
     assert len({pool_seed(seed, r) for seed in range(3) for r in range(5)}) == 15
-    with pytest.raises(ConfigError, match=r"rounds must be in \[1, 999\]"):
+    with pytest.raises(ConfigError, match=r"AlignConfig: rounds: Input should be less than or equal to 999"):
         load_config(AlignConfig, None, ["rounds=1000"])
 
 

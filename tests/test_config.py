@@ -1,6 +1,11 @@
 import dataclasses
+import importlib
+import re
+from pathlib import Path
 
 import pytest
+import yaml
+from test_demo import CONFIG_INPUTS  # each file in configs/ and its config class
 
 from pathalign_ray.config import (
     ConfigError,
@@ -36,7 +41,10 @@ def test_yaml_and_dotted_overrides(tmp_path):
         (["train.lrr=1"], "train.lrr: unknown key"),
         (["train.lr=abc"], "train.lr: Input should be a valid number"),
         (["scale.precision=fp16"], "scale.precision"),
-        (["scale.zero_stage=3"], "zero_stage must be 0, 1 or 2"),
+        (["scale.zero_stage=3"], "scale.zero_stage: Input should be less than or equal to 2"),
+        (["train.lr=0"], "train.lr: Input should be greater than 0"),
+        (["train.ema_decay=1"], "train.ema_decay: Input should be less than 1"),
+        (["model.beta_schedule=cosine"], "model.beta_schedule: Input should be 'linear', 'scaled_linear' or"),
         (["model.sample_size=30"], "must be divisible"),
         (["train.lr"], "must look like key.sub=value"),
         (["train.steps.x=1"], "train.steps: Input should be a valid integer"),
@@ -82,6 +90,85 @@ def test_job_command_line_exits_with_the_error(capsys):
     assert "train.nope: unknown key" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["configs/pretrain.yaml", "configs/pretrain_64_gpu.yaml"])
-def test_shipped_pretrain_configs_are_valid(name):
-    assert dataclasses.is_dataclass(load_config(PretrainConfig, name))
+def _config_class(name: str) -> type:
+    module, cls = CONFIG_INPUTS[name][0].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def test_every_file_in_configs_loads(tmp_path):
+    names = sorted(p.name for p in Path("configs").glob("*.yaml"))
+    assert sorted(CONFIG_INPUTS) == [name for name in names if name != "serve_reward_app.yaml"]
+    for name in CONFIG_INPUTS:
+        assert dataclasses.is_dataclass(load_config(_config_class(name), f"configs/{name}")), name
+    app = yaml.safe_load(Path("configs/serve_reward_app.yaml").read_text())["applications"][0]  # a Serve config file
+    (tmp_path / "args.yaml").write_text(yaml.safe_dump(app["args"]))
+    assert load_config(_config_class("serve_reward.yaml"), tmp_path / "args.yaml").model == app["args"]["model"]
+
+
+@pytest.mark.parametrize(
+    "name, override, message",
+    [
+        ("pretrain.yaml", "scale.num_workers=0", "scale.num_workers: Input should be greater than 0"),
+        ("finetune.yaml", "objective.ratio_clip=1.5", "objective.ratio_clip: Input should be less than 1"),
+        ("tune.yaml", "probe.n_per_class=0", "probe.n_per_class: Input should be greater than 0"),
+        ("tune.yaml", "finetune.train.warmup_steps=-1", "finetune.train.warmup_steps: Input should be greater than or equal to 0"),
+        ("evaluate.yaml", "encoder.channels=[16,0]", "encoder.channels.1: Input should be greater than 0"),
+        ("align.yaml", "simulate.flip_rate=2", "simulate.flip_rate: Input should be less than or equal to 1"),
+        ("align.yaml", "rounds=1000", "rounds: Input should be less than or equal to 999"),
+        ("demo.yaml", "align.reward.data.test_fraction=1", "align.reward.data.test_fraction: Input should be less than 1"),
+        ("demo.yaml", "evaluate.confidence=1", "evaluate.confidence: Input should be less than 1"),
+        ("demo.yaml", "align.serve.autoscaling.min_replicas=-1", "align.serve.autoscaling.min_replicas: Input should be"),
+        ("label.yaml", "experts.ana=short", "experts.ana: String should have at least 16 characters"),
+        ("serve_reward.yaml", "route_prefix=score", "route_prefix: String should match pattern '^/'"),
+    ],
+)  # fmt: skip
+def test_an_out_of_range_value_in_a_nested_section_names_its_dotted_key(name, override, message):
+    with pytest.raises(ConfigError, match=re.escape(f"configs/{name}: {message}")):
+        load_config(_config_class(name), f"configs/{name}", [override])
+
+
+@pytest.mark.parametrize(
+    "name, override, message",
+    [
+        ("align.yaml", "sample.model=runs/x/model", "sample.model: set per round by the loop"),
+        ("align.yaml", "simulate.round=3", "simulate.round: set per round by the loop"),
+        ("align.yaml", "reward.run_dir=runs/x", "reward.run_dir: set from run_dir"),
+        ("align.yaml", "serve.model=runs/x/reward", "serve.model: set per round by the loop"),
+        ("demo.yaml", "align.sample.out_dir=runs/x", "align.sample.out_dir: set per round by the loop"),
+        ("demo.yaml", "align.run_dir=runs/x", "align.run_dir: set from run_dir"),
+        ("demo.yaml", "evaluate.models=[runs/x/model]", "evaluate.models: set from run_dir"),
+        ("demo.yaml", "dataset.out_dir=runs/x/data", "dataset.out_dir: set from run_dir"),
+        ("demo_pretrain.yaml", "pretrain.data.dataset=runs/x/data", "pretrain.data.dataset: set from run_dir"),
+    ],
+)  # fmt: skip
+def test_a_field_the_job_sets_itself_is_refused_with_its_key(name, override, message):
+    with pytest.raises(ConfigError, match=re.escape(f"configs/{name}: {message}")):
+        load_config(_config_class(name), f"configs/{name}", [override])
+
+
+def test_cross_field_rules_name_their_key():
+    from pathalign_ray.reward.serve import ServeRewardConfig
+
+    with pytest.raises(ConfigError, match=r"ServeRewardConfig: autoscaling\.min_replicas: 3 is above max_replicas 2"):
+        load_config(ServeRewardConfig, None, ["autoscaling.min_replicas=3", "autoscaling.max_replicas=2"])
+    with pytest.raises(ConfigError, match=r"PretrainConfig: model: sample_size 30 must be divisible"):
+        load_config(PretrainConfig, None, ["model.sample_size=30"])
+
+
+def test_top_level_keys_are_also_flags(capsys):
+    from pathalign_ray.evaluation.evaluate import EvaluateConfig
+    from pathalign_ray.sampling import SampleConfig
+
+    # a list takes values up to the next flag or key=value; paths stay strings, whatever they look like
+    argv = ["--models", "runs/a/model", "1e3", "prdc_k=3", "--real", "true", "--config", "configs/evaluate.yaml"]
+    config = parse_job_args(EvaluateConfig, [*argv, "seed=1"], "configs/evaluate.yaml", "test")
+    assert (config.models, config.real, config.prdc_k, config.seed) == (("runs/a/model", "1e3"), "true", 3, 1)
+    config = parse_job_args(EvaluateConfig, ["--models=a", "--real=b=c"], "configs/evaluate.yaml", "test")
+    assert (config.models, config.real) == (("a",), "b=c")
+    argv = ["--select", "uncertain", "--k", "4", "reward_model=r"]
+    config = parse_job_args(SampleConfig, argv, "configs/sample.yaml", "test")
+    assert (config.select, config.k, config.reward_model) == ("uncertain", 4, "r")
+    for argv, error in [(["--k"], "--k needs a value"), (["--nope", "1"], "unrecognized arguments: --nope")]:
+        with pytest.raises(SystemExit):
+            parse_job_args(SampleConfig, argv, "configs/sample.yaml", "test")
+        assert error in capsys.readouterr().err

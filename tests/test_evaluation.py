@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -117,12 +116,14 @@ def test_samples_of_a_model_exported_again_are_not_reused(tmp_path):
 
 
 def test_job_flags_become_overrides():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
-    from evaluate import flags_to_overrides
+    from pathalign_ray.config import parse_job_args
+    from pathalign_ray.evaluation.evaluate import EvaluateConfig
 
     argv = ["--models", "runs/a/model", "runs/b", "prdc_k=3", "--real", "runs/x/data", "seed=1"]
-    assert flags_to_overrides(argv) == ["prdc_k=3", "seed=1", 'models=["runs/a/model", "runs/b"]', 'real="runs/x/data"']
-    assert flags_to_overrides(["--models=a", "--real=b"]) == ['models=["a"]', 'real="b"']
+    config = parse_job_args(EvaluateConfig, argv, "configs/evaluate.yaml", "jobs/evaluate.py")
+    assert (config.models, config.real, config.prdc_k, config.seed) == (("runs/a/model", "runs/b"), "runs/x/data", 3, 1)
+    config = parse_job_args(EvaluateConfig, ["--models=a", "--real=b"], "configs/evaluate.yaml", "jobs/evaluate.py")
+    assert (config.models, config.real) == (("a",), "b")
 
 
 def test_inputs_are_checked_before_ray_starts(tiny_dataset, tmp_path):

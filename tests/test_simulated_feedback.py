@@ -31,5 +31,5 @@ def test_every_expert_judges_every_sample_once(tiny_samples, tmp_path):
 def test_experts_spread_their_strictness():
     experts = simulated_experts(SimulateFeedbackConfig(experts=3, strictness_spread=0.2))
     assert [expert.strictness for expert in experts] == pytest.approx([0.9, 1.0, 1.1])
-    with pytest.raises(ValueError, match="experts must be >= 1"):
+    with pytest.raises(ValueError, match=r"experts\n\s+Input should be greater than 0"):
         SimulateFeedbackConfig(experts=0)

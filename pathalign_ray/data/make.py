@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pathalign_ray.config import config_dataclass
+from pydantic import Field
+
+from pathalign_ray.config import FractionBelowOne, config_dataclass
 from pathalign_ray.data.labeled import LabeledImages, merge_classes
 
 SOURCES_WITH_PATH = ("folder", "parquet", "medmnist")
@@ -17,22 +19,18 @@ class MakeDatasetConfig:
     source: Literal["procedural", "folder", "parquet", "medmnist", "ihc"] = "procedural"
     path: str = ""  # input for folder (one subfolder per class), parquet (image bytes + label) or medmnist (.npz)
     out_dir: str = "runs/demo/data"  # written once; an existing non-empty folder is never overwritten
-    image_size: int = 32  # every image is converted to RGB and resized to this side, in pixels
+    image_size: Annotated[int, Field(ge=16)] = 32  # every image is converted to RGB and resized to this side, in pixels
     n_per_class: int = 160  # procedural and ihc: images per class (the paper: 128 train + 32 held out)
     classes: tuple[str, ...] = ()  # procedural: cell types (empty: the 8 defaults); folder/parquet: expected classes
     # class -> parent: that class's images are labelled as the parent's, e.g. {band_neutrophil: segmented_neutrophil}
     # (a concept in the images that no label names: the paper's Algorithm 4, pathalign_ray.concepts)
     merge: dict[str, str] = dataclasses.field(default_factory=dict)
-    test_fraction: float = 0.2  # held-out share of each class
+    test_fraction: FractionBelowOne = 0.2  # held-out share of each class
     seed: int = 0  # generation and the train/test split
 
     def __post_init__(self) -> None:
         if self.source in SOURCES_WITH_PATH and not self.path:
             raise ValueError(f"source {self.source!r} needs path=")
-        if self.image_size < 16:
-            raise ValueError(f"image_size must be >= 16, got {self.image_size}")
-        if not 0.0 <= self.test_fraction < 1.0:
-            raise ValueError(f"test_fraction must lie in [0, 1), got {self.test_fraction}")
 
 
 def load_source(config: MakeDatasetConfig) -> LabeledImages:

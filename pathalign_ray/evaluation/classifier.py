@@ -17,35 +17,28 @@ Pure torch + numpy: no Ray, no I/O.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
 
-from pathalign_ray.config import config_dataclass
+from pathalign_ray.config import NonNegativeFloat, PositiveFloat, PositiveInt, config_dataclass
 from pathalign_ray.training import lr_schedule
 
 
 @config_dataclass
 class ClassifierConfig:
-    channels: tuple[int, ...] = (
-        16,
-        32,
-        64,
-    )  # conv channels per stage, each stage halving the side; the last is the feature width
-    steps: int = 200  # optimizer steps, whatever the set size, so every training set gets the same budget
-    batch_size: int = 64  # images per step
-    lr: float = 3e-3  # AdamW peak learning rate, cosine-decayed to 0 over `steps`
-    weight_decay: float = 1e-4  # AdamW
+    # conv channels per stage (at least one), each stage halving the side; the last is the feature width
+    channels: Annotated[tuple[PositiveInt, ...], Field(min_length=1)] = (16, 32, 64)
+    steps: PositiveInt = 200  # optimizer steps, whatever the set size, so every training set gets the same budget
+    batch_size: PositiveInt = 64  # images per step
+    lr: PositiveFloat = 3e-3  # AdamW peak learning rate, cosine-decayed to 0 over `steps`
+    weight_decay: NonNegativeFloat = 1e-4  # AdamW
     augment: bool = True  # random flips and quarter turns: a cell's type does not depend on its orientation
-    threads: int = 1  # torch threads of the process that trains; fixed, so a seed gives the same weights anywhere
-
-    def __post_init__(self) -> None:
-        if not self.channels or min(self.channels) < 1:
-            raise ValueError(f"channels must name at least one stage of >= 1 channel, got {self.channels}")
-        if self.steps < 1 or self.batch_size < 1 or self.threads < 1:
-            raise ValueError("steps, batch_size and threads must be >= 1")
-        if self.lr <= 0 or self.weight_decay < 0:
-            raise ValueError(f"lr must be > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
+    # torch threads of the process that trains; fixed, so a seed gives the same weights anywhere
+    threads: PositiveInt = 1
 
 
 class CellClassifier(nn.Module):

@@ -19,16 +19,16 @@ the gathered features (they need all of them at once; see metrics.py).
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import pyarrow as pa
 import ray
+from pydantic import Field
 
-from pathalign_ray.config import config_dataclass, config_to_dict
+from pathalign_ray.config import PositiveInt, config_dataclass, config_to_dict
 from pathalign_ray.evaluation.classifier import ClassifierConfig
 from pathalign_ray.evaluation.samples import EvalSamplingConfig, check_noise_held_out, sample_model
 from pathalign_ray.evaluation.sources import MODEL, ImageSet
@@ -39,14 +39,10 @@ SPACES = ("domain", "inception")  # feature spaces, in report order
 
 @config_dataclass
 class EvalScaleConfig:
-    workers: int = 2  # Ray Data actors (features, verdicts) and classifier trainings at once
-    threads_per_worker: int = 1  # torch threads and Ray CPUs per actor and per sampling task
-    batch_size: int = 256  # images per Ray Data block and batch
+    workers: PositiveInt = 2  # Ray Data actors (features, verdicts) and classifier trainings at once
+    threads_per_worker: PositiveInt = 1  # torch threads and Ray CPUs per actor and per sampling task
+    batch_size: PositiveInt = 256  # images per Ray Data block and batch
     device: Literal["cpu", "cuda"] = "cpu"  # for sampling and the feature actors (one GPU each with cuda)
-
-    def __post_init__(self) -> None:
-        if self.workers < 1 or self.threads_per_worker < 1 or self.batch_size < 1:
-            raise ValueError("scale.workers, threads_per_worker and batch_size must be >= 1")
 
 
 @config_dataclass
@@ -60,19 +56,12 @@ class EvaluateConfig:
     utility: ClassifierConfig = dataclasses.field(default_factory=ClassifierConfig)  # the utility classifier's recipe
     cache_encoder: bool = True  # keep the domain encoder in REAL/.cache, keyed by dataset.json and recipe
     inception_weights: str = ""  # local InceptionV3 FID weights (torch-fidelity's .pth); empty: space skipped
-    prdc_k: int = 5  # nearest neighbours of precision/recall/density/coverage (Naeem et al. use 5)
-    confidence: float = 0.95  # of the Wilson intervals
-    strictness: float = 1.0  # the simulated pathologist's (1 the reference; > 1 stricter)
-    grid_per_class: int = 8  # images per class in each sample grid
+    prdc_k: PositiveInt = 5  # nearest neighbours of precision/recall/density/coverage (Naeem et al. use 5)
+    confidence: Annotated[float, Field(gt=0, lt=1)] = 0.95  # of the Wilson intervals
+    # the simulated pathologist's (1 the reference)
+    strictness: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
+    grid_per_class: PositiveInt = 8  # images per class in each sample grid
     scale: EvalScaleConfig = dataclasses.field(default_factory=EvalScaleConfig)
-
-    def __post_init__(self) -> None:
-        if self.prdc_k < 1 or self.grid_per_class < 1:
-            raise ValueError("prdc_k and grid_per_class must be >= 1")
-        if not 0.0 < self.confidence < 1.0:
-            raise ValueError(f"confidence must lie in (0, 1), got {self.confidence}")
-        if not 0.0 < self.strictness < math.inf:
-            raise ValueError(f"strictness must be positive, got {self.strictness}")
 
 
 def evaluate(config: EvaluateConfig) -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pathalign_ray.config import config_dataclass
+from pathalign_ray.config import PositiveInt, config_dataclass
 from pathalign_ray.evaluation.classifier import ClassifierConfig
 
 BATCH = 64  # probe images sampled at once
@@ -23,10 +23,11 @@ BATCH = 64  # probe images sampled at once
 
 @config_dataclass
 class ProbeConfig:
-    n_per_class: int = 16  # fresh samples per class at each report (fixed seeds: every trial sees the same noise)
-    ddim_steps: int = 20  # DDIM steps per probe sample
+    # fresh samples per class at each report (fixed seeds: every trial sees the same noise)
+    n_per_class: PositiveInt = 16
+    ddim_steps: PositiveInt = 20  # DDIM steps per probe sample
     seed: int = 2000  # base seed of the probe samples, in the "probe" seed namespace (never a pool's or the evaluation's noise)
-    prdc_k: int = 5  # nearest neighbours of coverage (Naeem et al. use 5)
+    prdc_k: PositiveInt = 5  # nearest neighbours of coverage (Naeem et al. use 5)
     strictness: float = 1.0  # the simulated pathologist's (1 the reference)
     threads: int = 1  # torch threads of the probe (in the trial's process, after its Ray Train run)
     # the domain encoder's recipe; cached with the data set, shared with jobs/evaluate.py for the same recipe

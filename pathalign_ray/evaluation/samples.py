@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pathalign_ray.config import config_dataclass
+from pathalign_ray.config import PositiveInt, config_dataclass
 from pathalign_ray.diffusion import CLASS_NAMES_FILE, MODEL_INFO_FILE, SeedNamespace
 from pathalign_ray.evaluation.sources import run_dir_of
 from pathalign_ray.sampling import SampleConfig, plan_samples, read_manifest, sample, seeds_drawn_under
@@ -19,19 +19,15 @@ from pathalign_ray.sampling import SampleConfig, plan_samples, read_manifest, sa
 
 @config_dataclass
 class EvalSamplingConfig:
-    n_per_class: int = 32  # images sampled per declared class from each exported model folder
-    ddim_steps: int = 50  # DDIM steps per image
+    n_per_class: PositiveInt = 32  # images sampled per declared class from each exported model folder
+    ddim_steps: PositiveInt = 50  # DDIM steps per image
     eta: float = 0.0  # DDIM stochasticity
     seed: int = 1000  # base seed of the evaluation's noise
     # evaluation: noise no pool, check or probe ever draws. Another namespace is refused where the
     # run a model came from drew the same seeds (a model judged on its own feedback pool is flattered).
     namespace: SeedNamespace = "evaluation"
-    batch_size: int = 32  # images per Ray sampling task
+    batch_size: PositiveInt = 32  # images per Ray sampling task
     reuse: bool = True  # keep REPORT/samples/NAME when it holds this plan from this model, written since the model
-
-    def __post_init__(self) -> None:
-        if self.n_per_class < 1 or self.ddim_steps < 1 or self.batch_size < 1:
-            raise ValueError("sampling.n_per_class, ddim_steps and batch_size must be >= 1")
 
 
 def written_after(path: Path, folder: Path) -> bool:

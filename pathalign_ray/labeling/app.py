@@ -15,6 +15,7 @@ import secrets
 import uuid
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 from fastapi import Cookie, FastAPI, HTTPException, Response
@@ -28,6 +29,7 @@ from pathalign_ray.feedback import FeedbackRecord, FeedbackStore
 SESSION_COOKIE = "pathalign_session"
 COMPACT_EVERY = 200  # appends between compactions of the feedback store: reads stay fast, files stay few
 PAGE = Path(__file__).parent / "static" / "index.html"
+AccessToken = Annotated[str, Field(min_length=16)]  # an expert's secret on the labelling page
 
 
 @config_dataclass
@@ -38,20 +40,14 @@ class LabelConfig:
     round: int = 0  # feedback round the verdicts belong to
     host: str = "127.0.0.1"  # HTTP address of the Serve proxy
     port: int = 8000
-    route_prefix: str = "/label"  # the page lives at http://HOST:PORT/label/
-    experts: dict[str, str] = dataclasses.field(default_factory=dict)  # expert_id -> access token (>= 16 characters)
+    route_prefix: Annotated[str, Field(pattern="^/")] = "/label"  # the page lives at http://HOST:PORT/label/
+    # expert_id -> access token, one each; at least one expert
+    experts: Annotated[dict[str, AccessToken], Field(min_length=1)] = dataclasses.field(default_factory=dict)
     references_per_class: int = 6  # real images shown beside each sample
 
     def __post_init__(self) -> None:
-        if not self.experts:
-            raise ValueError("experts must name at least one expert_id: token pair")
-        short = [name for name, token in self.experts.items() if len(token) < 16]
-        if short:
-            raise ValueError(f"the access token of {short[0]!r} is shorter than 16 characters")
         if len(set(self.experts.values())) != len(self.experts):
-            raise ValueError("two experts share an access token")
-        if not self.route_prefix.startswith("/"):
-            raise ValueError(f"route_prefix must start with '/', got {self.route_prefix!r}")
+            raise ValueError("experts: two experts share an access token")
 
 
 class SessionRequest(BaseModel):

@@ -29,7 +29,7 @@ from typing import Literal
 import numpy as np
 
 from pathalign_ray.checklist import CRITERIA
-from pathalign_ray.config import config_dataclass
+from pathalign_ray.config import Fraction, FractionBelowOne, NonNegativeFloat, NonNegativeInt, config_dataclass
 
 SOURCES = ("expert", "weak_true", "weak_wrong")
 
@@ -41,11 +41,13 @@ class RewardDataConfig:
     rounds: tuple[int, ...] = ()  # feedback rounds to learn from; empty: every round
     dataset: str = ""  # real images for weak feedback (a jobs/make_dataset.py folder); empty: no weak feedback
     dataset_split: str = "train"  # the split of `dataset` the weak examples come from
-    weak_per_expert: float = 2.0  # weak examples per expert example (per sample, or per verdict with label=verdict)
-    weak_examples: int = 0  # > 0: exactly this many weak examples; 0: weak_per_expert, or one per real image alone
-    wrong_class_fraction: float = 0.5  # share of the weak examples paired with a wrong class (labelled implausible)
+    # weak examples per expert example (per sample, or per verdict with label=verdict)
+    weak_per_expert: NonNegativeFloat = 2.0
+    # > 0: exactly this many weak examples; 0: weak_per_expert, or one per real image alone
+    weak_examples: NonNegativeInt = 0
+    wrong_class_fraction: Fraction = 0.5  # share of the weak examples paired with a wrong class (labelled implausible)
     expert_train: bool = True  # false: expert verdicts are only held out and scored (the weak-only baseline)
-    test_fraction: float = 0.2  # share of the images held out, per source kind (expert, weak)
+    test_fraction: FractionBelowOne = 0.2  # share of the images held out, per source kind (expert, weak)
     balance: bool = True  # draw training examples class-balanced (balanced_weights); false: uniformly
     seed: int = 0  # the weak pairs and the split
 
@@ -54,12 +56,6 @@ class RewardDataConfig:
             raise ValueError("nothing to learn from: give feedback stores, a dataset for weak feedback, or both")
         if not self.expert_train and not self.dataset:
             raise ValueError("expert_train=false trains on weak feedback only: it needs a dataset")
-        if self.weak_per_expert < 0 or self.weak_examples < 0:
-            raise ValueError("weak_per_expert and weak_examples must be >= 0")
-        if not 0.0 <= self.wrong_class_fraction <= 1.0:
-            raise ValueError(f"wrong_class_fraction must lie in [0, 1], got {self.wrong_class_fraction}")
-        if not 0.0 <= self.test_fraction < 1.0:
-            raise ValueError(f"test_fraction must lie in [0, 1), got {self.test_fraction}")
 
 
 @dataclasses.dataclass(frozen=True)

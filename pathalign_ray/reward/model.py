@@ -14,10 +14,12 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
 from diffusers import UNet2DModel
+from pydantic import Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -32,7 +34,8 @@ CONFIG_FILE = "reward.json"
 @config_dataclass
 class RewardModelConfig:
     image_size: int = 32  # input side in pixels; other sizes are resized by the caller
-    channels: tuple[int, ...] = (32, 64, 128)  # conv channels per stage; each stage halves the resolution
+    # conv channels per stage, each halving the side
+    channels: Annotated[tuple[int, ...], Field(min_length=1)] = (32, 64, 128)
     class_embedding: int = 32  # width of the learned declared-class embedding
     hidden: int = 128  # MLP head width
     dropout: float = 0.1
@@ -40,8 +43,6 @@ class RewardModelConfig:
     backbone: str = ""  # "": the CNN above; else a diffusers UNet2DModel folder (or a model folder with unet/)
 
     def __post_init__(self) -> None:
-        if not self.channels:
-            raise ValueError("channels must name at least one stage")
         if self.image_size < 2 ** len(self.channels):
             raise ValueError(f"image_size {self.image_size} is too small for {len(self.channels)} stages")
 

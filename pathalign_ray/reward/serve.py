@@ -26,7 +26,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -36,7 +36,7 @@ from pydantic import BaseModel, Field
 from ray import serve
 
 from pathalign_ray.cluster import keep_serving
-from pathalign_ray.config import config_dataclass
+from pathalign_ray.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, config_dataclass
 from pathalign_ray.images import ImageError, decode_image, normalise_array, to_model_range
 from pathalign_ray.metrics import record_endpoint_batch, record_endpoint_latency
 from pathalign_ray.reward import fast_path
@@ -54,17 +54,14 @@ GIL_SWITCH_INTERVAL_S = 0.0002
 
 @config_dataclass
 class RewardAutoscaling:
-    min_replicas: int = 1  # replicas kept up when idle
-    max_replicas: int = 2  # upper bound; each replica reserves threads_per_replica Ray CPUs
-    target_ongoing_requests: float = 32.0  # per replica: a full batch, so replicas are added only once batches fill
+    min_replicas: NonNegativeInt = 1  # replicas kept up when idle
+    max_replicas: PositiveInt = 2  # upper bound; each replica reserves threads_per_replica Ray CPUs
+    # per replica: a full batch, so replicas are added only once batches fill
+    target_ongoing_requests: PositiveFloat = 32.0
 
     def __post_init__(self) -> None:
-        if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
-            raise ValueError(
-                f"need 0 <= min_replicas <= max_replicas >= 1, got {self.min_replicas}, {self.max_replicas}"
-            )
-        if self.target_ongoing_requests <= 0:
-            raise ValueError("target_ongoing_requests must be > 0")
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas: {self.min_replicas} is above max_replicas {self.max_replicas}")
 
 
 @config_dataclass
@@ -72,31 +69,26 @@ class ServeRewardConfig:
     model: str = ""  # reward model folder (save_reward_model), read by every replica: use storage all nodes see
     host: str = "127.0.0.1"  # HTTP address of the Serve proxy; 0.0.0.0 to reach it from other machines
     port: int = 8000
-    route_prefix: str = "/"  # the routes are PREFIX/v1/score, PREFIX/v1/classes, PREFIX/healthz
-    num_replicas: int = 1  # fixed replica count; unused when `autoscaling` is set
+    # the routes are PREFIX/v1/score, PREFIX/v1/classes, PREFIX/healthz
+    route_prefix: Annotated[str, Field(pattern="^/")] = "/"
+    num_replicas: PositiveInt = 1  # fixed replica count; unused when `autoscaling` is set
     autoscaling: RewardAutoscaling | None = None  # scale replicas with load instead of num_replicas
-    threads_per_replica: int = 1  # torch intra-op threads per replica, also the Ray CPUs it reserves
-    max_batch_size: int = 32  # images per forward pass, summed over the requests batched together
-    batch_wait_timeout_s: float = 0.01  # s a forming batch waits for more while a forward runs; 0 when idle
-    max_ongoing_requests: int = 64  # requests in flight per replica; 2x max_batch_size: the next batch forms meanwhile
-    max_images_per_request: int = 32  # one request's images must fit in one batch: <= max_batch_size
-    max_body_bytes: int = 8 * 2**20  # request bodies above this are refused with 413 before they are read in full
+    threads_per_replica: PositiveInt = 1  # torch intra-op threads per replica, also the Ray CPUs it reserves
+    max_batch_size: PositiveInt = 32  # images per forward pass, summed over the requests batched together
+    batch_wait_timeout_s: NonNegativeFloat = 0.01  # s a forming batch waits for more while a forward runs; 0 when idle
+    # requests in flight per replica; 2x max_batch_size: the next batch forms meanwhile
+    max_ongoing_requests: PositiveInt = 64
+    max_images_per_request: PositiveInt = 32  # one request's images must fit in one batch: <= max_batch_size
+    # request bodies above this are refused with 413 before they are read in full
+    max_body_bytes: PositiveInt = 8 * 2**20
     access_log: bool = False  # Serve's per-request access log; off, it costs about 5 ms per request on 2 cores
 
     def __post_init__(self) -> None:
-        if not self.route_prefix.startswith("/"):
-            raise ValueError(f"route_prefix must start with '/', got {self.route_prefix!r}")
         if self.max_images_per_request > self.max_batch_size:
             raise ValueError(
                 f"max_images_per_request ({self.max_images_per_request}) must be <= max_batch_size "
                 f"({self.max_batch_size}): one request's images are scored in one batch"
             )
-        for name in ("num_replicas", "threads_per_replica", "max_batch_size", "max_ongoing_requests",
-                     "max_images_per_request", "max_body_bytes"):  # fmt: skip
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.batch_wait_timeout_s < 0:
-            raise ValueError("batch_wait_timeout_s must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,7 +26,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pathalign_ray.config import config_dataclass, config_to_dict, save_config
+from pathalign_ray.config import (
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    config_dataclass,
+    config_to_dict,
+    save_config,
+)
 from pathalign_ray.progress import report_progress, watch
 from pathalign_ray.reward.data import RewardDataConfig, RewardExamples, balanced_weights, label_counts
 from pathalign_ray.reward.metrics import auc_text
@@ -55,46 +63,33 @@ MODEL_DIR_NAME = "reward"  # the trained model: RUN_DIR/reward
 
 @config_dataclass
 class RewardTrainConfig:
-    epochs: int = 40  # passes; the held-out split is scored after each (bench/reward_auc.py: 20 under-trains)
-    steps_per_epoch: int = 0  # optimizer steps per epoch; 0: training rows / global batch, rounded up
-    batch_size: int = 64  # examples per worker per step (global batch = batch_size x num_workers)
-    lr: float = 1e-3  # AdamW peak learning rate
+    epochs: PositiveInt = 40  # passes; the held-out split is scored after each (bench/reward_auc.py: 20 under-trains)
+    steps_per_epoch: NonNegativeInt = 0  # optimizer steps per epoch; 0: training rows / global batch, rounded up
+    batch_size: PositiveInt = 64  # examples per worker per step (global batch = batch_size x num_workers)
+    lr: PositiveFloat = 1e-3  # AdamW peak learning rate
     # cosine: a linear warm-up over the first 5 % of the steps, then half a cosine down to 0 at the last step. On a
     # round's few hundred verdicts the constant rate left the held-out AUC jumping by +-0.1 from epoch to epoch;
     # the decay lets the last epochs settle.
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     weight_decay: float = 1e-4
     loss: Literal["mse", "bce"] = "mse"  # mse: (sigmoid(logit) - label)^2, the paper's; bce: cross-entropy
-    criteria_weight: float = 0.5  # weight of the criteria heads' masked cross-entropy (0: plausibility only)
+    criteria_weight: NonNegativeFloat = 0.5  # weight of the criteria heads' masked cross-entropy (0: plausibility only)
     augment: bool = True  # random flips and quarter turns: a cell on a slide has no orientation
     threshold: float = 0.5  # a score at or above it predicts plausible (accuracy metrics)
-    ece_bins: int = 10  # equal-width bins of the expected calibration error
+    ece_bins: PositiveInt = 10  # equal-width bins of the expected calibration error
     # the epoch whose weights are kept: the lowest Brier score on the held-out expert verdicts (what the reward
     # is for: on a few hundred samples it overfits them after a few epochs while the weak-feedback loss still
     # falls), or the lowest held-out training loss; "expert_brier" uses the loss when no verdict is held out
     keep_best: Literal["expert_brier", "loss"] = "expert_brier"
     seed: int = 0  # initial weights, batch draws, augmentation
 
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "ece_bins"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.steps_per_epoch < 0 or self.criteria_weight < 0:
-            raise ValueError("steps_per_epoch and criteria_weight must be >= 0")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-
 
 @config_dataclass
 class RewardScaleConfig:
-    num_workers: int = 2  # Ray Train workers (DDP ranks)
-    threads_per_worker: int = 1  # torch intra-op threads and Ray CPUs reserved per worker
+    num_workers: PositiveInt = 2  # Ray Train workers (DDP ranks)
+    threads_per_worker: PositiveInt = 1  # torch intra-op threads and Ray CPUs reserved per worker
     device: Literal["cpu", "cuda"] = "cpu"  # cuda: one GPU per worker, nccl; cpu: gloo
     max_failures: int = 1  # worker-group restarts from the best checkpoint before the run fails
-
-    def __post_init__(self) -> None:
-        if self.num_workers < 1 or self.threads_per_worker < 1:
-            raise ValueError("num_workers and threads_per_worker must be >= 1")
 
 
 @config_dataclass
