@@ -391,18 +391,23 @@ def test_temp_and_other_files_are_ignored(tmp_path):
 # ---- durability --------------------------------------------------------------------------------
 
 
+def _kill_after(writer, side, acknowledged: int) -> None:
+    """SIGKILL the writer process once it has acknowledged that many verdicts (within 60 s)."""
+    deadline = time.monotonic() + 60
+    while len(_acknowledged(side)) < acknowledged:
+        assert writer.poll() is None, writer.stderr.read()
+        assert time.monotonic() < deadline, "the writer made no progress"
+        time.sleep(0.002)
+    os.kill(writer.pid, signal.SIGKILL)
+    assert writer.wait(timeout=10) == -signal.SIGKILL
+
+
 def test_four_writer_processes_one_killed_lose_no_acknowledged_verdict(tmp_path):
     directory, n, victim = tmp_path / "feedback", 500, 0
     sides = [tmp_path / f"acks-{k}.txt" for k in range(4)]
     writers = [_start_writer(directory, k, n, sides[k]) for k in range(4)]
     try:
-        deadline = time.monotonic() + 60
-        while len(_acknowledged(sides[victim])) < 120:
-            assert writers[victim].poll() is None, writers[victim].stderr.read()
-            assert time.monotonic() < deadline, "the writer made no progress"
-            time.sleep(0.002)
-        os.kill(writers[victim].pid, signal.SIGKILL)
-        assert writers[victim].wait(timeout=10) == -signal.SIGKILL
+        _kill_after(writers[victim], sides[victim], 120)
         for k in range(1, 4):
             assert writers[k].wait(timeout=60) == 0, writers[k].stderr.read()
     finally:

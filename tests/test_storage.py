@@ -10,7 +10,6 @@ import hashlib
 import itertools
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-from test_feedback import _acknowledged, _batch_ends, _start_writer, _stop, _without_timestamp, _writer_record
+from test_feedback import _acknowledged, _batch_ends, _kill_after, _start_writer, _stop, _without_timestamp, _writer_record
 
 from pathalign_ray import storage
 from pathalign_ray.feedback import FeedbackRecord, FeedbackStore, FeedbackStoreError
@@ -238,13 +237,7 @@ def test_two_writer_processes_on_s3_one_killed_lose_no_acknowledged_verdict(buck
     sides = [tmp_path / f"acks-{k}.txt" for k in range(2)]
     writers = [_start_writer(uri, k, n, sides[k]) for k in range(2)]  # type: ignore[arg-type]
     try:
-        deadline = time.monotonic() + 60
-        while len(_acknowledged(sides[victim])) < 20:
-            assert writers[victim].poll() is None, writers[victim].stderr.read()
-            assert time.monotonic() < deadline, "the writer made no progress"
-            time.sleep(0.002)
-        os.kill(writers[victim].pid, signal.SIGKILL)
-        assert writers[victim].wait(timeout=10) == -signal.SIGKILL
+        _kill_after(writers[victim], sides[victim], 20)
         assert writers[1].wait(timeout=90) == 0, writers[1].stderr.read()
     finally:
         _stop(writers)
