@@ -27,13 +27,14 @@ import time
 from pathlib import Path
 
 from bench_common import RESULTS_DIR, machine, write_result
+
 from pathalign_ray.align import AlignConfig, align
 from pathalign_ray.config import load_config
 from pathalign_ray.data.make import MakeDatasetConfig, make_dataset
 from pathalign_ray.diffusion import namespaced_seed
 from pathalign_ray.evaluation.evaluate import EvaluateConfig, evaluate
 from pathalign_ray.evaluation.metrics import mean_interval
-from pathalign_ray.sampling import seeds_drawn_under
+from pathalign_ray.sampling import SampleConfig, sample, seeds_drawn_under
 
 BASE_MODEL = Path("models/cells32")
 DATA = Path("runs/pretrain32/data")
@@ -66,13 +67,25 @@ def run_part(objective: str, seed: int, rounds: int, select: str, overrides: lis
     """Rounds not yet in the part's file: run each (align resumes) and judge its model; returns the part file."""
     name = f"{objective}-s{seed}" + ("" if select == "all" else f"-{select}")
     run_dir, part_path = Path(f"runs/align32-{name}").resolve(), PARTS / f"{name}.json"
-    part = json.loads(part_path.read_text()) if part_path.is_file() else {"name": name, "objective": objective, "seed": seed, "rows": []}
+    part = (
+        json.loads(part_path.read_text())
+        if part_path.is_file()
+        else {"name": name, "objective": objective, "seed": seed, "rows": []}
+    )
     if not (run_dir / "model").exists():
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "model").symlink_to(BASE_MODEL.resolve())
     # uncertain: from round 1 on, the 256 of 768 fresh samples the last reward model is least sure of
-    selection = [] if select == "all" else ["sample.select=uncertain", "sample.n_per_class=96", "sample.k=256",
-                                            f"sample.reward_model={run_dir / 'reward'}"]
+    selection = (
+        []
+        if select == "all"
+        else [
+            "sample.select=uncertain",
+            "sample.n_per_class=96",
+            "sample.k=256",
+            f"sample.reward_model={run_dir / 'reward'}",
+        ]
+    )
     for round_index in range(len(part["rows"]), rounds):
         config = load_config(
             AlignConfig, "configs/align.yaml",
@@ -91,7 +104,10 @@ def run_part(objective: str, seed: int, rounds: int, select: str, overrides: lis
         part.update(overrides=[*OBJECTIVES[objective], *seed_overrides(seed), *overrides], select=select)
         PARTS.mkdir(parents=True, exist_ok=True)
         part_path.write_text(json.dumps(part, indent=2) + "\n")
-        print(f"[bench] {name} round {round_index}: " + json.dumps({s: j["model"]["plausibility"] for s, j in judged.items()}))
+        print(
+            f"[bench] {name} round {round_index}: "
+            + json.dumps({s: j["model"]["plausibility"] for s, j in judged.items()})
+        )
     return part_path
 
 
@@ -114,7 +130,9 @@ def evaluated(model: Path, out_dir: Path, sampler: str) -> dict:
     """One model's figures on the held-out noise under one sampler."""
     steps, eta = EVAL_SAMPLERS[sampler]
     sampling = [f"sampling.{key}={value}" for key, value in EVAL_SAMPLING.items()]
-    config = load_config(EvaluateConfig, "configs/evaluate.yaml", [*sampling, f"sampling.ddim_steps={steps}", f"sampling.eta={eta}"])
+    config = load_config(
+        EvaluateConfig, "configs/evaluate.yaml", [*sampling, f"sampling.ddim_steps={steps}", f"sampling.eta={eta}"]
+    )
     report = evaluate(dataclasses.replace(config, models=(str(model),), real=str(DATA), out_dir=str(out_dir)))
     metrics = json.loads((report / "metrics.json").read_text())
     return figures(metrics, metrics["columns"][0])
@@ -167,9 +185,53 @@ def over_seeds(judged: list[dict]) -> dict:
         "base_plausibility_mean": mean_interval([j["base"]["plausibility"] for j in judged])[0],
         "fid_ratio": mean_interval([j["model"]["domain_fid"] / j["base"]["domain_fid"] for j in judged])[0],
         "coverage_ratio": mean_interval([j["model"]["coverage"] / j["base"]["coverage"] for j in judged])[0],
-        "utility_delta": mean_interval([j["model"]["utility_accuracy"] - j["base"]["utility_accuracy"] for j in judged])[0],
-        "per_class": {c: mean_interval([j["model"]["per_class"][c] for j in judged])[0] for c in judged[0]["model"]["per_class"]},
+        "utility_delta": mean_interval(
+            [j["model"]["utility_accuracy"] - j["base"]["utility_accuracy"] for j in judged]
+        )[0],
+        "per_class": {
+            c: mean_interval([j["model"]["per_class"][c] for j in judged])[0] for c in judged[0]["model"]["per_class"]
+        },
     }
+
+
+def held_out_sheet(model: Path, name: str) -> Path:
+    """RESULTS_DIR/align_rounds_NAME.png: 8 images per class of `model` on the held-out noise (DDIM 50, eta 1)."""
+    steps, eta = EVAL_SAMPLERS["ddim50_eta1"]
+    held_out = {**EVAL_SAMPLING, "n_per_class": 8}  # the first 8 of every class's judged noise
+    folder = sample(SampleConfig(model=str(model), out_dir=f"runs/align32-sheets/{name}", overwrite=True,
+                                 ddim_steps=steps, eta=eta, **held_out))  # fmt: skip
+    path = RESULTS_DIR / f"align_rounds_{name}.png"
+    path.write_bytes((folder / "contact_sheet.png").read_bytes())
+    return path
+
+
+def plot_rounds(table: dict, path: Path) -> Path:
+    """Plausibility on held-out noise against labels spent, per objective and selection, both samplers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(EVAL_SAMPLERS), figsize=(5 * len(EVAL_SAMPLERS), 3.6), sharey=True)
+    for ax, sampler in zip(axes, EVAL_SAMPLERS):
+        for name, rows in table.items():
+            labels = [0] + [row["labels"] for row in rows]  # labels spent so far
+            means = [rows[0][sampler]["base_plausibility_mean"]] + [row[sampler]["plausibility_mean"] for row in rows]
+            spread = [[0.0, 0.0]] + [
+                [m - (row[sampler]["plausibility_ci"] or [m, m])[0], (row[sampler]["plausibility_ci"] or [m, m])[1] - m]
+                for m, row in zip(means[1:], rows)
+            ]
+            seeds = len(rows[-1]["seeds"])
+            ax.errorbar(
+                labels, means, yerr=list(zip(*spread)), marker="o", capsize=3, label=f"{name} ({seeds} seed(s))"
+            )
+        ax.axhline(0.9, color="grey", linestyle="--", linewidth=0.8, label="target 90%")
+        ax.set(title=f"judged under {sampler}", xlabel="labels spent", ylabel="plausible (held-out noise)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main() -> None:
@@ -177,7 +239,9 @@ def main() -> None:
     parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=list(OBJECTIVES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--select", default="all", choices=["all", "uncertain"], help="which samples experts see from round 1 on")
+    parser.add_argument(
+        "--select", default="all", choices=["all", "uncertain"], help="which samples experts see from round 1 on"
+    )
     parser.add_argument("--merge-only", action="store_true", help="merge the parts already written; run nothing")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of configs/align.yaml")
     args = parser.parse_args()
@@ -198,6 +262,13 @@ def main() -> None:
         "parts": {p["name"]: [r["date"] for r in p["rows"]] for p in parts},
         "objective_overrides": {name: OBJECTIVES[name] for name in args.objectives},
     })  # fmt: skip
+    plot_rounds(merge(parts), RESULTS_DIR / "align_rounds.png")
+    if not (RESULTS_DIR / "align_rounds_base.png").is_file():
+        held_out_sheet(BASE_MODEL, "base")
+    for part in parts:  # the last round of each part whose run is on this machine
+        last = Path(f"runs/align32-{part['name']}") / f"round{len(part['rows']) - 1}-model"
+        if part["rows"] and last.is_dir():
+            held_out_sheet(last, f"{part['name']}_round{len(part['rows']) - 1}")
     print(json.dumps(merge(parts), indent=1)[:4000])
 
 
