@@ -65,7 +65,7 @@ def bare_loop(model_dir: Path, synthetic: tuple, real: tuple, steps: int, batch:
         start = time.perf_counter()
         index = torch.randint(0, len(images), (batch,), generator=generator)
         real_index = torch.randint(0, len(real_images), (batch,), generator=generator)
-        noise, timesteps = draw_noise_and_timesteps(batch, size, scheduler.config.num_train_timesteps, generator)
+        noise, timesteps = draw_noise_and_timesteps(batch, (3, size, size), scheduler.config.num_train_timesteps, generator)
         real_noise = torch.randn(noise.shape, generator=generator)
         both = torch.cat([images[index], real_images[real_index]])
         losses = diffusion_loss_per_sample(

@@ -54,7 +54,7 @@ def bare_loop(config: PretrainConfig, dataset: Path, steps: int, threads: int) -
     for step in range(steps):
         start = time.perf_counter()
         index = torch.randint(0, len(images), (batch,), generator=generator)
-        noise, timesteps = draw_noise_and_timesteps(batch, config.model.sample_size, config.model.num_train_timesteps, generator)
+        noise, timesteps = draw_noise_and_timesteps(batch, images.shape[1:], config.model.num_train_timesteps, generator)
         loss = diffusion_loss_per_sample(unet, scheduler, images[index], labels[index], noise, timesteps).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

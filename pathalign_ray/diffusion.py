@@ -106,10 +106,11 @@ def noise_prediction_loss(predicted: torch.Tensor, noise: torch.Tensor) -> torch
 
 
 def draw_noise_and_timesteps(
-    batch: int, size: int, num_train_timesteps: int, generator: torch.Generator
+    batch: int, sample_shape: tuple[int, ...], num_train_timesteps: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gaussian noise (B, 3, size, size) and uniform timesteps (B,) from one generator."""
-    noise = torch.randn(batch, 3, size, size, generator=generator)
+    """Gaussian noise (B, *sample_shape), e.g. (B, 3, H, W) pixels or (B, C, h, w) latents, and uniform
+    timesteps (B,) from one generator."""
+    noise = torch.randn(batch, *sample_shape, generator=generator)
     timesteps = torch.randint(0, num_train_timesteps, (batch,), generator=generator)
     return noise, timesteps
 

@@ -136,7 +136,7 @@ def train_loop(loop_config: dict) -> None:
         images = batch["image"].to(device, model_dtype)
         labels = batch["label"].to(device)
         noise, timesteps = draw_noise_and_timesteps(
-            len(images), config.model.sample_size, config.model.num_train_timesteps, generator
+            len(images), images.shape[1:], config.model.num_train_timesteps, generator
         )
         loss = diffusion_loss_per_sample(
             engine, scheduler, images, labels, noise.to(device, model_dtype), timesteps.to(device)

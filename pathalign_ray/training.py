@@ -59,18 +59,23 @@ def build_engine(
     weight_decay: float = 0.0,
     accumulation_steps: int = 1,
 ):
-    """A DeepSpeed engine with a torch AdamW and linear warm-up to a constant rate. Returns (engine, lr scheduler).
+    """A DeepSpeed engine with a torch AdamW over the module's trainable parameters (a LoRA adapter's only, when
+    the rest is frozen) and linear warm-up to a constant rate. Returns (engine, lr scheduler).
 
     With accumulation_steps > 1, engine.step() applies the optimizer every that many micro-steps.
     """
     import deepspeed
 
-    optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(_trainable(module), lr=lr, weight_decay=weight_decay)
     schedule = lr_schedule(optimizer, total_steps=0, schedule="constant", warmup_steps=warmup_steps)
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(scale, batch_size, grad_clip, accumulation_steps)
     )
     return engine, schedule
+
+
+def _trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
 
 
 def lr_factor(step: int, total_steps: int, schedule: str = "constant", warmup_steps: int = 0) -> float:
@@ -91,7 +96,9 @@ def lr_schedule(optimizer, total_steps: int, schedule: str = "constant", warmup_
 
 
 def init_ema(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().float().clone() for name, p in module.named_parameters()}
+    """EMA weights of the trainable parameters (with LoRA: the adapter's), by name; update_ema and ema_weights
+    touch those names only, so frozen weights are never copied."""
+    return {name: p.detach().float().clone() for name, p in module.named_parameters() if p.requires_grad}
 
 
 @torch.no_grad()
@@ -240,10 +247,15 @@ def report_with_checkpoint(metrics: dict, write: Callable[[Path], None]) -> None
 
 
 def restore_checkpoint(engine, ema: dict[str, torch.Tensor]) -> dict | None:
-    """Load this run's latest checkpoint into the engine and EMA; return its train state, or None."""
+    """Load this run's latest checkpoint into the engine and EMA; return its train state, or None.
+
+    A checkpoint holds the trainable parameters only (report_checkpoint): the frozen ones, if any, are
+    the base model's, already in the engine, so only a model without frozen parameters loads strictly.
+    """
+    strict = len(_trainable(engine.module)) == len(list(engine.module.parameters()))
 
     def read(checkpoint_dir: Path) -> dict:
-        engine.load_checkpoint(str(checkpoint_dir), tag=DEEPSPEED_TAG)
+        engine.load_checkpoint(str(checkpoint_dir), tag=DEEPSPEED_TAG, load_module_strict=strict)
         for name, tensor in load_file(checkpoint_dir / EMA_FILE).items():
             ema[name].copy_(tensor)
         return json.loads((checkpoint_dir / TRAIN_STATE_FILE).read_text())
@@ -252,10 +264,11 @@ def restore_checkpoint(engine, ema: dict[str, torch.Tensor]) -> dict | None:
 
 
 def report_checkpoint(engine, ema: dict[str, torch.Tensor], state: dict, rank: int, metrics: dict) -> None:
-    """Every rank saves its DeepSpeed shard; rank 0 adds the EMA weights and the train state."""
+    """Every rank saves its DeepSpeed shard; rank 0 adds the EMA weights and the train state. Frozen parameters
+    (a LoRA adapter's base model) are left out: the checkpoint holds what trains."""
 
     def write(folder: Path) -> None:
-        engine.save_checkpoint(str(folder), tag=DEEPSPEED_TAG)
+        engine.save_checkpoint(str(folder), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
         if rank == 0:
             save_file({name: tensor.contiguous() for name, tensor in ema.items()}, str(folder / EMA_FILE))
             (folder / TRAIN_STATE_FILE).write_text(json.dumps(state))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from pathalign_ray.config import config_dataclass
+from pathalign_ray.config import FractionBelowOne, PositiveFloat, PositiveInt, config_dataclass
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 ADAPTER_NAME = "default"
@@ -31,16 +31,10 @@ RESNET_TARGETS = ("conv1", "conv2", "time_emb_proj")  # a UNet without attention
 
 @config_dataclass
 class LoraSettings:
-    rank: int = 8  # r: the adapter's inner dimension
-    alpha: float = 8.0  # the update is scaled by alpha / rank; alpha = rank keeps lr comparable across ranks
-    dropout: float = 0.0  # dropout on the adapter's input; 0 keeps the policy deterministic for DDPO's ratios
+    rank: PositiveInt = 8  # r: the adapter's inner dimension
+    alpha: PositiveFloat = 8.0  # the update is scaled by alpha / rank; alpha = rank keeps lr comparable across ranks
+    dropout: FractionBelowOne = 0.0  # dropout on the adapter's input; 0 keeps the policy deterministic for DDPO's ratios
     target_modules: tuple[str, ...] = ()  # module name suffixes; empty: attention projections, else ResNet convs
-
-    def __post_init__(self) -> None:
-        if self.rank < 1 or self.alpha <= 0:
-            raise ValueError(f"LoRA rank must be >= 1 and alpha > 0, got rank {self.rank}, alpha {self.alpha}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"LoRA dropout must lie in [0, 1), got {self.dropout}")
 
 
 def default_targets(unet: torch.nn.Module) -> tuple[str, ...]:

@@ -57,6 +57,7 @@ class PixelGenerator(UNetGenerator):
 
         unet = _lora.plain_copy(self.unet, merged) if self.has_lora else self.unet
         out_dir = export_model(unet, self.ddim, self.class_names, out_dir, self._save_info(info, merged))
+        (out_dir / _lora.LORA_WEIGHT_NAME).unlink(missing_ok=True)  # an earlier export's adapter
         if self.has_lora and not merged:
             _lora.save_lora(self.unet, out_dir)
         return out_dir
