@@ -1,6 +1,7 @@
 """Sampling a model into a folder of PNGs, a parquet manifest and a contact sheet, spread over Ray tasks.
 
-The weights travel through Ray's object store, so workers on other nodes need no shared storage.
+Any generator (pathalign_ray.generators: a pixel UNet, or a latent model with its VAE) samples through its
+own `sample_uint8`. It travels through Ray's object store, so workers on other nodes need no shared storage.
 Each image's noise comes from its own seed (base seed, class, index), so the same seed gives the
 same image whatever the batching or the number of workers.
 """
@@ -18,7 +19,7 @@ import ray
 import torch
 
 from pathalign_ray.config import NonNegativeFloat, PositiveInt, config_dataclass
-from pathalign_ray.diffusion import SeedNamespace, ddim_sample, load_model, namespaced_seed, to_uint8
+from pathalign_ray.diffusion import SeedNamespace, namespaced_seed
 from pathalign_ray.progress import bar
 
 MANIFEST_FILE = "manifest.parquet"
@@ -57,16 +58,19 @@ def sample(config: SampleConfig) -> Path:
     out_dir = Path(config.out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not config.overwrite:
         raise FileExistsError(f"{out_dir} already holds samples; choose another out_dir or set overwrite=true")
-    unet, scheduler, class_names, info = load_model(config.model)
+    from pathalign_ray.generators import load_generator
+
+    generator = load_generator(config.model)
+    class_names, info = generator.class_names, generator.info
     plan = plan_samples(config, class_names)
     reward = _load_reward_model(config, plan)  # before sampling: a wrong path or class fails at once
 
     init_ray(device=config.device)
-    weights = ray.put((dict(unet.config), unet.state_dict(), dict(scheduler.config)))
+    model_ref = ray.put(generator)
     remote = _sample_batch.options(num_cpus=config.threads_per_worker, num_gpus=int(config.device == "cuda"))
     batches = [plan[i : i + config.batch_size] for i in range(0, len(plan), config.batch_size)]
     pending = {
-        remote.remote(weights, [p["class_index"] for p in batch], [p["seed"] for p in batch], config): i
+        remote.remote(model_ref, [p["class_index"] for p in batch], [p["seed"] for p in batch], config): i
         for i, batch in enumerate(batches)
     }
     results: dict[int, np.ndarray] = {}
@@ -188,15 +192,8 @@ def _write_manifest(plan: list[dict], path: Path, config: SampleConfig) -> None:
 
 
 @ray.remote
-def _sample_batch(weights: tuple, class_indices: list[int], seeds: list[int], config: SampleConfig) -> np.ndarray:
-    from diffusers import DDIMScheduler, UNet2DModel
-
+def _sample_batch(generator, class_indices: list[int], seeds: list[int], config: SampleConfig) -> np.ndarray:
     torch.set_num_threads(config.threads_per_worker)
-    unet_config, state_dict, scheduler_config = weights
-    unet = UNet2DModel.from_config(unet_config)
-    unet.load_state_dict(state_dict)
     device = torch.device("cuda" if config.device == "cuda" else "cpu")
-    unet.to(device).eval()
     labels = torch.tensor(class_indices, device=device)
-    images = ddim_sample(unet, DDIMScheduler.from_config(scheduler_config), labels, seeds, config.ddim_steps, config.eta)
-    return to_uint8(images)
+    return generator.to(device).sample_uint8(labels, seeds, config.ddim_steps, config.eta)

@@ -50,17 +50,19 @@ def probe(model_dir: str | Path, reference: Reference, config: ProbeConfig) -> d
     """Sample n_per_class images per class from fixed seeds; score plausibility, FID and PRDC against the real set."""
     import torch
 
-    from pathalign_ray.diffusion import ddim_sample, load_model, namespaced_seed, to_uint8
+    from pathalign_ray.diffusion import namespaced_seed
     from pathalign_ray.evaluation.features import encoder_from_state, features_and_verdicts
     from pathalign_ray.evaluation.metrics import fidelity_and_diversity
     from pathalign_ray.evaluation.plausibility import summarize_verdicts
+    from pathalign_ray.generators import load_generator
 
     torch.set_num_threads(config.threads)
-    unet, ddim, class_names, _ = load_model(model_dir)
+    generator = load_generator(model_dir)  # a LoRA export with its adapter
+    class_names = generator.class_names
     labels = torch.arange(len(class_names)).repeat_interleave(config.n_per_class)
     seeds = [namespaced_seed("probe", config.seed, int(c), j % config.n_per_class) for j, c in enumerate(labels.tolist())]
     batches = [
-        to_uint8(ddim_sample(unet, ddim, labels[i : i + BATCH], seeds[i : i + BATCH], config.ddim_steps))
+        generator.sample_uint8(labels[i : i + BATCH], seeds[i : i + BATCH], config.ddim_steps)
         for i in range(0, len(labels), BATCH)
     ]
     images = np.concatenate(batches)
