@@ -110,6 +110,92 @@ def test_each_objective_finetunes_on_two_zero2_workers_scored_over_http(
     assert any(not torch.equal(a, b) for a, b in zip(finetuned.parameters(), base.parameters()))
 
 
+@pytest.fixture(scope="module")
+def tiny_latent(ray_cluster, tiny_dataset, tmp_path_factory):
+    """A tiny latent model (VAE + class-embedding UNet2DConditionModel) of the tiny data set's classes and size,
+    briefly trained, and 2 samples per class from it through jobs/sample.py's sampler: (model folder, samples)."""
+    from pathalign_ray.data.shards import read_dataset_info
+    from pathalign_ray.generators.tiny import TinyLatentConfig, TinyTrainConfig, make_tiny_latent_model
+    from pathalign_ray.sampling import SampleConfig, sample
+
+    root = tmp_path_factory.mktemp("latent")
+    model = TinyLatentConfig(image_size=16, vae_channels=(8, 8), unet_channels=(16, 16), norm_num_groups=4,
+                             num_train_timesteps=100)
+    model_dir = make_tiny_latent_model(root / "model", n_per_class=4, classes=tuple(read_dataset_info(tiny_dataset)["class_names"]),
+                                       model=model, train=TinyTrainConfig(vae_steps=10, unet_steps=10, batch_size=8))
+    samples = sample(SampleConfig(model=str(model_dir), out_dir=str(root / "samples"), n_per_class=2, ddim_steps=2))
+    return model_dir, samples
+
+
+@pytest.mark.parametrize("objective", ["rwl", "ddpo"])
+def test_lora_on_the_latent_model_checkpoints_the_adapter_and_exports_what_it_sampled(
+    objective, reward_endpoint, tiny_latent, tiny_dataset, tmp_path
+):
+    """rwl: base folder + adapter, resumed from a checkpoint once; ddpo: the merged export. Either way plain
+    diffusers loads the export, and its images score what the job's own check scored on the EMA model in memory."""
+    import numpy as np
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from pathalign_ray.diffusion import namespaced_seed, to_uint8
+    from pathalign_ray.generators import ddim as gddim
+    from pathalign_ray.generators import load_generator
+    from pathalign_ray.generators.lora import LORA_WEIGHT_NAME
+    from pathalign_ray.reward.functions import RewardSourceConfig, make_reward_fn
+    from pathalign_ray.training import DEEPSPEED_TAG, EMA_FILE
+
+    url, _ = reward_endpoint
+    model_dir, samples = tiny_latent
+    merged = objective == "ddpo"
+
+    def run(steps):
+        return finetune(_config(
+            tmp_path, model_dir, samples, tiny_dataset, f"name={objective}", f"objective.kind={objective}",
+            "reward.kind=http", f"reward.url={url}", f"train.steps={steps}", "train.checkpoint_every=1",
+            "train.eval_every=0", "train.lr=1e-3", "objective.ddim_steps=3", "objective.trajectories_per_step=2",
+            "objective.kl_coef=0.1", "lora.rank=4", f"lora.merged_export={merged}",
+            *(["objective.weighting=centred", "objective.ratio_clip=0.1"] if objective == "rwl" else []),
+        ))
+
+    if objective == "rwl":
+        run(1)
+    exported = run(2).model_dir
+    history = _history(tmp_path, objective)
+    assert [row["step"] for row in history] == [1, 2]
+    terms = ("loss_weighted_synthetic", "loss_real", "loss_ratio_mean") if objective == "rwl" else ("policy_loss", "kl_to_base")
+    assert all(np.isfinite(row[key]) for row in history for key in terms), history
+
+    checkpoint = max((tmp_path / objective).glob("checkpoint_*"))
+    assert all(".lora_" in name for name in load_file(checkpoint / EMA_FILE))
+    module = torch.load(checkpoint / DEEPSPEED_TAG / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert module and all(".lora_" in name for name in module), "the checkpoint holds the adapter only"
+
+    info = json.loads((exported / "pathalign.json").read_text())
+    assert info["step"] == 2 and info["generator"] == "latent" and info["lora_merged"] is merged
+    unet = UNet2DConditionModel.from_pretrained(exported, subfolder="unet")
+    assert (exported / LORA_WEIGHT_NAME).is_file() is not merged
+    if not merged:
+        base = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+        assert all(torch.equal(a, b) for a, b in zip(unet.parameters(), base.parameters()))
+        unet.load_lora_adapter(exported, prefix="unet", weight_name=LORA_WEIGHT_NAME)
+    vae = AutoencoderKL.from_pretrained(exported, subfolder="vae")
+    scheduler = DDIMScheduler.from_pretrained(exported, subfolder="scheduler")
+
+    # the job's check: eval_per_class=1 image per class, its "check" seeds, eval_ddim_steps=2, eta 0
+    class_names = json.loads((exported / "class_names.json").read_text())
+    labels = torch.arange(len(class_names))
+    seeds = [namespaced_seed("check", 0, c, 0) for c in range(len(class_names))]
+    with torch.no_grad():
+        latents = gddim.ddim_sample_from(lambda x, t: unet(x, t, None, class_labels=labels).sample, scheduler,
+                                         (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size), seeds, 2)
+        images = vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1)
+    ours = load_generator(exported).sample(labels, seeds, 2)
+    torch.testing.assert_close(images, ours, atol=1e-5, rtol=0)
+    rewards, _ = make_reward_fn(RewardSourceConfig(kind="http", url=url))(to_uint8(images), class_names)
+    assert float(np.mean(rewards)) == pytest.approx(history[-1]["fresh_reward_mean"], abs=2e-3)
+
+
 def test_a_killed_worker_is_replaced_and_the_run_resumes(tiny_pretrained, tiny_samples, tiny_dataset, tmp_path):
     import ray
     from ray.util.state import list_actors
@@ -149,3 +235,5 @@ def test_config_errors_before_ray_starts(tmp_path):
         load_config(FinetuneConfig, None, ["objective.weighting=centred", "data.samples=[x]", "data.real_dataset=x"])
     with pytest.raises(ConfigError, match=r"objective\.ratio_clip: Input should be less than 1"):
         load_config(FinetuneConfig, None, ["objective.ratio_clip=1.5", "data.samples=[x]", "data.real_dataset=x"])
+    with pytest.raises(ConfigError, match=r"lora\.rank: Input should be greater than 0"):
+        load_config(FinetuneConfig, None, ["lora.rank=0", "data.samples=[x]", "data.real_dataset=x"])
