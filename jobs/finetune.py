@@ -2,6 +2,7 @@
 
     python jobs/finetune.py --config configs/finetune.yaml objective.kind=rwl objective.beta=0.3
     python jobs/finetune.py --config configs/finetune.yaml objective.kind=ddpo name=ddpo
+    python jobs/finetune.py --config configs/finetune.yaml lora.rank=8 base_model=MODEL   # a LoRA adapter only; any generator
 """
 
 import sys
