@@ -132,7 +132,8 @@ def test_lora_on_the_latent_model_checkpoints_the_adapter_and_exports_what_it_sa
     objective, reward_endpoint, tiny_latent, tiny_dataset, tmp_path
 ):
     """rwl: base folder + adapter, resumed from a checkpoint once; ddpo: the merged export. Either way plain
-    diffusers loads the export, and its images score what the job's own check scored on the EMA model in memory."""
+    diffusers loads the export, and its images score what the job's own check scored on the EMA model in memory
+    (ema_decay 0: the EMA is the trained adapter, which moves the images)."""
     import numpy as np
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -153,7 +154,7 @@ def test_lora_on_the_latent_model_checkpoints_the_adapter_and_exports_what_it_sa
         return finetune(_config(
             tmp_path, model_dir, samples, tiny_dataset, f"name={objective}", f"objective.kind={objective}",
             "reward.kind=http", f"reward.url={url}", f"train.steps={steps}", "train.checkpoint_every=1",
-            "train.eval_every=0", "train.lr=1e-3", "objective.ddim_steps=3", "objective.trajectories_per_step=2",
+            "train.eval_every=0", "train.lr=1e-2", "train.ema_decay=0", "objective.ddim_steps=3", "objective.trajectories_per_step=2",
             "objective.kl_coef=0.1", "lora.rank=4", f"lora.merged_export={merged}",
             *(["objective.weighting=centred", "objective.ratio_clip=0.1"] if objective == "rwl" else []),
         ))
@@ -166,7 +167,7 @@ def test_lora_on_the_latent_model_checkpoints_the_adapter_and_exports_what_it_sa
     terms = ("loss_weighted_synthetic", "loss_real", "loss_ratio_mean") if objective == "rwl" else ("policy_loss", "kl_to_base")
     assert all(np.isfinite(row[key]) for row in history for key in terms), history
 
-    checkpoint = max((tmp_path / objective).glob("checkpoint_*"))
+    checkpoint = max(path for path in (tmp_path / objective).glob("checkpoint_*") if path.is_dir())
     assert all(".lora_" in name for name in load_file(checkpoint / EMA_FILE))
     module = torch.load(checkpoint / DEEPSPEED_TAG / "mp_rank_00_model_states.pt", weights_only=False)["module"]
     assert module and all(".lora_" in name for name in module), "the checkpoint holds the adapter only"
@@ -192,6 +193,7 @@ def test_lora_on_the_latent_model_checkpoints_the_adapter_and_exports_what_it_sa
         images = vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1)
     ours = load_generator(exported).sample(labels, seeds, 2)
     torch.testing.assert_close(images, ours, atol=1e-5, rtol=0)
+    assert not torch.allclose(images, load_generator(model_dir).sample(labels, seeds, 2), atol=1e-3), "the adapter moved"
     rewards, _ = make_reward_fn(RewardSourceConfig(kind="http", url=url))(to_uint8(images), class_names)
     assert float(np.mean(rewards)) == pytest.approx(history[-1]["fresh_reward_mean"], abs=2e-3)
 
