@@ -21,9 +21,11 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from pathalign_ray import storage
 from pathalign_ray.cluster import ScaleConfig, init_ray, trainer_settings
 from pathalign_ray.config import (
     FractionBelowOne,
+    Location,
     NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
@@ -64,8 +66,8 @@ class ObjectiveConfig:
 
 @config_dataclass
 class FinetuneDataConfig:
-    samples: tuple[str, ...] = ()  # rwl: sample folders (jobs/sample.py) forming the synthetic pool
-    real_dataset: str = ""  # a data set folder (jobs/make_dataset.py) for the beta term
+    samples: tuple[Location, ...] = ()  # rwl: sample folders or URIs (jobs/sample.py) forming the synthetic pool
+    real_dataset: Location = ""  # a data set folder or URI (jobs/make_dataset.py) for the beta term
 
 
 @config_dataclass
@@ -100,9 +102,9 @@ class FinetuneRecipe:
 
 @config_dataclass
 class FinetuneConfig(FinetuneRecipe):
-    run_dir: str = "runs/demo"  # checkpoints in RUN_DIR/NAME, the exported model in RUN_DIR/NAME-model
+    run_dir: Location = "runs/demo"  # path or URI: checkpoints in RUN_DIR/NAME, the exported model in RUN_DIR/NAME-model
     name: str = "finetune"  # this finetuning run's name inside run_dir
-    base_model: str = "runs/demo/model"  # the exported model to start from (jobs/pretrain.py)
+    base_model: Location = "runs/demo/model"  # the exported model to start from (jobs/pretrain.py)
     data: FinetuneDataConfig = dataclasses.field(default_factory=FinetuneDataConfig)
     reward: RewardSourceConfig = dataclasses.field(default_factory=RewardSourceConfig)
 
@@ -121,13 +123,14 @@ def finetune(config: FinetuneConfig) -> TrainResult:
 
     from pathalign_ray.diffusion import load_model
 
-    run_dir = Path(config.run_dir).resolve()
-    unet, ddim, class_names, info = load_model(config.base_model)
+    run_dir = storage.absolute(config.run_dir)
+    unet, ddim, class_names, info = load_model(storage.download_dir(config.base_model))
     if config.reward.kind == "model":  # workers load it from another working directory: give them an absolute path
-        config = dataclasses.replace(config, reward=dataclasses.replace(config.reward, model=str(Path(config.reward.model).resolve())))
+        reward = dataclasses.replace(config.reward, model=storage.absolute(config.reward.model))
+        config = dataclasses.replace(config, reward=reward)
     if config.objective.beta > 0:
         _check_real_classes(config.data.real_dataset, class_names)
-    save_config(config, run_dir / f"{config.name}.yaml")
+    save_config(config, storage.join(run_dir, f"{config.name}.yaml"))
     init_ray(device=config.scale.device)
     ray.data.DataContext.get_current().enable_progress_bars = False
     datasets = {}
@@ -178,8 +181,8 @@ def _synthetic_pool(config: FinetuneConfig, class_names: list[str], size: int):
         for row in read_manifest(folder).to_pylist():
             if row["declared_class"] not in class_names:
                 raise ValueError(f"{folder}: sample {row['sample_id']} declares unknown class {row['declared_class']!r}")
-            path = Path(folder) / row["path"]
-            images.append(decode_image(path.read_bytes(), size, name=str(path)))
+            path = storage.join(folder, row["path"])
+            images.append(decode_image(storage.read_bytes(path), size, name=path))
             classes.append(row["declared_class"])
     images = np.stack(images)
     rewards, reward_info = make_reward_fn(config.reward)(images, classes)
@@ -458,19 +461,21 @@ class _Job:
         return float(np.mean([judge(image, self.class_names[c]).plausible for image, c in zip(images, class_ids)]))
 
 
-def _export(checkpoint_dir: Path, unet, ddim, class_names, base_info, config: FinetuneConfig, run_dir: Path) -> TrainResult:
+def _export(checkpoint_dir: Path, unet, ddim, class_names, base_info, config: FinetuneConfig, run_dir: str) -> TrainResult:
     from pathalign_ray.diffusion import export_model
     from pathalign_ray.training import read_checkpoint
 
     ema, state = read_checkpoint(checkpoint_dir)
     unet.load_state_dict(ema, strict=True)
     info = {
-        "model_id": f"{run_dir.name}-{config.name}",
+        "model_id": f"{Path(run_dir).name}-{config.name}",
         "step": state["step"],
         "base_model": base_info.get("model_id"),
         "objective": config.objective.kind,
     }
-    model_dir = export_model(unet, ddim, class_names, run_dir / f"{config.name}-model", info)
-    with (run_dir / f"{config.name}_metrics.jsonl").open("w") as out:
-        out.writelines(json.dumps(row) + "\n" for row in state["history"])
-    return TrainResult(model_dir, state["history"])
+    model_dir = storage.join(run_dir, f"{config.name}-model")
+    with storage.output_dir(model_dir) as folder:
+        export_model(unet, ddim, class_names, folder, info)
+    history = "".join(json.dumps(row) + "\n" for row in state["history"])
+    storage.write_bytes(storage.join(run_dir, f"{config.name}_metrics.jsonl"), history.encode())
+    return TrainResult(storage.location(model_dir), state["history"])
