@@ -1,7 +1,8 @@
 """The Tune search's probe: a model's plausibility, domain FID and coverage on fresh samples, after each report.
 
 Fresh samples from fixed seeds (the "probe" seed namespace: every trial sees the same noise, which no
-pool or evaluation draws), judged and compared with the real training split by the evaluation's own
+pool, finetuning check or evaluation draws; `probe_seeds`) under the sampler the evaluation judges with
+(ddim_steps, eta), judged and compared with the real training split by the evaluation's own
 code: the same domain encoder and its cache (`evaluate.domain_encoder`), the same features and
 verdicts (`features.features_and_verdicts`), plausibility rate (`summarize_verdicts`) and Frechet
 distance and coverage (`metrics.fidelity_and_diversity`). Sampling and scoring run in the calling
