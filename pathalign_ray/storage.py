@@ -200,6 +200,8 @@ def upload_dir(local_dir: str | os.PathLike, location: str | os.PathLike, replac
     if replace:
         delete_dir(location)
     with _errors(location):
+        if not is_uri(location):
+            fs.create_dir(path, recursive=True)  # copy_files makes the subfolders only
         pafs.copy_files(str(local_dir.resolve()), path, destination_filesystem=fs)
     return str(location)
 
@@ -260,6 +262,7 @@ def download_dir(location: str | os.PathLike, cache_dir: str | os.PathLike | Non
             return target
         partial = root / f".{key}.partial"
         shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()  # copy_files makes the subfolders only: a flat folder's files need this one
         with _errors(location):
             pafs.copy_files(path, str(partial), source_filesystem=fs)
         partial.rename(target)

@@ -212,7 +212,9 @@ def test_the_tiny_align_loop_sent_with_ray_job_submit_runs_on_both_nodes_on_the_
     for train_run in ("pretrain", "round0", "reward_train"):  # Ray Train's checkpoints
         assert any(f.startswith(f"{train_run}/checkpoint_") for f in files), f"no checkpoint of {train_run}"
     assert "evaluation/metrics.json" in files
-    on_disk = [p for p in cluster.root.rglob("*") if p.name in RUN_FILES]  # the nodes' folders, the job's cwd
+    on_disk = [  # in the nodes' folders and the job's working directory; the uploaded code's configs/ shares names
+        p for p in cluster.root.rglob("*") if p.name in RUN_FILES and p.parent.name != "configs"
+    ]
     assert not on_disk, f"run files on a node's disk: {on_disk}"
 
     nodes = _alive_node_ids(cluster)

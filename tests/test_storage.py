@@ -117,6 +117,9 @@ def test_upload_then_download_once_per_node(bucket, tmp_path):
     assert newer != first and (newer / "pathalign.json").read_text() == '{"version": 2}'
     with pytest.raises(FileNotFoundError, match="no files there"):
         storage.download_dir(f"{bucket}/models/none", cache_dir=cache)
+    storage.upload_dir(local / "unet", f"{bucket}/flat")  # files only, no subfolder (a reward model)
+    assert (storage.download_dir(f"{bucket}/flat", cache_dir=cache) / "weights.bin").read_bytes() == b"w" * 1000
+    assert (Path(storage.upload_dir(local / "unet", tmp_path / "new" / "copy")) / "weights.bin").is_file()
 
 
 def test_output_dir_replaces_a_folder_or_a_prefix_only_when_the_block_succeeds(bucket, tmp_path):
