@@ -1,7 +1,7 @@
 """The paper's Algorithm 4: expert feedback names a concept the generator's labels never did.
 
     .venv/bin/python bench/new_concept.py [--variants merged unseen] [--rounds 3] [--steps 1800] [key.sub=value ...]
-        # overrides apply to configs/align.yaml
+        # overrides apply to configs/align.yaml, after the align benchmark's RWL recipe (bench/align_benchmark.py)
 
 Two variants, each its own resumable part (bench/results/new_concept_parts/VARIANT.json, one dated row
 per finished round), merged into bench/results/new_concept.json:
@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from align_benchmark import OBJECTIVES
 from bench_common import RESULTS_DIR, machine, write_result
 
 from pathalign_ray.align import AlignConfig, align
@@ -96,8 +97,8 @@ def run_variant(variant: str, rounds: int, steps: int, n_eval: int, overrides: l
         _save(part, part_path)
     for round_index in range(len(part["rows"]) - 1, rounds):
         config = load_config(AlignConfig, "configs/align.yaml", [
-            f"run_dir={run.resolve()}", f"rounds={round_index + 1}", f"sample.classes=[{', '.join(spec['sampled'])}]",
-            "sample.n_per_class=64", f"reward.data.dataset={data_dir.resolve()}", *overrides,
+            f"run_dir={run.resolve()}", f"rounds={round_index + 1}", *OBJECTIVES["rwl"],
+            f"sample.classes=[{', '.join(spec['sampled'])}]", "sample.n_per_class=64", f"reward.data.dataset={data_dir.resolve()}", *overrides,
         ])  # fmt: skip
         row = align(config)[round_index]
         after = judged_per_class(run / f"round{round_index}-model", run / "eval" / f"round{round_index}", n_eval)

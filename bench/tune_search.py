@@ -1,102 +1,128 @@
-"""The feedback-weight search on the 32 px benchmark: 12 trials of configs/tune.yaml, then the best config run.
+"""The feedback-weight search on the 32 px benchmark against the hand-set form, both judged on held-out noise.
 
     .venv/bin/python bench/tune_search.py [key.sub=value ...]   # overrides apply to configs/tune.yaml
 
-Its inputs are the 32 px benchmark run and a reward model trained on feedback about its samples:
+1. One feedback round, bench/align_benchmark.py's RWL at seed 0, in runs/tune32 (align's round 0,
+   resumed if done): 256 samples (DDIM 50, eta 1) from models/cells32, 768 simulated labels, a
+   reward model, and the hand-set form finetuned on them (centred weights, ratio clip 0.3, lr 1e-4,
+   600 steps: align_benchmark.OBJECTIVES["rwl"]).
+2. The search (configs/tune.yaml's conditional space, SEARCH below: a 90-minute budget) on that
+   round's pool with that round's reward model for every trial. It is not told the hand-set values:
+   its first trial is the paper's setting (beta 0.3, raw weights); each trial's probe draws the
+   "probe" noise namespace, which no pool, check or evaluation draws. Rerun to resume it.
+3. The best trial's model (the highest objective) and the hand-set model judged on the same
+   held-out noise: align_benchmark's EVAL_SAMPLING (evaluation namespace) under DDIM 50, eta 1,
+   plausibility with its Wilson 95% interval; the base model beside them.
 
-    .venv/bin/python bench/pretrain32.py --restore            # runs/pretrain32/{data,model,samples/pretrained}
-    .venv/bin/python jobs/simulate_feedback.py run_dir=runs/pretrain32 samples=samples/pretrained experts=3
-    .venv/bin/python jobs/train_reward.py --config configs/train_reward.yaml   # runs/pretrain32/reward
-
-The first trial runs the paper's setting (beta 0.3, raw reward weights, the finetune section's lr and
-steps: as_written_trial); the JSON says whether the best trial beats it on the objective.
-
-Long on 2 CPU cores: each trial finetunes up to 200 steps on 2 Ray Train workers, reporting (and
-probing 160 fresh samples) every 50 steps, one trial at a time; plan on several hours. Rerun the same
-command to resume a stopped search (Tune restores it from runs/pretrain32/tune/search).
-
-Writes runs/pretrain32/tune/best_feedback.yaml (the best trial's FinetuneConfig), runs/pretrain32/tune/ (trials.csv,
-pareto.md, objective_vs_beta.png, the trials' runs), and bench/results/tune_search.json (wall times, the
-base model's and every trial's scores, the best config), bench/results/tune_objective_vs_beta.png and
-bench/results/tune_pareto.md. With --finetune-best it then runs jobs/finetune.py on the best config too.
+Writes bench/results/tune_search.json (best_plausibility, best_plausibility_ci, hand_set_plausibility,
+hand_set_ci, best_config, target_met: the best at least the hand-set's lower bound, the trials
+table), bench/results/tune_pareto.md and tune_pareto.png; the search itself under runs/tune32/tune
+(trials.csv, pareto.md, pareto.png, best_feedback.yaml). Several hours on 2 cores: the round about
+45 minutes, the search 90, the judging about 15.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import time
 from pathlib import Path
 
+from align_benchmark import BASE_MODEL, DATA, EVAL_SAMPLING, OBJECTIVES, PARTS, judge, seed_overrides
 from bench_common import RESULTS_DIR, write_result
 
+from pathalign_ray.align import AlignConfig, align
 from pathalign_ray.config import config_to_dict, load_config
 from pathalign_ray.tune import search
-from pathalign_ray.tune_config import SearchConfig
+from pathalign_ray.tune_config import SearchConfig, flat_branch
 
-INPUTS = {
-    "finetune.base_model": "bench/pretrain32.py --restore",
-    "finetune.data.real_dataset": "bench/pretrain32.py --restore",
-    "finetune.reward.model": "jobs/simulate_feedback.py, then jobs/train_reward.py",
-}
-
-
-def _missing_inputs(config: SearchConfig) -> list[str]:
-    paths = {
-        "finetune.base_model": config.finetune.base_model,
-        "finetune.data.real_dataset": config.finetune.data.real_dataset,
-        "finetune.reward.model": config.finetune.reward.model if config.finetune.reward.kind == "model" else "",
-    }
-    missing = [f"{key}={path} (made by {INPUTS[key]})" for key, path in paths.items() if path and not Path(path).exists()]
-    samples = [s for s in config.finetune.data.samples if not Path(s).exists()]
-    return missing + [f"finetune.data.samples: {s} (made by bench/pretrain32.py --restore)" for s in samples]
+RUN_DIR = Path("runs/tune32")
+SAMPLER = "ddim50_eta1"  # align_benchmark.EVAL_SAMPLERS: the pools' sampler and the base model's best
+SEARCH = [
+    f"out_dir={RUN_DIR / 'tune'}",
+    f"finetune.run_dir={RUN_DIR}",
+    f"finetune.base_model={RUN_DIR / 'model'}",
+    f"finetune.data.samples=[{RUN_DIR / 'rounds/0/samples'}]",
+    f"finetune.data.real_dataset={DATA}",
+    f"finetune.reward.model={RUN_DIR / 'reward'}",
+    "num_trials=32",  # more than fit: the time budget ends the search
+    "time_budget_s=5400",
+    "probe.threads=2",  # the probe runs after its trial's Ray Train run, with the cores to itself
+]
 
 
-def main(argv: list[str]) -> None:
-    finetune_best = "--finetune-best" in argv
-    overrides = [a for a in argv if a != "--finetune-best"]
-    config = load_config(SearchConfig, "configs/tune.yaml", overrides)
-    missing = _missing_inputs(config)
+def feedback_round() -> dict:
+    """align_benchmark's RWL round 0 at seed 0 in RUN_DIR: the pool, labels, reward model and the hand-set model."""
+    run_dir = RUN_DIR.resolve()
+    if not (run_dir / "model").exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "model").symlink_to(BASE_MODEL.resolve())
+    overrides = [f"run_dir={run_dir}", f"reward.data.dataset={DATA.resolve()}", "rounds=1"]
+    config = load_config(AlignConfig, "configs/align.yaml", [*overrides, *OBJECTIVES["rwl"], *seed_overrides(0)])
+    return align(config)[0]
+
+
+def reported_hand_set() -> dict | None:
+    """align_benchmark's own round-0 figure for the hand-set form at seed 0 (another run of the same round), if any."""
+    path = PARTS / "rwl-s0.json"
+    rows = json.loads(path.read_text())["rows"] if path.is_file() else []
+    return rows[0]["judged"][SAMPLER]["model"] if rows else None
+
+
+def main(overrides: list[str]) -> None:
+    missing = [f"{path} ({how})" for path, how in ((BASE_MODEL, "bench/pretrain32.py --restore"),
+               (DATA, "bench/align_benchmark.py makes it")) if not path.exists()]  # fmt: skip
     if missing:
-        sys.exit("missing inputs; see this script's docstring for how to make them:\n  " + "\n  ".join(missing))
-    started = time.perf_counter()
+        sys.exit("missing inputs: " + ", ".join(missing))
+    config = load_config(SearchConfig, "configs/tune.yaml", [*SEARCH, *overrides])  # before the round: fail early
+    clock = time.perf_counter()
+    round_row = feedback_round()
+    wall = {"round": time.perf_counter() - clock}
+    clock = time.perf_counter()
     written = search(config)
-    search_s = time.perf_counter() - started
+    wall["search"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    best = written["best"]
+    best_judged = judge(Path(best["model"]), RUN_DIR / f"eval-best-{SAMPLER}", SAMPLER)
+    hand_set_judged = judge(RUN_DIR / "round0-model", RUN_DIR / f"eval-hand-set-{SAMPLER}", SAMPLER)
+    wall["judge"] = time.perf_counter() - clock
+    best_figures, hand_set = best_judged["model"], hand_set_judged["model"]
+    fields = flat_branch(config.space[best["branch"]])
     figures = {
-        "config": "configs/tune.yaml " + " ".join(overrides),
+        "config": " ".join(["configs/tune.yaml", *SEARCH, *overrides]),
+        "best_plausibility": best_figures["plausibility"],
+        "best_plausibility_ci": best_figures["plausibility_ci"],
+        "hand_set_plausibility": hand_set["plausibility"],
+        "hand_set_ci": hand_set["plausibility_ci"],
+        "base_plausibility": best_judged["base"]["plausibility"],
+        "base_ci": best_judged["base"]["plausibility_ci"],
+        "target_met": best_figures["plausibility"] >= hand_set["plausibility_ci"][0],
+        "best_config": {
+            "path": str(written["best_config"]),
+            "trial": best["trial"],
+            "branch": best["branch"],
+            "params": {key: best[key] for key in fields} | {"train.steps": best["step"]},
+            "probe": {key: best[key] for key in ("objective", "plausibility", "fid", "coverage")},
+        },
+        "best_judged": best_figures,
+        "hand_set_judged": hand_set,
+        "base_judged": best_judged["base"],
+        "hand_set_settings": OBJECTIVES["rwl"],
+        "hand_set_in_align_benchmark": reported_hand_set(),
+        "eval_sampling": {**EVAL_SAMPLING, "sampler": SAMPLER},
+        "feedback_round": {key: round_row.get(key) for key in ("labels", "plausibility", "reward_auc", "reward_mean")},
+        "base_probe": written["base"],
+        "as_written_trial": written["as_written"],
+        "trials": written["rows"],
         "search": config_to_dict(config),
-        "wall_s": {"search": search_s},
-        "trials": [{k: v for k, v in row.items()} for row in _rows(written["trials"])],
-        "base_model": written["base"],
-        "best": written["best"],
-        "as_written": written["as_written"],
-        "best_beats_as_written": _beats(written["best"], written["as_written"]),
-        "best_config": str(written["best_config"]),
+        "wall_s": wall,
     }
-    shutil.copy(written["plot"], RESULTS_DIR / "tune_objective_vs_beta.png")
+    shutil.copy(written["plot"], RESULTS_DIR / "tune_pareto.png")
     shutil.copy(written["pareto"], RESULTS_DIR / "tune_pareto.md")
-    if finetune_best:
-        from pathalign_ray.finetune import FinetuneConfig, finetune
-
-        clock = time.perf_counter()
-        best = finetune(load_config(FinetuneConfig, written["best_config"]))
-        figures["wall_s"]["finetune_best"] = time.perf_counter() - clock
-        figures["best_model"] = str(best.model_dir)
+    print(f"best trial {best['trial']} ({best['branch']}): {best_figures['plausibility']:.3f} "
+          f"{best_figures['plausibility_ci']}; hand-set {hand_set['plausibility']:.3f} {hand_set['plausibility_ci']}")  # fmt: skip
     print(f"wrote {write_result('tune_search', figures)}")
-
-
-def _beats(best: dict, as_written: dict | None) -> bool | None:
-    """Whether the best trial beats the paper's setting (the as-written trial); None without that trial."""
-    if as_written is None:
-        return None
-    return best["trial"] != as_written["trial"] and best["objective"] > as_written["objective"]
-
-
-def _rows(path: Path) -> list[dict]:
-    import csv
-
-    with Path(path).open() as handle:
-        return list(csv.DictReader(handle))
 
 
 if __name__ == "__main__":

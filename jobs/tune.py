@@ -1,7 +1,8 @@
-"""Ray Tune searches the feedback-loss weights (beta, reward weighting, lr, steps; ddpo: clip range, KL).
+"""Ray Tune searches the feedback objective's form and weights: branches of rwl (raw, threshold, class-normalised,
+centred with the ratio clip) and ddpo, each with its own fields, lr and steps (configs/tune.yaml's space).
 
     python jobs/tune.py --config configs/tune.yaml
-    python jobs/tune.py --config configs/tune.yaml algorithm=optuna num_trials=24 out_dir=runs/pretrain32/tune_optuna
+    python jobs/tune.py --config configs/tune.yaml algorithm=tpe num_trials=24 out_dir=runs/pretrain32/tune_tpe
 
 Rerun the same command to resume a stopped search. Then: python jobs/finetune.py --config OUT_DIR/best_feedback.yaml
 """
@@ -16,7 +17,7 @@ from pathalign_ray.tune_config import SearchConfig
 def main(argv=None) -> dict:
     config = parse_job_args(SearchConfig, argv, "configs/tune.yaml", __doc__)
     written = search(config)
-    print(f"trials: {written['trials']}; Pareto table: {written['pareto']}; plot: {written['plot']}")
+    print(f"trials: {written['trials']}; Pareto front: {written['pareto']}; plot: {written['plot']}")
     print(f"best config: {written['best_config']} (python jobs/finetune.py --config {written['best_config']})")
     return written
 

@@ -4,7 +4,8 @@ Round r samples from the model of round r-1 (the pretrained model in round 0) in
 RUN_DIR/rounds/r/samples; experts judge them (simulated pathologists, or people on the labelling
 page, the loop waiting until the round's quota is judged); the reward model is retrained on every
 verdict so far plus weak feedback from the real images; the diffusion model is finetuned with it.
-RUN_DIR/rounds.jsonl gets one row per round. A rerun skips the rounds already finished.
+RUN_DIR/rounds.jsonl gets one row per round. A rerun skips the rounds already finished. RUN_DIR may
+be a URI (s3://bucket/run): every stage then reads and writes the bucket (pathalign_ray.storage).
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field
 
-from pathalign_ray.config import config_dataclass, refuse_overwritten
+from pathalign_ray import storage
+from pathalign_ray.config import Location, config_dataclass, refuse_overwritten
 from pathalign_ray.finetune import FinetuneConfig, FinetuneDataConfig, FinetuneRecipe, finetune
 from pathalign_ray.reward.functions import RewardSourceConfig
 from pathalign_ray.reward.serve import ServeRewardConfig
@@ -35,7 +36,7 @@ SET_PER_ROUND = (
 
 @config_dataclass
 class AlignConfig:
-    run_dir: str = "runs/demo"  # holds model/ and data/ from pretraining; rounds/, feedback/, reward/ go here too
+    run_dir: Location = "runs/demo"  # path or URI: model/ from pretraining; rounds/, feedback/, reward/ go here too
     rounds: Annotated[int, Field(ge=1, le=999)] = 2  # feedback rounds; pool_seed keeps (seed, round) apart below 1,000
     feedback: Literal["simulated", "human"] = "simulated"  # human: wait for verdicts from the labelling page
     quota: int = 0  # human: verdicts a round needs before the loop goes on; 0: every sample judged once
@@ -57,12 +58,12 @@ class AlignConfig:
 
 def align(config: AlignConfig) -> list[dict]:
     """Run the rounds not yet finished; return every round's row."""
-    run_dir = Path(config.run_dir).resolve()
+    run_dir = storage.absolute(config.run_dir)
     rows = read_rounds(run_dir)
     for round_index in range(len(rows), config.rounds):
         rows.append(run_round(config, run_dir, round_index))
-        with (run_dir / ROUNDS_FILE).open("a") as out:
-            out.write(json.dumps(rows[-1]) + "\n")
+        lines = "".join(json.dumps(row) + "\n" for row in rows)
+        storage.write_bytes(storage.join(run_dir, ROUNDS_FILE), lines.encode())
         print(
             f"[align] round {round_index}: plausibility of its samples {rows[-1]['plausibility']:.1%}, "
             f"after finetuning {rows[-1]['fresh_plausibility_after']:.1%} ({rows[-1]['labels']} labels so far)"
@@ -70,9 +71,13 @@ def align(config: AlignConfig) -> list[dict]:
     return rows
 
 
-def read_rounds(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / ROUNDS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+def read_rounds(run_dir: str) -> list[dict]:
+    """The rows of RUN_DIR/rounds.jsonl (a path or a URI); [] before the first round."""
+    try:
+        text = storage.read_bytes(storage.join(run_dir, ROUNDS_FILE)).decode()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.splitlines()]
 
 
 def pool_seed(seed: int, round_index: int) -> int:
@@ -80,12 +85,12 @@ def pool_seed(seed: int, round_index: int) -> int:
     return seed * 1000 + round_index
 
 
-def model_of_round(run_dir: Path, round_index: int) -> Path:
+def model_of_round(run_dir: str, round_index: int) -> str:
     """The model round `round_index` samples from: the pretrained one, then each round's finetuned one."""
-    return run_dir / "model" if round_index == 0 else run_dir / f"round{round_index - 1}-model"
+    return storage.join(run_dir, "model" if round_index == 0 else f"round{round_index - 1}-model")
 
 
-def run_round(config: AlignConfig, run_dir: Path, round_index: int) -> dict:
+def run_round(config: AlignConfig, run_dir: str, round_index: int) -> dict:
     started = time.perf_counter()
     model = model_of_round(run_dir, round_index)
     row = collect_feedback(config, run_dir, round_index)
@@ -93,11 +98,11 @@ def run_round(config: AlignConfig, run_dir: Path, round_index: int) -> dict:
     finetuned = finetune(
         FinetuneConfig(
             **recipe,
-            run_dir=str(run_dir),
+            run_dir=run_dir,
             name=f"round{round_index}",
-            base_model=str(model),
+            base_model=model,
             data=FinetuneDataConfig(
-                samples=tuple(str(run_dir / f"rounds/{r}/samples") for r in range(round_index + 1)),
+                samples=tuple(storage.join(run_dir, f"rounds/{r}/samples") for r in range(round_index + 1)),
                 real_dataset=config.reward.data.dataset,
             ),
             reward=reward_source(config, row.pop("reward_dir"), round_index),
@@ -124,7 +129,7 @@ def reward_source(config: AlignConfig, reward_dir: str, round_index: int) -> Rew
     return RewardSourceConfig(kind="http", url=url.rstrip("/"))
 
 
-def collect_feedback(config: AlignConfig, run_dir: Path, round_index: int) -> dict:
+def collect_feedback(config: AlignConfig, run_dir: str, round_index: int) -> dict:
     """The round before finetuning: sample from the round's model, get the verdicts, retrain the reward model.
 
     Returns the round's row so far: model, labels (all verdicts stored), the plausibility of the
@@ -136,21 +141,21 @@ def collect_feedback(config: AlignConfig, run_dir: Path, round_index: int) -> di
     samples_rel = f"rounds/{round_index}/samples"
     sample(
         dataclasses.replace(
-            config.sample, model=str(model), out_dir=str(run_dir / samples_rel), overwrite=True,
+            config.sample, model=model, out_dir=storage.join(run_dir, samples_rel), overwrite=True,
             namespace="pool", seed=pool_seed(config.sample.seed, round_index),
         )
     )
     if config.feedback == "simulated":
-        simulate_feedback(dataclasses.replace(config.simulate, run_dir=str(run_dir), samples=samples_rel, round=round_index))
+        simulate_feedback(dataclasses.replace(config.simulate, run_dir=run_dir, samples=samples_rel, round=round_index))
     else:
         _wait_for_verdicts(run_dir, samples_rel, config)
-    store = FeedbackStore(run_dir / "feedback")
-    round_ids = {row["sample_id"] for row in read_manifest(run_dir / samples_rel).to_pylist()}
+    store = FeedbackStore(storage.join(run_dir, "feedback"))
+    round_ids = {row["sample_id"] for row in read_manifest(storage.join(run_dir, samples_rel)).to_pylist()}
     round_verdicts = [row for row in store.consensus().to_pylist() if row["sample_id"] in round_ids]
-    reward = train_reward(dataclasses.replace(config.reward, run_dir=str(run_dir)))
+    reward = train_reward(dataclasses.replace(config.reward, run_dir=run_dir))
     return {
         "round": round_index,
-        "model": str(model),
+        "model": model,
         "labels": len(store.records()),
         "plausibility": sum(r["verdict"] == "plausible" for r in round_verdicts) / max(1, len(round_verdicts)),
         "reward_model": reward.info.get("model_id"),
@@ -159,13 +164,13 @@ def collect_feedback(config: AlignConfig, run_dir: Path, round_index: int) -> di
     }
 
 
-def _wait_for_verdicts(run_dir: Path, samples_rel: str, config: AlignConfig) -> None:
+def _wait_for_verdicts(run_dir: str, samples_rel: str, config: AlignConfig) -> None:
     """Block until people on the labelling page have judged the round's quota of samples."""
     from pathalign_ray.feedback import FeedbackStore
 
-    sample_ids = {row["sample_id"] for row in read_manifest(run_dir / samples_rel).to_pylist()}
+    sample_ids = {row["sample_id"] for row in read_manifest(storage.join(run_dir, samples_rel)).to_pylist()}
     quota = config.quota or len(sample_ids)
-    store = FeedbackStore(run_dir / "feedback")
+    store = FeedbackStore(storage.join(run_dir, "feedback"))
     while True:
         judged = sum(1 for row in store.latest().to_pylist() if row["sample_id"] in sample_ids)
         if judged >= quota:

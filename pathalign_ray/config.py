@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, Sequence, TypeVar
 
 import yaml
-from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import AfterValidator, ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass as _pydantic_dataclass
 
 T = TypeVar("T")
@@ -35,6 +35,22 @@ PositiveFloat = Annotated[float, Field(gt=0)]  # rates, timeouts; NaN is refused
 NonNegativeFloat = Annotated[float, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]  # a probability or a share, both ends included
 FractionBelowOne = Annotated[float, Field(ge=0, lt=1)]  # [0, 1): a held-out share, a decay
+
+
+def _check_location(value: str) -> str:
+    """A storage location's scheme, bucket and credentials, checked when the config loads (pathalign_ray.storage)."""
+    from pathalign_ray.storage import StorageError, check_bucket
+
+    try:
+        check_bucket(value)
+    except StorageError as error:
+        raise ValueError(str(error)) from None
+    return value
+
+
+# A folder or file a job reads or writes: a plain path, file://, s3://bucket/key or gs://bucket/key. A URI's
+# scheme, bucket and credentials are checked as the config loads, so a wrong one fails before Ray starts.
+Location = Annotated[str, AfterValidator(_check_location)]
 
 
 class ConfigError(ValueError):
@@ -58,10 +74,11 @@ def config_to_dict(config: Any) -> dict:
     return _plain(dataclasses.asdict(config))
 
 
-def save_config(config: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+def save_config(config: Any, path: str | Path) -> str | Path:
+    """Write a config as YAML to a path or a URI (pathalign_ray.storage); return where it went."""
+    from pathalign_ray.storage import write_bytes
+
+    write_bytes(path, yaml.safe_dump(config_to_dict(config), sort_keys=False).encode())
     return path
 
 

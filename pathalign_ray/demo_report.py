@@ -11,6 +11,7 @@ import html
 import io
 from pathlib import Path
 
+from pathalign_ray import storage
 from pathalign_ray.reward.metrics import auc_text
 
 CURVES = ("loss", "reward_mean", "fresh_reward_mean", "kl_to_base")  # finetuning history keys plotted, if logged
@@ -66,9 +67,9 @@ def headline(summary: dict) -> list[str]:
     ]
 
 
-def write_demo_report(summary: dict, metrics: dict, history: list[dict], grids: Path, path: Path) -> Path:
-    """RUN_DIR/report.html: contact sheets side by side, plausibility per class, failed criteria, reward
-    model, finetuning curves; `grids` is the evaluation's folder of contact sheets (one PNG per column)."""
+def write_demo_report(summary: dict, metrics: dict, history: list[dict], grids: Path, path: str | Path) -> str | Path:
+    """RUN_DIR/report.html (a path or a URI): contact sheets side by side, plausibility per class, failed criteria,
+    reward model, finetuning curves; `grids` is the evaluation's local folder of contact sheets (one PNG per column)."""
     e = html.escape
     b, a = summary["before"], summary["after"]
     rows = [
@@ -108,7 +109,7 @@ def write_demo_report(summary: dict, metrics: dict, history: list[dict], grids: 
         _img(_curves(history), "finetuning curves") if len(history) >= 2 else "<p>n/a: fewer than two finetuning steps logged</p>",
         "</body></html>",
     ]
-    path.write_text("\n".join(parts))
+    storage.write_bytes(path, "\n".join(parts).encode())
     return path
 
 

@@ -25,9 +25,11 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from pathalign_ray import storage
 from pathalign_ray.cluster import ScaleConfig, init_ray, trainer_settings
 from pathalign_ray.config import (
     FractionBelowOne,
+    Location,
     NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
@@ -70,8 +72,8 @@ class ObjectiveConfig:
 
 @config_dataclass
 class FinetuneDataConfig:
-    samples: tuple[str, ...] = ()  # rwl: sample folders (jobs/sample.py) forming the synthetic pool
-    real_dataset: str = ""  # a data set folder (jobs/make_dataset.py) for the beta term
+    samples: tuple[Location, ...] = ()  # rwl: sample folders or URIs (jobs/sample.py) forming the synthetic pool
+    real_dataset: Location = ""  # a data set folder or URI (jobs/make_dataset.py) for the beta term
 
 
 @config_dataclass
@@ -117,9 +119,9 @@ class FinetuneRecipe:
 
 @config_dataclass
 class FinetuneConfig(FinetuneRecipe):
-    run_dir: str = "runs/demo"  # checkpoints in RUN_DIR/NAME, the exported model in RUN_DIR/NAME-model
+    run_dir: Location = "runs/demo"  # path or URI: checkpoints in RUN_DIR/NAME, the exported model in RUN_DIR/NAME-model
     name: str = "finetune"  # this finetuning run's name inside run_dir
-    base_model: str = "runs/demo/model"  # the model folder to start from: jobs/pretrain.py's, or a latent model's
+    base_model: Location = "runs/demo/model"  # the model folder or URI to start from: jobs/pretrain.py's, or a latent model's
     data: FinetuneDataConfig = dataclasses.field(default_factory=FinetuneDataConfig)
     reward: RewardSourceConfig = dataclasses.field(default_factory=RewardSourceConfig)
 
@@ -139,21 +141,22 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     from pathalign_ray.finetune_worker import train_loop
     from pathalign_ray.generators import load_generator
 
-    run_dir = Path(config.run_dir).resolve()
-    generator = load_generator(config.base_model)
+    run_dir = storage.absolute(config.run_dir)
+    generator = load_generator(storage.download_dir(config.base_model))
     if config.reward.kind == "model":  # workers load it from another working directory: give them an absolute path
-        config = dataclasses.replace(config, reward=dataclasses.replace(config.reward, model=str(Path(config.reward.model).resolve())))
+        reward = dataclasses.replace(config.reward, model=storage.absolute(config.reward.model))
+        config = dataclasses.replace(config, reward=reward)
     if config.objective.beta > 0:
         _check_real_dataset(config.data.real_dataset, generator)
     _prepare_lora(generator, config.lora, config.train.seed)
-    save_config(config, run_dir / f"{config.name}.yaml")
+    save_config(config, storage.join(run_dir, f"{config.name}.yaml"))
     init_ray(device=config.scale.device)
     ray.data.DataContext.get_current().enable_progress_bars = False
     datasets = {}
     if config.objective.kind == "rwl":
         datasets["synthetic"] = _synthetic_pool(config, generator)
     if config.objective.beta > 0:
-        datasets["real"] = _real_images(config.data.real_dataset, generator, run_dir / LATENT_CACHE)
+        datasets["real"] = _real_images(config.data.real_dataset, generator, _latent_cache(run_dir))
     trainer = TorchTrainer(
         train_loop,
         # the generator travels through the object store: workers on other nodes need no shared storage
@@ -201,6 +204,11 @@ def _check_real_dataset(dataset: str, generator) -> None:
                          f"{generator.image_size} px")
 
 
+def _latent_cache(run_dir: str) -> Path:
+    """Where a latent model's encoded real images are kept: the run folder, or this node's cache for a URI."""
+    return storage.cache_root() / LATENT_CACHE if storage.is_uri(run_dir) else Path(run_dir) / LATENT_CACHE
+
+
 def _real_images(dataset: str, generator, cache_dir: Path):
     """The real training split as a Ray Dataset of image (x_0 in model space) and label. A pixel model's
     streams through Ray Data; a latent model's is encoded once, here, and cached in cache_dir for later
@@ -236,8 +244,8 @@ def _synthetic_pool(config: FinetuneConfig, generator):
         for row in read_manifest(folder).to_pylist():
             if row["declared_class"] not in class_names:
                 raise ValueError(f"{folder}: sample {row['sample_id']} declares unknown class {row['declared_class']!r}")
-            path = Path(folder) / row["path"]
-            images.append(decode_image(path.read_bytes(), size, name=str(path)))
+            path = storage.join(folder, row["path"])
+            images.append(decode_image(storage.read_bytes(path), size, name=path))
             classes.append(row["declared_class"])
     images = np.stack(images)
     rewards, reward_info = make_reward_fn(config.reward)(images, classes)
@@ -253,20 +261,21 @@ def _synthetic_pool(config: FinetuneConfig, generator):
     ).materialize()
 
 
-def _export(checkpoint_dir: Path, generator, config: FinetuneConfig, run_dir: Path) -> TrainResult:
+def _export(checkpoint_dir: Path, generator, config: FinetuneConfig, run_dir: str) -> TrainResult:
     """The checkpoint's EMA weights (every weight, or the adapter's) in the generator, saved (generator.save)."""
     from pathalign_ray.training import ema_weights, read_checkpoint
 
     ema, state = read_checkpoint(checkpoint_dir)
     info = {
-        "model_id": f"{run_dir.name}-{config.name}",
+        "model_id": f"{Path(run_dir).name}-{config.name}",
         "step": state["step"],
         "base_model": generator.info.get("model_id"),
         "objective": config.objective.kind,
     }
     merged = config.lora is not None and config.lora.merged_export
-    with ema_weights(generator.unet, ema):
-        model_dir = generator.save(run_dir / f"{config.name}-model", info, merged=merged)
-    with (run_dir / f"{config.name}_metrics.jsonl").open("w") as out:
-        out.writelines(json.dumps(row) + "\n" for row in state["history"])
-    return TrainResult(model_dir, state["history"])
+    model_dir = storage.join(run_dir, f"{config.name}-model")
+    with ema_weights(generator.unet, ema), storage.output_dir(model_dir) as folder:
+        generator.save(folder, info, merged=merged)
+    history = "".join(json.dumps(row) + "\n" for row in state["history"])
+    storage.write_bytes(storage.join(run_dir, f"{config.name}_metrics.jsonl"), history.encode())
+    return TrainResult(storage.location(model_dir), state["history"])

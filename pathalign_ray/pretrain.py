@@ -2,7 +2,9 @@
 
 `pretrain(config)` runs on the driver: it reads the data set through Ray Data, starts a
 TorchTrainer whose workers run `train_loop`, and exports the EMA weights of the last checkpoint
-as a diffusers folder. Rerunning the same config resumes from the latest checkpoint.
+as a diffusers folder. Rerunning the same config resumes from the latest checkpoint. run_dir and the
+data set may be URIs (pathalign_ray.storage): checkpoints then go to the bucket through Ray Train, the
+data set is read from it by Ray Data, and the export is uploaded to it.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler
 
+from pathalign_ray import storage
 from pathalign_ray.cluster import ScaleConfig, init_ray, trainer_settings
-from pathalign_ray.config import FractionBelowOne, PositiveFloat, PositiveInt, config_dataclass, save_config
+from pathalign_ray.config import FractionBelowOne, Location, PositiveFloat, PositiveInt, config_dataclass, save_config
 from pathalign_ray.diffusion import (
     ModelConfig,
     build_noise_scheduler,
@@ -44,7 +47,7 @@ from pathalign_ray.training import (
 
 @config_dataclass
 class PretrainDataConfig:
-    dataset: str = "runs/demo/data"  # a folder written by jobs/make_dataset.py
+    dataset: Location = "runs/demo/data"  # a folder or URI written by jobs/make_dataset.py
 
 
 @config_dataclass
@@ -64,7 +67,9 @@ class PretrainTrainConfig:
 
 @config_dataclass
 class PretrainConfig:
-    run_dir: str = "runs/demo"  # checkpoints go to RUN_DIR/pretrain, the exported model to RUN_DIR/model
+    run_dir: Location = (
+        "runs/demo"  # a path or URI: checkpoints go to RUN_DIR/pretrain, the exported model to RUN_DIR/model
+    )
     data: PretrainDataConfig = dataclasses.field(default_factory=PretrainDataConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     train: PretrainTrainConfig = dataclasses.field(default_factory=PretrainTrainConfig)
@@ -84,8 +89,8 @@ def pretrain(config: PretrainConfig) -> TrainResult:
             f"model.sample_size is {config.model.sample_size} but {config.data.dataset} holds "
             f"{info['image_size']} px images"
         )
-    run_dir = Path(config.run_dir).resolve()
-    save_config(config, run_dir / "pretrain.yaml")
+    run_dir = storage.absolute(config.run_dir)
+    save_config(config, storage.join(run_dir, "pretrain.yaml"))
     init_ray(device=config.scale.device)
     ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per epoch drowns the training log
     train_set = ray_dataset(config.data.dataset, "train").materialize()
@@ -162,13 +167,15 @@ def train_loop(loop_config: dict) -> None:
             log_and_report("pretrain", metrics, state, engine, ema, rank, config.train.steps, checkpoint_now)
 
 
-def _export_checkpoint(checkpoint_dir: Path, config: PretrainConfig, run_dir: Path) -> TrainResult:
+def _export_checkpoint(checkpoint_dir: Path, config: PretrainConfig, run_dir: str) -> TrainResult:
     ema, state = read_checkpoint(checkpoint_dir)
     unet = build_unet(config.model, num_classes=len(state["class_names"]))
     unet.load_state_dict(ema, strict=True)
-    info = {"model_id": f"{run_dir.name}-pretrain", "step": state["step"], "dataset": config.data.dataset}
+    info = {"model_id": f"{Path(run_dir).name}-pretrain", "step": state["step"], "dataset": config.data.dataset}
     scheduler = DDIMScheduler.from_config(build_noise_scheduler(config.model).config)
-    model_dir = export_model(unet, scheduler, state["class_names"], run_dir / "model", info)
-    with (run_dir / "pretrain_metrics.jsonl").open("w") as out:
-        out.writelines(json.dumps(row) + "\n" for row in state["history"])
-    return TrainResult(model_dir, state["history"])
+    model_dir = storage.join(run_dir, "model")
+    with storage.output_dir(model_dir) as folder:
+        export_model(unet, scheduler, state["class_names"], folder, info)
+    history = "".join(json.dumps(row) + "\n" for row in state["history"])
+    storage.write_bytes(storage.join(run_dir, "pretrain_metrics.jsonl"), history.encode())
+    return TrainResult(storage.location(model_dir), state["history"])

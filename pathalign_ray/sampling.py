@@ -1,14 +1,14 @@
 """Sampling a model into a folder of PNGs, a parquet manifest and a contact sheet, spread over Ray tasks.
 
 Any generator (pathalign_ray.generators: a pixel UNet, or a latent model with its VAE) samples through its
-own `sample_uint8`. It travels through Ray's object store, so workers on other nodes need no shared storage.
+own `sample_uint8`. It travels through Ray's object store, so workers on other nodes need no shared storage;
+the model and the output folder may be URIs (pathalign_ray.storage).
 Each image's noise comes from its own seed (base seed, class, index), so the same seed gives the
 same image whatever the batching or the number of workers.
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from pathalign_ray.config import NonNegativeFloat, PositiveInt, config_dataclass
+from pathalign_ray import storage
+from pathalign_ray.config import Location, NonNegativeFloat, PositiveInt, config_dataclass
 from pathalign_ray.diffusion import SeedNamespace, namespaced_seed
 from pathalign_ray.progress import bar
 
@@ -27,8 +28,8 @@ MANIFEST_FILE = "manifest.parquet"
 
 @config_dataclass
 class SampleConfig:
-    model: str = "runs/demo/model"  # an exported model folder (jobs/pretrain.py writes RUN_DIR/model)
-    out_dir: str = "runs/demo/samples/pretrained"  # PNGs under images/, manifest.parquet, contact_sheet.png
+    model: Location = "runs/demo/model"  # an exported model folder or URI (jobs/pretrain.py writes RUN_DIR/model)
+    out_dir: Location = "runs/demo/samples/pretrained"  # PNGs under images/, manifest.parquet, contact_sheet.png
     n_per_class: PositiveInt = 8  # images per declared class
     classes: tuple[str, ...] = ()  # declared classes to sample; empty means all of the model's classes
     ddim_steps: PositiveInt = 50  # DDIM denoising steps per image
@@ -41,7 +42,7 @@ class SampleConfig:
     overwrite: bool = False  # replace an existing out_dir; otherwise refuse, so no samples are lost
     select: Literal["all", "uncertain"] = "all"  # uncertain: keep the k the reward model is least sure of
     k: int = 0  # samples kept with select=uncertain, over all classes
-    reward_model: str = ""  # a reward model folder (RUN_DIR/reward); scores go to the manifest's reward column
+    reward_model: Location = ""  # a reward model folder (RUN_DIR/reward); scores go to the manifest's reward column
 
     def __post_init__(self) -> None:
         if self.select == "uncertain" and (self.k < 1 or not self.reward_model):
@@ -50,17 +51,16 @@ class SampleConfig:
             raise ValueError(f"k={self.k} applies to select=uncertain only")
 
 
-def sample(config: SampleConfig) -> Path:
-    """Sample, write the folder, return it."""
+def sample(config: SampleConfig) -> str | Path:
+    """Sample, write the folder (a path or a URI), return it."""
     from pathalign_ray.cluster import init_ray
+    from pathalign_ray.generators import load_generator
     from pathalign_ray.images import contact_sheet, encode_png
 
-    out_dir = Path(config.out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not config.overwrite:
+    out_dir = storage.location(config.out_dir)
+    if not config.overwrite and not storage.is_empty(out_dir):
         raise FileExistsError(f"{out_dir} already holds samples; choose another out_dir or set overwrite=true")
-    from pathalign_ray.generators import load_generator
-
-    generator = load_generator(config.model)
+    generator = load_generator(storage.download_dir(config.model))
     class_names, info = generator.class_names, generator.info
     plan = plan_samples(config, class_names)
     reward = _load_reward_model(config, plan)  # before sampling: a wrong path or class fails at once
@@ -84,27 +84,25 @@ def sample(config: SampleConfig) -> Path:
     if reward is not None:
         plan, images = _score_and_select(reward, config, plan, images)
 
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    (staging / "images").mkdir(parents=True)
     model_id, model_step = str(info.get("model_id", Path(config.model).name)), int(info.get("step", -1))
-    for row, image in zip(plan, images):
-        row.update(model_id=model_id, model_step=model_step, path=f"images/{row['sample_id']}.png")
-        (staging / row["path"]).write_bytes(encode_png(image))
-    _write_manifest(plan, staging / MANIFEST_FILE, config)
-    labels = np.array([row["class_index"] for row in plan])
-    contact_sheet(images, labels, class_names, staging / "contact_sheet.png", per_class=min(8, config.n_per_class))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    staging.rename(out_dir)
+    with storage.output_dir(out_dir) as staging:
+        (staging / "images").mkdir()
+        for row, image in zip(plan, images):
+            row.update(model_id=model_id, model_step=model_step, path=f"images/{row['sample_id']}.png")
+            (staging / row["path"]).write_bytes(encode_png(image))
+        _write_manifest(plan, staging / MANIFEST_FILE, config)
+        labels = np.array([row["class_index"] for row in plan])
+        contact_sheet(images, labels, class_names, staging / "contact_sheet.png", per_class=min(8, config.n_per_class))
     return out_dir
 
 
 def read_manifest(sample_dir: str | Path) -> pa.Table:
-    path = Path(sample_dir) / MANIFEST_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{sample_dir} holds no {MANIFEST_FILE}: not a sample folder")
-    return pq.read_table(path)
+    """The manifest of a sample folder (a path or a URI)."""
+    try:
+        data = storage.read_bytes(storage.join(sample_dir, MANIFEST_FILE))
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileNotFoundError(f"{sample_dir} holds no {MANIFEST_FILE}: not a sample folder") from None
+    return pq.read_table(pa.BufferReader(data))
 
 
 def sample_id(namespace: str, seed: int, declared_class: str, index: int) -> str:

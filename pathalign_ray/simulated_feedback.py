@@ -14,14 +14,15 @@ from typing import Annotated
 import numpy as np
 from pydantic import Field
 
-from pathalign_ray.config import Fraction, PositiveInt, config_dataclass
+from pathalign_ray import storage
+from pathalign_ray.config import Fraction, Location, PositiveInt, config_dataclass
 from pathalign_ray.feedback import FeedbackRecord, FeedbackStore
 from pathalign_ray.progress import bar
 
 
 @config_dataclass
 class SimulateFeedbackConfig:
-    run_dir: str = "runs/demo"  # verdicts go to RUN_DIR/feedback
+    run_dir: Location = "runs/demo"  # a path or URI; verdicts go to RUN_DIR/feedback
     samples: str = "samples/pretrained"  # sample folder (jobs/sample.py), relative to run_dir
     experts: PositiveInt = 3  # simulated pathologists, named sim_expert_0..N-1
     flip_rate: Fraction = 0.05  # probability an expert turns a verdict over (disagreement between experts)
@@ -48,10 +49,9 @@ def simulate_feedback(config: SimulateFeedbackConfig) -> dict:
     from pathalign_ray.pathologist import measure
     from pathalign_ray.sampling import read_manifest
 
-    run_dir = Path(config.run_dir)
-    samples_dir = run_dir / config.samples
+    samples_dir = storage.join(config.run_dir, config.samples)
     rows = read_manifest(samples_dir).to_pylist()
-    store = FeedbackStore(run_dir / "feedback")
+    store = FeedbackStore(storage.join(config.run_dir, "feedback"))
     experts = simulated_experts(config)
     pending = {expert.expert_id: set(store.pending([r["sample_id"] for r in rows], expert.expert_id)) for expert in experts}
     records, plausible = [], 0
@@ -59,7 +59,7 @@ def simulate_feedback(config: SimulateFeedbackConfig) -> dict:
         waiting = [expert for expert in experts if row["sample_id"] in pending[expert.expert_id]]
         if not waiting:
             continue
-        data = (samples_dir / row["path"]).read_bytes()
+        data = storage.read_bytes(storage.join(samples_dir, row["path"]))
         image = decode_image(data, _png_side(data), name=row["path"])
         measurements = measure(image)
         for expert in waiting:

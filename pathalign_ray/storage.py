@@ -2,7 +2,9 @@
 
 One small layer, the way Ray Train and Ray Data take their storage: `resolve` turns a location into
 (pyarrow filesystem, path on it); the helpers read and write bytes, list, test existence, upload a
-local folder and download a folder once per node into a local cache.
+local folder and download a folder once per node into a local cache.  Jobs write a folder through
+`output_dir` (a local folder renamed, or a scratch folder uploaded, over the location) and read one
+through `download_dir` (a local folder as it is, a URI's files once per node).
 
 Endpoint and credentials come from the environment, as boto3 and pyarrow read them:
 - S3 endpoint: AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL (e.g. http://127.0.0.1:9000 for a local
@@ -24,6 +26,8 @@ import functools
 import hashlib
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -95,6 +99,16 @@ def ray_storage(location: str | os.PathLike) -> tuple[str, pafs.FileSystem | Non
     return path, fs
 
 
+def absolute(location: str | os.PathLike) -> str:
+    """A location workers can use from any working directory: a plain path made absolute, a URI as it is."""
+    return str(location) if _scheme(location) is not None else str(Path(location).resolve())
+
+
+def location(value: str | os.PathLike) -> str | Path:
+    """A URI as its string, a plain path as a Path: how jobs return where they wrote."""
+    return str(value) if _scheme(value) is not None else Path(value)
+
+
 def check_bucket(location: str | os.PathLike) -> None:
     """Raise StorageError unless the bucket of a URI exists and can be reached; nothing for local paths."""
     if not is_uri(location):
@@ -113,6 +127,18 @@ def exists(location: str | os.PathLike) -> bool:
     if not found:
         check_bucket(location)
     return found
+
+
+def is_empty(location: str | os.PathLike) -> bool:
+    """True when nothing is at `location`, or an empty folder; False for a file or a folder holding anything."""
+    fs, path = resolve(location)
+    with _errors(location):
+        kind = fs.get_file_info(path).type
+        if kind == pafs.FileType.Directory:
+            return not fs.get_file_info(pafs.FileSelector(path))
+    if kind == pafs.FileType.NotFound:
+        check_bucket(location)
+    return kind == pafs.FileType.NotFound
 
 
 def read_bytes(location: str | os.PathLike) -> bytes:
@@ -153,23 +179,70 @@ def list_files(location: str | os.PathLike, recursive: bool = False) -> list[str
     return sorted(i.path[len(prefix) :] for i in infos if i.type == pafs.FileType.File)
 
 
-def upload_dir(local_dir: str | os.PathLike, location: str | os.PathLike) -> str:
-    """Copy a local folder's files to `location` (a URI or path); return `location`."""
+def delete_dir(location: str | os.PathLike) -> None:
+    """Delete a folder, or every object under a prefix; a missing one is not an error."""
+    fs, path = resolve(location)
+    with _errors(location), contextlib.suppress(FileNotFoundError):
+        fs.delete_dir(path)
+
+
+def upload_dir(local_dir: str | os.PathLike, location: str | os.PathLike, replace: bool = False) -> str:
+    """Copy a local folder's files to `location` (a URI or path); return `location`.
+
+    replace=True first deletes what is under `location`, so no file of an older version stays
+    beside the new ones (on object storage the two steps are not atomic together).
+    """
     local_dir = Path(local_dir)
     if not local_dir.is_dir():
         raise NotADirectoryError(f"{local_dir}: not a folder")
     fs, path = resolve(location)
     check_bucket(location)
+    if replace:
+        delete_dir(location)
     with _errors(location):
+        if not is_uri(location):
+            fs.create_dir(path, recursive=True)  # copy_files makes the subfolders only
         pafs.copy_files(str(local_dir.resolve()), path, destination_filesystem=fs)
     return str(location)
+
+
+@contextlib.contextmanager
+def output_dir(location: str | os.PathLike) -> Iterator[Path]:
+    """A local folder to write a job's output into; when the block ends without an error it replaces `location`.
+
+    A local path: a staging folder beside it, renamed over it (a crash never leaves half a folder).
+    A URI: a scratch folder, uploaded over the prefix (upload_dir with replace=True), then removed.
+    """
+    if is_uri(location):
+        check_bucket(location)  # before the job writes anything
+        with tempfile.TemporaryDirectory(prefix="pathalign-out-") as scratch:
+            yield Path(scratch)
+            upload_dir(scratch, location, replace=True)
+        return
+    target = Path(resolve(location)[1])
+    staging = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def cache_root() -> Path:
+    """This node's cache folder for copies of remote files (PATHALIGN_STORAGE_CACHE, else CACHE_DIR)."""
+    return Path(os.environ.get("PATHALIGN_STORAGE_CACHE") or CACHE_DIR)
 
 
 def download_dir(location: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
     """A local folder holding the files under `location`, downloaded once per node and kept.
 
     Plain paths and file:// URIs are returned as they are.  For a URI the cache folder is keyed by
-    the URI (objects at a URI are taken as immutable, as model exports and data sets are here); a
+    the URI and its listing (every file's name, size and modification time), so a folder written
+    again at the same URI (the reward model each round, a rerun's export) is downloaded again; a
     file lock makes concurrent workers on one node wait for a single download.
     """
     if not is_uri(location):
@@ -177,20 +250,24 @@ def download_dir(location: str | os.PathLike, cache_dir: str | os.PathLike | Non
         if not local.is_dir():
             raise FileNotFoundError(f"{location}: no such folder")
         return local
-    root = Path(cache_dir or os.environ.get("PATHALIGN_STORAGE_CACHE") or CACHE_DIR)
+    root = Path(cache_dir) if cache_dir else cache_root()
     root.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha256(str(location).rstrip("/").encode()).hexdigest()[:24]
+    fs, path = resolve(location)
+    with _errors(location):
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=True))
+    listing = sorted((i.path, i.size, str(i.mtime)) for i in infos if i.type == pafs.FileType.File)
+    if not listing:
+        check_bucket(location)
+        raise FileNotFoundError(f"{location}: no files there")
+    key = hashlib.sha256(repr((str(location).rstrip("/"), listing)).encode()).hexdigest()[:24]
     target = root / key
     with open(root / f".{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if target.is_dir():
             return target
-        names = list_files(location, recursive=True)
-        if not names:
-            raise FileNotFoundError(f"{location}: no files there")
-        fs, path = resolve(location)
         partial = root / f".{key}.partial"
         shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()  # copy_files makes the subfolders only: a flat folder's files need this one
         with _errors(location):
             pafs.copy_files(path, str(partial), source_filesystem=fs)
         partial.rename(target)

@@ -1,4 +1,4 @@
-"""The Ray Tune driver of the feedback-weight search (beta, the reward weighting, lr, steps; ddpo's clip range, KL).
+"""The Ray Tune driver of the feedback-weight search: the objective's form and weights, lr and steps.
 
 Each trial is a Tune function trial that finetunes with `finetune.finetune` (a Ray Train V2
 TorchTrainer, the supported way to tune Train V2 runs) in chunks of `report_every` steps: a rerun
@@ -9,7 +9,8 @@ CPU; its Ray Train workers reserve theirs, and no more trials run at once than t
 small cluster never deadlocks. A chunk that does not finish within `report_timeout_s` fails its
 trial with a message. Rerunning the same search resumes it (`Tuner.restore`).
 
-The config is `tune_config.SearchConfig`; what the search writes when its trials end, `tune_report`.
+The config is `tune_config.SearchConfig`, whose conditional space Optuna draws define-by-run (random or
+TPE); what the search writes when its trials end, `tune_report`.
 Writes under OUT_DIR: search/ (Tune's experiment), trials/ID/ (each trial's finetuning run), and the
 tables, plot and best config of `tune_report.write_results`.
 """
@@ -17,6 +18,7 @@ tables, plot and best config of `tune_report.write_results`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 import tempfile
@@ -25,7 +27,18 @@ from pathlib import Path
 
 from pathalign_ray.evaluation.probe import Reference, build_reference, probe
 from pathalign_ray.finetune import FinetuneConfig
-from pathalign_ray.tune_config import ParamRange, SearchConfig, as_written_params, map_input_paths, trial_config
+from pathalign_ray.tune_config import (
+    TRIAL_NAME,
+    SearchConfig,
+    as_written_params,
+    branch_params,
+    define_by_run,
+    longest_steps,
+    map_input_paths,
+    searcher_point,
+    trial_config,
+    trial_run_dir,
+)
 from pathalign_ray.tune_objective import objective_terms, report_steps, trial_concurrency
 from pathalign_ray.tune_report import trial_rows, write_results
 
@@ -43,9 +56,7 @@ def search(config: SearchConfig) -> dict:
     from pathalign_ray.cluster import init_ray
 
     config = _resolved(config)
-    for params in _corner_params(config.ranges):  # every value a trial can draw must make a valid config
-        trial_config(config, params, config.out_dir, "check")
-    _check_algorithm(config.algorithm)
+    _check_optuna()
     init_ray(device=config.finetune.scale.device)
     scale = config.finetune.scale
     concurrency = trial_concurrency(
@@ -64,10 +75,13 @@ def search(config: SearchConfig) -> dict:
     else:
         print(f"searching {config.num_trials} trials, {concurrency} at a time")
         tuner = tune.Tuner(
-            trainable, param_space=param_space(config.ranges), tune_config=_tune_config(config, concurrency),
+            trainable,
+            tune_config=_tune_config(config, concurrency),
             run_config=tune.RunConfig(
-                name=EXPERIMENT, storage_path=str(Path(config.out_dir).resolve()),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1,
+                name=EXPERIMENT,
+                storage_path=str(Path(config.out_dir).resolve()),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                verbose=1,
             ),
         )
     rows = trial_rows(tuner.fit(), config)
@@ -80,59 +94,50 @@ def _resolved(config: SearchConfig) -> SearchConfig:
     return dataclasses.replace(config, finetune=finetune, out_dir=str(Path(config.out_dir).resolve()))
 
 
-def _corner_params(space: dict[str, ParamRange]) -> list[dict]:
-    """One params dict per extreme value of each range (the others at their first extreme)."""
-    options = {k: list(r.values) if r.kind == "choice" else [r.low, r.high] for k, r in space.items()}
-    first = {k: v[0] for k, v in options.items()}
-    return [first] + [{**first, k: v} for k, values in options.items() for v in values[1:]]
-
-
-def param_space(space: dict[str, ParamRange]) -> dict:
-    from ray import tune
-
-    draw = {"uniform": lambda r: tune.uniform(r.low, r.high), "loguniform": lambda r: tune.loguniform(r.low, r.high),
-            "choice": lambda r: tune.choice(list(r.values))}
-    return {key: draw[r.kind](r) for key, r in space.items()}
-
-
-def _check_algorithm(algorithm: str) -> None:
+def _check_optuna() -> None:
     import importlib.util
 
-    if algorithm != "random" and importlib.util.find_spec(algorithm) is None:
-        raise ModuleNotFoundError(f"algorithm={algorithm} needs the {algorithm} package: pip install -e '.[tune]'")
+    if importlib.util.find_spec("optuna") is None:
+        raise ModuleNotFoundError("the search draws its conditional space with Optuna: pip install -e '.[tune]'")
 
 
 def _tune_config(config: SearchConfig, concurrency: int):
+    """Optuna draws the space define-by-run (random or TPE); ASHA stops poor trials; Tune caps the concurrency."""
+    import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
 
-    first = [as_written_params(config)] if config.as_written_trial else None
-    if config.algorithm == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
-        searcher = OptunaSearch(seed=config.seed, points_to_evaluate=first)
-    elif config.algorithm == "hyperopt":
-        from ray.tune.search.hyperopt import HyperOptSearch
-
-        searcher = HyperOptSearch(random_state_seed=config.seed, points_to_evaluate=first)
+    if config.algorithm == "tpe":  # multivariate, grouped: each branch's fields are modelled together
+        sampler = optuna.samplers.TPESampler(seed=config.seed, multivariate=True, group=True)
     else:
-        from ray.tune.search.basic_variant import BasicVariantGenerator
-
-        # Tune ignores max_concurrent_trials for a generator (it warns): the limit goes to the generator itself
-        searcher = BasicVariantGenerator(random_state=config.seed, max_concurrent=concurrency, points_to_evaluate=first)
+        sampler = optuna.samplers.RandomSampler(seed=config.seed)
+    first = [searcher_point(config, as_written_params(config))] if config.as_written_trial else None
+    searcher = OptunaSearch(
+        space=functools.partial(define_by_run, space=config.space),
+        metric="objective",
+        mode="max",
+        sampler=sampler,
+        points_to_evaluate=first,
+    )
     scheduler = None
     if config.asha.enabled:
-        steps = config.ranges.get("train.steps")
-        longest = max(steps.values) if steps is not None else config.finetune.train.steps
-        max_t = len(report_steps(int(longest), config.report_every))
+        max_t = len(report_steps(longest_steps(config), config.report_every))
         scheduler = ASHAScheduler(
-            time_attr="training_iteration", max_t=max_t, grace_period=min(config.asha.grace_period, max_t),
+            time_attr="training_iteration",
+            max_t=max_t,
+            grace_period=min(config.asha.grace_period, max_t),
             reduction_factor=config.asha.reduction_factor,
         )
     return tune.TuneConfig(
-        metric="objective", mode="max", search_alg=searcher, scheduler=scheduler, num_samples=config.num_trials,
-        max_concurrent_trials=None if config.algorithm == "random" else concurrency,
-        time_budget_s=config.time_budget_s or None, reuse_actors=False,
+        metric="objective",
+        mode="max",
+        search_alg=searcher,
+        scheduler=scheduler,
+        num_samples=config.num_trials,
+        max_concurrent_trials=concurrency,
+        time_budget_s=config.time_budget_s or None,
+        reuse_actors=False,
         trial_dirname_creator=_trial_dirname,
     )
 
@@ -149,8 +154,8 @@ def run_trial(params: dict, search: SearchConfig, reference: Reference) -> None:
     from ray import tune
 
     trial_id = tune.get_context().get_trial_id()
-    run_dir = Path(search.out_dir) / "trials" / trial_id
-    config = trial_config(search, params, run_dir, "finetune")
+    run_dir = trial_run_dir(search.out_dir, trial_id)
+    config = trial_config(search, branch_params(search, params), run_dir, TRIAL_NAME)
     targets = report_steps(config.train.steps, search.report_every)
     done = 0
     checkpoint = tune.get_checkpoint()
@@ -162,7 +167,7 @@ def run_trial(params: dict, search: SearchConfig, reference: Reference) -> None:
     for index in range(done, len(targets)):
         chunk = dataclasses.replace(config, train=dataclasses.replace(config.train, steps=targets[index]))
         what = f"trial {trial_id}: finetuning to step {targets[index]} and probing"
-        metrics = _within(search.report_timeout_s, what, lambda: _chunk(chunk, search, reference))
+        metrics = _within(search.report_timeout_s, what, functools.partial(_chunk, chunk, search, reference))
         with tempfile.TemporaryDirectory() as folder:
             (Path(folder) / "progress.json").write_text(json.dumps({"reports": index + 1}))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
@@ -175,8 +180,14 @@ def _chunk(config: FinetuneConfig, search: SearchConfig, reference: Reference) -
     scores = probe(finetuned.model_dir, reference, search.probe)
     base, penalties = reference.base, search.penalties
     terms = objective_terms(
-        scores["plausibility"], scores["fid"], scores["coverage"], base["plausibility"], base["fid"], base["coverage"],
-        penalties.fid_weight, penalties.coverage_weight,
+        scores["plausibility"],
+        scores["fid"],
+        scores["coverage"],
+        base["plausibility"],
+        base["fid"],
+        base["coverage"],
+        penalties.fid_weight,
+        penalties.coverage_weight,
     )
     kept = ("loss", "reward_mean", "kl_to_base", "fresh_plausibility")  # finetuning's own last log line
     trained = {f"train_{k}": v for k, v in finetuned.final.items() if k in kept}
@@ -191,7 +202,7 @@ def _within(timeout_s: float, what: str, work):
     def target():
         try:
             outcome["value"] = work()
-        except BaseException as error:  # re-raised in the trial's thread below
+        except BaseException as error:  # noqa: BLE001 (re-raised in the trial's thread below)
             outcome["error"] = error
 
     thread = threading.Thread(target=target, name="tune-chunk", daemon=True)

@@ -1,14 +1,21 @@
-"""What the feedback-weight search searches: SearchConfig, and each trial's FinetuneConfig drawn from it.
+"""What the feedback-weight search searches: SearchConfig, its conditional space, and each trial's FinetuneConfig.
 
-The space names FinetuneConfig fields by dotted key ("objective.beta", "train.lr"), which are also
-Tune's parameter names; `trial_config` applies a trial's params to the finetune section and
-validates the result. Checked when the config loads, before Ray starts: every searched key names a
-field, a drawn range only a float one, no field the objective's kind ignores.
+The space is a set of branches. Each names a form of the objective (rwl with raw weights, rwl with
+centred weights and the ratio clip, ddpo, ...) and gives, by FinetuneConfig section and field, a
+range to draw or a value to fix; a trial draws one branch, then that branch's ranges. So a field
+exists only where it acts: ratio_clip only in a branch that fixes weighting centred, kl_coef only in
+one that fixes kind ddpo. Optuna draws the space define-by-run (`define_by_run`), naming each draw
+BRANCH:KEY ("rwl_centred:objective.ratio_clip"); `branch_params` turns a trial's draws back into
+dotted FinetuneConfig keys, and `trial_config` applies them to the finetune section.
+
+Checked when the config loads, before Ray starts, with errors that name the key: every field exists,
+acts under its branch's kind and weighting, and every extreme of every range makes a valid config.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -24,14 +31,26 @@ from pathalign_ray.config import (
     config_to_dict,
     field_type,
     get_dotted,
+    refuse_overwritten,
     set_dotted,
 )
 from pathalign_ray.evaluation.probe import ProbeConfig
-from pathalign_ray.finetune import FinetuneConfig
+from pathalign_ray.finetune import FinetuneConfig, ObjectiveConfig
 
-DDPO_ONLY = ("objective.clip_range", "objective.kl_coef", "objective.eta", "objective.ddim_steps",
-             "objective.trajectories_per_step", "objective.inner_epochs", "objective.advantage_clip")
-RWL_ONLY = ("objective.beta", "objective.weighting", "objective.threshold", "objective.temperature")
+# The objective fields each kind reads (finetune.train_loop); in a trial of the other kind they keep their defaults.
+KIND_FIELDS = {
+    "rwl": ("objective.beta", "objective.weighting", "objective.threshold", "objective.temperature",
+            "objective.ratio_clip"),
+    "ddpo": ("objective.clip_range", "objective.kl_coef", "objective.eta", "objective.ddim_steps",
+             "objective.trajectories_per_step", "objective.inner_epochs", "objective.advantage_clip"),
+}  # fmt: skip
+# rwl fields that act under one weighting only (objectives.reward_weights, reward_weighted_loss's ratio clip)
+WEIGHTING_FIELDS = {"objective.threshold": "threshold", "objective.temperature": "class_normalized",
+                    "objective.ratio_clip": "centred"}  # fmt: skip
+SEPARATOR = ":"  # between a branch's name and a key in Optuna's parameter names (Ray splits nested names at "/")
+TRIAL_NAME = "finetune"  # each trial's finetuning run: OUT_DIR/trials/ID/finetune, its model finetune-model
+_BRANCH_NAME = re.compile(r"[A-Za-z_]\w*")
+_FINETUNE = TypeAdapter(FinetuneConfig)
 
 
 @config_dataclass
@@ -46,6 +65,13 @@ class ParamRange:
             raise ValueError("a choice needs values")
         if self.kind != "choice" and not (self.low < self.high and (self.kind == "uniform" or self.low > 0)):
             raise ValueError(f"{self.kind} needs low < high (and low > 0 for loguniform), got {self.low}, {self.high}")
+
+    def holds(self, value) -> bool:
+        return value in self.values if self.kind == "choice" else self.low <= value <= self.high
+
+
+# a branch's field: a range the search draws, or a value it fixes (bool before int: YAML's true stays a bool)
+BranchField = ParamRange | bool | int | float | str
 
 
 @config_dataclass
@@ -63,11 +89,13 @@ class AshaConfig:
 
 @config_dataclass
 class SearchConfig:
-    # every trial starts from this config (its run_dir and name are set per trial)
+    # every trial starts from this config (its run_dir and name are set per trial); its objective section is
+    # left out: the branches of `space` set the objective
     finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
-    # FinetuneConfig section -> field -> range, e.g. {"objective": {"beta": ...}, "train": {"lr": ...}}
-    space: dict[str, dict[str, ParamRange]] = dataclasses.field(default_factory=dict)
-    algorithm: Literal["random", "optuna", "hyperopt"] = "random"  # optuna and hyperopt: pip install -e '.[tune]'
+    # branch -> FinetuneConfig section -> field -> a range or a fixed value; every branch fixes objective.kind
+    space: dict[str, dict[str, dict[str, BranchField]]] = dataclasses.field(default_factory=dict)
+    # both through Optuna (pip install -e '.[tune]'): random draws; tpe models the results (its first 10 trials random)
+    algorithm: Literal["random", "tpe"] = "random"
     num_trials: PositiveInt = 12  # trials in the whole search
     seed: int = 0  # the search algorithm's seed
     report_every: PositiveInt = 50  # finetuning steps between reports; ASHA counts reports
@@ -82,58 +110,154 @@ class SearchConfig:
     out_dir: str = "runs/pretrain32/tune"  # Tune's experiment, trial runs, tables and plot
     best_config: str = ""  # the best trial's FinetuneConfig, for jobs/finetune.py; "": OUT_DIR/best_feedback.yaml
     best_name: str = "tuned"  # `name` of the finetuning run the best config describes
-    # the first trial runs the finetune section's own values of the searched fields (the paper's beta 0.3
-    # and raw reward weights by default): the baseline the best trial is measured against
+    # the first trial runs the finetune section's own values (the paper's beta 0.3, raw reward weights, its lr
+    # and steps) in the branch that fixes nothing else: the baseline the best trial is measured against
     as_written_trial: bool = True
 
     def __post_init__(self) -> None:
-        kind = self.finetune.objective.kind
-        for key, value_range in self.ranges.items():
-            _check_key(key, value_range.kind)
-            if key.startswith("scale."):
-                raise ValueError(f"space.{key}: scale sizes every trial alike (and fixes how many run at once)")
-            if (kind == "rwl" and key in DDPO_ONLY) or (kind == "ddpo" and key in RWL_ONLY):
-                raise ValueError(f"space.{key} has no effect with finetune.objective.kind={kind}")
+        if not self.space:
+            raise ValueError("space: give at least one branch (name -> section -> field -> range or value)")
+        objective_keys = [f"finetune.objective.{f.name}" for f in dataclasses.fields(ObjectiveConfig)]
+        refuse_overwritten(self, objective_keys, "the branches of space set the objective (space.BRANCH.objective)")
+        for name, branch in self.space.items():
+            fields = flat_branch(branch)
+            _check_branch(name, fields)
+            for params in _corner_params(fields):  # every value a trial can draw must make a valid config
+                try:
+                    trial_config(self, params, self.out_dir, "check")
+                except ConfigError as error:
+                    raise ValueError(f"space.{name}: {error}") from None
         if self.as_written_trial:
-            for key, value in as_written_params(self).items():
-                value_range = self.ranges[key]
-                if value_range.kind == "choice" and value not in value_range.values:
-                    raise ValueError(
-                        f"as_written_trial: finetune.{key}={value} is not among space.{key}'s values "
-                        f"{list(value_range.values)}; add it, or set as_written_trial=false"
-                    )
+            as_written_params(self)
 
-    @property
-    def ranges(self) -> dict[str, ParamRange]:
-        """The space as dotted FinetuneConfig keys ("objective.beta"): Tune's parameter names."""
-        return {f"{section}.{name}": r for section, fields in self.space.items() for name, r in fields.items()}
+
+def flat_branch(branch: dict[str, dict[str, BranchField]]) -> dict[str, BranchField]:
+    """A branch's fields by dotted FinetuneConfig key ("objective.beta")."""
+    return {f"{section}.{name}": value for section, fields in branch.items() for name, value in fields.items()}
+
+
+def _check_branch(name: str, fields: dict[str, BranchField]) -> None:
+    """Each key names a FinetuneConfig field that acts under the branch's kind and weighting; kind is fixed."""
+    if not _BRANCH_NAME.fullmatch(name):
+        raise ValueError(f"space.{name}: a branch's name is letters, digits and underscores")
+    kind = fields.get("objective.kind")
+    if kind not in KIND_FIELDS:
+        raise ValueError(
+            f"space.{name}.objective.kind: each branch fixes its objective's kind: one of {list(KIND_FIELDS)}"
+        )
+    weighting = fields.get("objective.weighting", ObjectiveConfig.weighting)
+    for key, value in fields.items():
+        where = f"space.{name}.{key}"
+        annotation = field_type(FinetuneConfig, key)
+        if annotation is None:
+            raise ValueError(f"{where}: FinetuneConfig has no field {key}")
+        if key.startswith("scale."):
+            raise ValueError(f"{where}: scale sizes every trial alike (and fixes how many run at once)")
+        other = [k for k, keys in KIND_FIELDS.items() if key in keys and k != kind]
+        if other:
+            raise ValueError(f"{where}: acts with objective.kind={other[0]} only; this branch's kind is {kind}")
+        if key in WEIGHTING_FIELDS and weighting != WEIGHTING_FIELDS[key]:
+            its = "drawn" if isinstance(weighting, ParamRange) else weighting
+            raise ValueError(
+                f"{where}: acts with objective.weighting={WEIGHTING_FIELDS[key]} only; this branch's weighting is "
+                f"{its} (fix it to {WEIGHTING_FIELDS[key]} here, or give this field another branch)"
+            )
+        if isinstance(value, ParamRange) and value.kind != "choice" and annotation is not float:
+            raise ValueError(f"{where}: a {value.kind} range draws floats; give this field a choice of values")
+
+
+def _corner_params(fields: dict[str, BranchField]) -> list[dict]:
+    """Dotted params at every extreme of each range (the other ranges at their first extreme), fixed values set."""
+    options = {
+        key: (list(value.values) if value.kind == "choice" else [value.low, value.high])
+        for key, value in fields.items()
+        if isinstance(value, ParamRange)
+    }
+    first = {key: value for key, value in fields.items() if not isinstance(value, ParamRange)}
+    first |= {key: values[0] for key, values in options.items()}
+    return [first] + [{**first, key: value} for key, values in options.items() for value in values[1:]]
+
+
+def define_by_run(trial, space: dict[str, dict[str, dict[str, BranchField]]]) -> None:
+    """Optuna's define-by-run of the space: the branch, then each of its ranges, named BRANCH:KEY."""
+    name = trial.suggest_categorical("branch", list(space))
+    for key, value in flat_branch(space[name]).items():
+        if not isinstance(value, ParamRange):
+            continue
+        label = f"{name}{SEPARATOR}{key}"
+        if value.kind == "choice":
+            trial.suggest_categorical(label, list(value.values))
+        else:
+            trial.suggest_float(label, value.low, value.high, log=value.kind == "loguniform")
+
+
+def branch_params(search: SearchConfig, drawn: dict) -> dict:
+    """A trial's params as dotted FinetuneConfig keys, "branch" first: its branch's fixed values and its draws."""
+    name = drawn["branch"]
+    prefix = f"{name}{SEPARATOR}"
+    fields = flat_branch(search.space[name])
+    draws = {key.removeprefix(prefix): value for key, value in drawn.items() if key.startswith(prefix)}
+    return {"branch": name, **{key: draws.get(key, value) for key, value in fields.items()}}
+
+
+def searcher_point(search: SearchConfig, params: dict) -> dict:
+    """branch_params' inverse for the drawn fields: the Optuna parameters that make `params` (points_to_evaluate)."""
+    name = params["branch"]
+    ranges = [key for key, value in flat_branch(search.space[name]).items() if isinstance(value, ParamRange)]
+    return {"branch": name, **{f"{name}{SEPARATOR}{key}": params[key] for key in ranges}}
 
 
 def as_written_params(search: SearchConfig) -> dict:
-    """The searched fields' values in the finetune section itself, as Tune params (dotted keys)."""
+    """The finetune section's own values as a trial's params, in the first branch whose fixed values they match."""
     data = config_to_dict(search.finetune)
-    return {key: get_dotted(data, key) for key in search.ranges}
-
-
-def _check_key(dotted: str, kind: str) -> None:
-    """A searched key must name a FinetuneConfig field; a drawn range (not a choice) only a float one."""
-    annotation = field_type(FinetuneConfig, dotted)
-    if annotation is None:
-        raise ValueError(f"space.{dotted}: FinetuneConfig has no field {dotted}")
-    if kind != "choice" and annotation is not float:
-        raise ValueError(f"space.{dotted}: a {kind} range draws floats; give this field a choice of values")
+    for name, branch in search.space.items():
+        fields = flat_branch(branch)
+        fixed = {key: value for key, value in fields.items() if not isinstance(value, ParamRange)}
+        if any(value != get_dotted(data, key) for key, value in fixed.items()):
+            continue
+        params = {"branch": name, **{key: get_dotted(data, key) for key in fields}}
+        for key, value in fields.items():
+            if isinstance(value, ParamRange) and not value.holds(params[key]):
+                allowed = list(value.values) if value.kind == "choice" else f"[{value.low:g}, {value.high:g}]"
+                raise ValueError(
+                    f"as_written_trial: finetune.{key}={params[key]} is outside space.{name}.{key} {allowed}; "
+                    "widen the range, or set as_written_trial=false"
+                )
+        return params
+    raise ValueError(
+        "as_written_trial: no branch of space fixes only the finetune section's own values (objective kind "
+        f"{ObjectiveConfig.kind}, weighting {ObjectiveConfig.weighting}); add one, or set as_written_trial=false"
+    )
 
 
 def trial_config(search: SearchConfig, params: dict, run_dir: str | Path, name: str) -> FinetuneConfig:
-    """The base FinetuneConfig with the trial's params (dotted keys) applied, validated."""
+    """The finetune section with the trial's params (dotted keys; "branch" names them) applied, validated."""
     data = config_to_dict(search.finetune)
     data.update(run_dir=str(run_dir), name=name)
     for key, value in params.items():
-        set_dotted(data, key, value.item() if isinstance(value, np.generic) else value)  # searchers may hand numpy scalars
+        if key != "branch":
+            set_dotted(data, key, value.item() if isinstance(value, np.generic) else value)  # searchers may hand numpy
     try:
-        return TypeAdapter(FinetuneConfig).validate_python(data)
+        return _FINETUNE.validate_python(data)
     except ValidationError as error:
-        raise ConfigError(f"params {params}: {error}") from None
+        reasons = [
+            f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg'].removeprefix('Value error, ')}"
+            for e in error.errors()
+        ]
+        raise ConfigError(f"params {params} make an invalid FinetuneConfig: {'; '.join(reasons)}") from None
+
+
+def trial_run_dir(out_dir: str | Path, trial_id: str) -> Path:
+    return Path(out_dir) / "trials" / trial_id
+
+
+def longest_steps(search: SearchConfig) -> int:
+    """The most finetuning steps any trial can run (ASHA's last rung)."""
+    longest = 0
+    for branch in search.space.values():
+        steps = flat_branch(branch).get("train.steps", search.finetune.train.steps)
+        longest = max(longest, max(steps.values) if isinstance(steps, ParamRange) else steps)
+    return int(longest)
 
 
 def map_input_paths(finetune: FinetuneConfig, convert) -> FinetuneConfig:
@@ -146,7 +270,9 @@ def map_input_paths(finetune: FinetuneConfig, convert) -> FinetuneConfig:
         finetune,
         base_model=each(finetune.base_model),
         data=dataclasses.replace(
-            finetune.data, samples=tuple(map(each, finetune.data.samples)), real_dataset=each(finetune.data.real_dataset)
+            finetune.data,
+            samples=tuple(map(each, finetune.data.samples)),
+            real_dataset=each(finetune.data.real_dataset),
         ),
         reward=dataclasses.replace(finetune.reward, model=each(finetune.reward.model)),
     )

@@ -1,8 +1,9 @@
 """What the feedback-weight search writes once its trials end: the tables, the plot and the best config.
 
-Under OUT_DIR: trials.csv and trials.md (one row per trial: params, last report, status, error,
-Pareto flag), pareto.md (plausibility against FID), objective_vs_beta.png; and the best trial's
-FinetuneConfig at `best_config`, ready for jobs/finetune.py.
+Under OUT_DIR: trials.csv and trials.md (one row per trial: its branch and params, last report,
+status, error, Pareto flag, model folder), pareto.md and pareto.png (plausibility against FID, the
+front marked, beside the base model); and the best trial's FinetuneConfig at `best_config`, ready for
+jobs/finetune.py.
 """
 
 from __future__ import annotations
@@ -15,29 +16,47 @@ import yaml
 
 from pathalign_ray.config import config_to_dict
 from pathalign_ray.finetune import FinetuneConfig
-from pathalign_ray.tune_config import SearchConfig, as_written_params, map_input_paths, trial_config
+from pathalign_ray.tune_config import (
+    TRIAL_NAME,
+    SearchConfig,
+    as_written_params,
+    branch_params,
+    flat_branch,
+    map_input_paths,
+    trial_config,
+    trial_run_dir,
+)
 from pathalign_ray.tune_objective import pareto_front
 
 METRICS = ("objective", "gain", "plausibility", "fid", "coverage", "fid_penalty", "coverage_penalty")
+
+
+def param_keys(config: SearchConfig) -> list[str]:
+    """Every dotted key any branch fixes or draws, in the order the branches give them: the table's param columns."""
+    return list(dict.fromkeys(key for branch in config.space.values() for key in flat_branch(branch)))
 
 
 def trial_rows(results, config: SearchConfig) -> list[dict]:
     """One row per trial: its params, its last report (the state it ended in), status, error, Pareto flag."""
     rows = []
     as_written = as_written_params(config) if config.as_written_trial else None
+    keys = param_keys(config)
     for result in results:
         metrics = result.metrics or {}
-        params = {k: result.config.get(k) for k in config.ranges}
+        params = branch_params(config, result.config)
         steps = trial_config(config, params, config.out_dir, "row").train.steps
         step = metrics.get("step")
         status = "error" if result.error else ("done" if step == steps else "stopped early")
+        trial = metrics.get("trial_id") or Path(result.path).name.removeprefix("trial_")
         row = {
-            "trial": metrics.get("trial_id") or Path(result.path).name.removeprefix("trial_"),
+            "trial": trial,
             "status": status,
             "step": step,
             **{k: metrics.get(k, math.nan) for k in METRICS},
-            **params,
+            "branch": params["branch"],
+            **{k: params.get(k) for k in keys},
             "as_written": params == as_written,
+            "model": str(trial_run_dir(config.out_dir, trial) / f"{TRIAL_NAME}-model"),
             "error": _last_line(result.error) if result.error else "",
         }
         rows.append(row)
@@ -54,7 +73,8 @@ def _last_line(error: BaseException) -> str:
 
 
 def write_results(rows: list[dict], config: SearchConfig, base: dict) -> dict:
-    """trials.csv, trials.md, pareto.md, objective_vs_beta.png and the best config; each printed or named."""
+    """trials.csv, trials.md, pareto.md, pareto.png and the best config; each printed or named. Returns where they
+    went, the rows, the best and as-written rows and the base model's probe."""
     import csv
 
     out = Path(config.out_dir)
@@ -63,18 +83,21 @@ def write_results(rows: list[dict], config: SearchConfig, base: dict) -> dict:
         writer = csv.DictWriter(handle, columns)
         writer.writeheader()
         writer.writerows(rows)
-    table = markdown_table(rows, [c for c in columns if c != "error"])
+    table = markdown_table(rows, [c for c in columns if c not in ("error", "model")])
     (out / "trials.md").write_text(table)
     print(f"trials:\n{table}")
     errors = [f"trial {r['trial']}: {r['error']}" for r in rows if r["error"]]
     if errors:
         print("failed trials:\n" + "\n".join(errors))
     front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["fid"])
-    pareto = markdown_table(front, ["trial", "plausibility", "fid", "coverage", "objective", *config.ranges])
+    keys = [k for k in param_keys(config) if any(r[k] is not None for r in front)]
+    pareto = markdown_table(front, ["trial", "branch", "step", "plausibility", "fid", "coverage", "objective", *keys])
     (out / "pareto.md").write_text(pareto)
-    print(f"Pareto front, plausibility against FID (base model: plausibility {base['plausibility']:.4g}, "
-          f"FID {base['fid']:.4g}):\n{pareto}")
-    plot = plot_objective_vs_beta(rows, config, out / "objective_vs_beta.png")
+    print(
+        f"Pareto front, plausibility against FID (base model: plausibility {base['plausibility']:.4g}, "
+        f"FID {base['fid']:.4g}):\n{pareto}"
+    )
+    plot = plot_pareto(rows, base, out / "pareto.png")
     scored = [r for r in rows if np.isfinite(r["objective"])]
     if not scored:
         where = out / "trials.csv"
@@ -84,11 +107,19 @@ def write_results(rows: list[dict], config: SearchConfig, base: dict) -> dict:
     print(f"best trial {best['trial']}: objective {best['objective']:.4g}; its config: {best_path}")
     as_written = next((r for r in rows if r["as_written"]), None)
     if as_written is not None:
-        print(f"as-written trial {as_written['trial']} (the finetune section's own values): "
-              f"objective {as_written['objective']:.4g}, status {as_written['status']}")
+        print(
+            f"as-written trial {as_written['trial']} (the finetune section's own values): "
+            f"objective {as_written['objective']:.4g}, status {as_written['status']}"
+        )
     return {
-        "trials": out / "trials.csv", "pareto": out / "pareto.md", "plot": plot, "best_config": best_path, "best": best,
-        "as_written": as_written, "base": base,
+        "trials": out / "trials.csv",
+        "pareto": out / "pareto.md",
+        "plot": plot,
+        "best_config": best_path,
+        "rows": rows,
+        "best": best,
+        "as_written": as_written,
+        "base": base,
     }
 
 
@@ -103,35 +134,58 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_objective_vs_beta(rows: list[dict], config: SearchConfig, path: Path) -> Path:
+def plot_pareto(rows: list[dict], base: dict, path: Path) -> Path:
+    """Plausibility against domain FID, one marker per branch, the Pareto front joined, the best trial starred,
+    the as-written trial ringed, the base model a cross."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter
 
-    beta = [r.get("objective.beta", config.finetune.objective.beta) for r in rows]
-    figure, axes = plt.subplots(figsize=(5, 3.5), dpi=120)
-    for status, marker in (("done", "o"), ("stopped early", "x")):
-        chosen = [i for i, r in enumerate(rows) if r["status"] == status and np.isfinite(r["objective"])]
-        axes.scatter([beta[i] for i in chosen], [rows[i]["objective"] for i in chosen], marker=marker, label=status)
-    scored = [i for i, r in enumerate(rows) if np.isfinite(r["objective"])]
-    if scored:
-        best = max(scored, key=lambda i: rows[i]["objective"])
-        axes.scatter([beta[best]], [rows[best]["objective"]], marker="*", s=160, facecolors="none",
-                     edgecolors="red", label=f"best ({rows[best]['trial']})")
-        written = [i for i in scored if rows[i].get("as_written")]
-        axes.scatter([beta[i] for i in written], [rows[i]["objective"] for i in written], marker="D", s=90,
-                     facecolors="none", edgecolors="black", label="as written (the paper's setting)")
-    else:
-        axes.text(0.5, 0.5, "no trial reported an objective", ha="center", transform=axes.transAxes)
-    if scored and getattr(config.ranges.get("objective.beta"), "kind", "") == "loguniform":
-        axes.set_xscale("log")
-        axes.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap over a decade
-    axes.axhline(0.0, color="grey", linewidth=0.8)
-    axes.set_xlabel("beta (weight of the real-data term)")
-    axes.set_ylabel("objective (plausibility gain - penalties)")
-    axes.legend(fontsize=8)
+    figure, axes = plt.subplots(figsize=(5.5, 4), dpi=120)
+    scored = [r for r in rows if np.isfinite(r["plausibility"]) and np.isfinite(r["fid"])]
+    for branch, marker in zip(dict.fromkeys(r["branch"] for r in scored), "osv^<>pDh8"):
+        mine = [r for r in scored if r["branch"] == branch]
+        axes.scatter(
+            [r["fid"] for r in mine], [r["plausibility"] for r in mine], marker=marker, alpha=0.8, label=branch
+        )
+    front = sorted((r for r in scored if r["pareto"]), key=lambda r: r["fid"])
+    axes.step(
+        [r["fid"] for r in front],
+        [r["plausibility"] for r in front],
+        where="post",
+        color="black",
+        linewidth=1,
+        label="Pareto front",
+    )
+    axes.scatter([base["fid"]], [base["plausibility"]], marker="x", s=80, color="grey", label="base model")
+    objectives = [r for r in scored if np.isfinite(r["objective"])]
+    if objectives:
+        best = max(objectives, key=lambda r: r["objective"])
+        axes.scatter(
+            [best["fid"]],
+            [best["plausibility"]],
+            marker="*",
+            s=220,
+            facecolors="none",
+            edgecolors="red",
+            label=f"best objective ({best['trial']})",
+        )
+    written = [r for r in scored if r["as_written"]]
+    axes.scatter(
+        [r["fid"] for r in written],
+        [r["plausibility"] for r in written],
+        marker="o",
+        s=160,
+        facecolors="none",
+        edgecolors="black",
+        label="as written (the paper's setting)",
+    )
+    if not scored:
+        axes.text(0.5, 0.5, "no trial reported a probe", ha="center", transform=axes.transAxes)
+    axes.set_xlabel("domain FID against the real training set (lower is better)")
+    axes.set_ylabel("plausibility on the probe's noise")
+    axes.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
@@ -142,20 +196,23 @@ def _paths_relative_to_cwd(config: FinetuneConfig) -> FinetuneConfig:
     """The search made the input paths absolute for the trials (tune._resolved); those under the working
     directory go back to relative, so the best config stays usable from another checkout of the project."""
     cwd = Path.cwd()
-    return map_input_paths(config, lambda path: str(Path(path).relative_to(cwd)) if Path(path).is_relative_to(cwd) else path)
+    return map_input_paths(
+        config, lambda path: str(Path(path).relative_to(cwd)) if Path(path).is_relative_to(cwd) else path
+    )
 
 
 def write_best_config(best: dict, config: SearchConfig) -> Path:
     """The best trial's FinetuneConfig, at the step count its objective was measured at, for jobs/finetune.py."""
-    params = {k: best[k] for k in config.ranges}
+    params = {"branch": best["branch"], **{k: best[k] for k in flat_branch(config.space[best["branch"]])}}
     params["train.steps"] = int(best["step"])
     finetune = _paths_relative_to_cwd(trial_config(config, params, config.finetune.run_dir, config.best_name))
     header = (
-        f"# jobs/tune.py: the best of {config.num_trials} trials (trial {best['trial']}): objective "
+        f"# jobs/tune.py: the best of {config.num_trials} trials (trial {best['trial']}, branch {best['branch']}): objective "
         f"{best['objective']:.4g}, plausibility {best['plausibility']:.4g}, FID {best['fid']:.4g}, "
         f"coverage {best['coverage']:.4g}\n# run it: python jobs/finetune.py --config THIS_FILE\n"
     )
-    path = Path(config.best_config or Path(config.out_dir) / "best_feedback.yaml")  # a search result, not a shipped config
+    # a search result, not a shipped config
+    path = Path(config.best_config or Path(config.out_dir) / "best_feedback.yaml")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(header + yaml.safe_dump(config_to_dict(finetune), sort_keys=False))
     return path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -169,3 +170,18 @@ def s3_server():
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+_buckets = itertools.count()
+
+
+@pytest.fixture
+def bucket(s3_server) -> str:
+    """A new empty bucket on the session's S3 server, as an s3:// URI."""
+    import pyarrow.fs as pafs
+
+    name = f"test-{os.getpid()}-{next(_buckets)}"
+    host = s3_server.split("://", 1)[1]
+    admin = pafs.S3FileSystem(endpoint_override=host, scheme="http", region="us-east-1", allow_bucket_creation=True)
+    admin.create_dir(name)
+    return f"s3://{name}"

@@ -1,6 +1,7 @@
 """Ray on a cluster: the launcher configs against Ray's own schema; jobs sent with `ray job submit` to
-a two-node cluster started with `ray start` on this machine, with token authentication on; faults:
-a job stopped with `ray job stop` and sent again, a worker node lost mid-run.
+a two-node cluster started with `ray start` on this machine, with token authentication on; the tiny
+loop with everything on a bucket of the session's S3 server (moto); faults: a job stopped with
+`ray job stop` and sent again, a worker node lost mid-run.
 
 Each node has one CPU and each Ray Train worker reserves one, so a 2-worker run puts one worker on
 each node, and a run that lost a node waits for a replacement (as an autoscaler would bring).
@@ -22,6 +23,7 @@ import pytest
 import yaml
 from conftest import TINY_ALIGN_OVERRIDES, TINY_PRETRAIN_OVERRIDES
 
+from pathalign_ray import storage
 from pathalign_ray.local_cluster import LocalCluster
 
 pytestmark = pytest.mark.ray
@@ -30,6 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNTIME_ENV = {"excludes": [".git", "bench/results"]}  # as README.md submits jobs
 JOB_TIMEOUT_S = 900  # one tiny job: 2.5 min on 2 cores at load 4, 7 min at load 12
 TRAIN_GAUGES = ["ray_pathalign_train_images_per_second", "ray_pathalign_train_step_seconds", "ray_pathalign_train_loss"]
+# files a run writes into its run_dir: none may land on a node's disk when run_dir is a bucket
+RUN_FILES = {"pretrain.yaml", "pretrain_metrics.jsonl", "rounds.jsonl", "round0.yaml", "round0_metrics.jsonl",
+             "train_reward.yaml", "demo.json", "report.html", "checkpoint_manager_snapshot.json"}  # fmt: skip
 
 
 def test_the_launcher_configs_follow_the_autoscaler_schema():
@@ -56,10 +61,12 @@ def test_the_launcher_configs_follow_the_autoscaler_schema():
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """A head and a worker node, one CPU each. Stopped after the module."""
+def cluster(s3_server):
+    """A head and a worker node, one CPU each, that reach the S3 server (its endpoint and keys in their
+    environment, as an instance profile gives a real node); each node's download cache is ROOT/cache.
+    Stopped after the module."""
     root = Path(tempfile.mkdtemp(prefix="pa_", dir="/tmp"))  # short: Ray's socket paths under it must fit 107 bytes
-    with LocalCluster(root) as local:
+    with LocalCluster(root, env={"PATHALIGN_STORAGE_CACHE": str(root / "cache")}) as local:
         local.start_head(num_cpus=1)
         local.add_node(num_cpus=1)
         yield local
@@ -88,8 +95,9 @@ def _status(cluster: LocalCluster, job_id: str) -> str:
     return re.search(rf"Status for job '{job_id}': (\w+)", output).group(1)
 
 
-def _history(run_dir: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in (run_dir / "pretrain_metrics.jsonl").read_text().splitlines()]
+def _history(run_dir: str | Path) -> list[int]:
+    text = storage.read_bytes(storage.join(run_dir, "pretrain_metrics.jsonl")).decode()
+    return [json.loads(line)["step"] for line in text.splitlines()]
 
 
 def _wait_for_checkpoint(run_dir: Path, timeout: float = JOB_TIMEOUT_S) -> None:
@@ -161,7 +169,7 @@ def _wait_for_end(cluster: LocalCluster, job_id: str) -> str:
     return _status(cluster, job_id)
 
 
-def _tiny_demo(run_dir: Path) -> list[str]:
+def _tiny_demo(run_dir: str) -> list[str]:
     """jobs/demo.py on 16 px with its generator pretrained first (configs/demo_pretrain.yaml): data set,
     4 pretraining steps, one round of the align loop, the evaluation. The reward is scored in-process
     (align.serve=null): the two nodes have one CPU each, both held by the Ray Train workers, so a Serve
@@ -179,10 +187,11 @@ def _tiny_demo(run_dir: Path) -> list[str]:
 
 
 @pytest.mark.timeout(1200)
-def test_the_tiny_align_loop_sent_with_ray_job_submit_runs_on_both_nodes_and_exports_its_metrics(cluster, tmp_path):
+def test_the_tiny_align_loop_sent_with_ray_job_submit_runs_on_both_nodes_on_the_bucket(cluster, bucket):
+    run = f"{bucket}/run"
     stop, gauges_seen = threading.Event(), threading.Event()
     watcher = _watch(lambda: _gauges_exported(cluster), stop, gauges_seen)
-    assert _submit(cluster, _tiny_demo(tmp_path), "demo-two-nodes", wait=False).returncode == 0
+    assert _submit(cluster, _tiny_demo(run), "demo-two-nodes", wait=False).returncode == 0
     status = _wait_for_end(cluster, "demo-two-nodes")
     stop.set()
     watcher.join()
@@ -190,11 +199,23 @@ def test_the_tiny_align_loop_sent_with_ray_job_submit_runs_on_both_nodes_and_exp
     assert status == "SUCCEEDED", logs[-3000:]
     assert "pretrain step 4/4" in logs and re.search(r"\[align\] round 0: plausibility of its samples \d", logs), logs[-3000:]
     assert re.search(r"\[demo\] plausibility \d+\.\d% \[.*\] -> \d+\.\d%", logs), logs[-3000:]
-    assert (tmp_path / "report.html").is_file() and json.loads((tmp_path / "demo.json").read_text())["labels"] > 0
-    assert _history(tmp_path) == [1, 2, 3, 4]
-    (round_row,) = [json.loads(line) for line in (tmp_path / "rounds.jsonl").read_text().splitlines()]
-    assert round_row["labels"] > 0 and (tmp_path / "round0-model").is_dir()
+    assert storage.exists(f"{run}/report.html") and json.loads(storage.read_bytes(f"{run}/demo.json"))["labels"] > 0
+    assert _history(run) == [1, 2, 3, 4]
+    (round_row,) = [json.loads(line) for line in storage.read_bytes(f"{run}/rounds.jsonl").decode().splitlines()]
+    assert round_row["labels"] > 0 and round_row["model"] == f"{run}/model"
     assert gauges_seen.is_set(), f"no node exported all of {TRAIN_GAUGES} while the job ran"
+
+    files = set(storage.list_files(run, recursive=True))  # the bucket holds the run
+    for model in ("data/dataset.json", "model/unet/config.json", "round0-model/unet/config.json", "reward/reward.json"):
+        assert model in files, model
+    assert any(f.startswith("feedback/fb-") for f in files) and "rounds/0/samples/manifest.parquet" in files
+    for train_run in ("pretrain", "round0", "reward_train"):  # Ray Train's checkpoints
+        assert any(f.startswith(f"{train_run}/checkpoint_") for f in files), f"no checkpoint of {train_run}"
+    assert "evaluation/metrics.json" in files
+    on_disk = [  # in the nodes' folders and the job's working directory; the uploaded code's configs/ shares names
+        p for p in cluster.root.rglob("*") if p.name in RUN_FILES and p.parent.name != "configs"
+    ]
+    assert not on_disk, f"run files on a node's disk: {on_disk}"
 
     nodes = _alive_node_ids(cluster)
     assert _train_worker_nodes(cluster) == nodes and len(nodes) == 2

@@ -384,5 +384,5 @@ def test_the_config_sets_replicas_or_autoscaling_and_rejects_what_cannot_work(mo
         load_config(ServeRewardConfig, None, ["max_images_per_request=64", "max_batch_size=32"])
     with pytest.raises(ConfigError, match="unknown key"):
         load_config(ServeRewardConfig, None, ["max_batch=8"])
-    with pytest.raises(FileNotFoundError, match="not a reward model"):
+    with pytest.raises(FileNotFoundError, match="model=.*missing: no such folder"):
         switch_model(ServeRewardConfig(model=str(models[0])), str(models[0].parent / "missing"))

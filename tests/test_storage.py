@@ -1,13 +1,13 @@
 """Storage by URI (pathalign_ray.storage) and the feedback store on a real S3-compatible server.
 
 The server is moto's (the `s3_server` session fixture in conftest.py, on 127.0.0.1); each test gets
-a bucket of its own.  The last test runs Ray Train with its checkpoints on the bucket.
+a bucket of its own (the `bucket` fixture).  Configs check their locations as they load.  The last
+test runs Ray Train with its checkpoints on the bucket and a worker killed midway.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import os
 import re
 import socket
@@ -20,24 +20,21 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-from test_feedback import _acknowledged, _batch_ends, _kill_after, _start_writer, _stop, _without_timestamp, _writer_record
+from test_feedback import (
+    _acknowledged,
+    _batch_ends,
+    _kill_after,
+    _start_writer,
+    _stop,
+    _without_timestamp,
+    _writer_record,
+)
 
 from pathalign_ray import storage
 from pathalign_ray.feedback import FeedbackRecord, FeedbackStore, FeedbackStoreError
 from pathalign_ray.storage import StorageError
 
 SHA = hashlib.sha256(b"an image").hexdigest()
-_buckets = itertools.count()
-
-
-@pytest.fixture
-def bucket(s3_server) -> str:
-    """A new empty bucket on the session's S3 server, as an s3:// URI."""
-    name = f"test-{os.getpid()}-{next(_buckets)}"
-    host = s3_server.split("://", 1)[1]
-    admin = pafs.S3FileSystem(endpoint_override=host, scheme="http", region="us-east-1", allow_bucket_creation=True)
-    admin.create_dir(name)
-    return f"s3://{name}"
 
 
 def verdict(sample_id: str, expert_id: str = "ann", **kwargs) -> FeedbackRecord:
@@ -111,11 +108,32 @@ def test_upload_then_download_once_per_node(bucket, tmp_path):
     cache = tmp_path / "cache"
     first = storage.download_dir(f"{bucket}/models/m1", cache_dir=cache)
     assert (first / "unet" / "weights.bin").read_bytes() == b"w" * 1000
-    storage.delete(f"{bucket}/models/m1/pathalign.json")
+    (first / "marker").write_text("")  # a second download would not have it
     again = storage.download_dir(f"{bucket}/models/m1/", cache_dir=cache)  # cached: no second download
-    assert again == first and (again / "pathalign.json").is_file()
+    assert again == first and (again / "marker").is_file()
+    (local / "pathalign.json").write_text('{"version": 2}')
+    storage.upload_dir(local, f"{bucket}/models/m1", replace=True)  # written again at the same URI
+    newer = storage.download_dir(f"{bucket}/models/m1", cache_dir=cache)
+    assert newer != first and (newer / "pathalign.json").read_text() == '{"version": 2}'
     with pytest.raises(FileNotFoundError, match="no files there"):
         storage.download_dir(f"{bucket}/models/none", cache_dir=cache)
+    storage.upload_dir(local / "unet", f"{bucket}/flat")  # files only, no subfolder (a reward model)
+    assert (storage.download_dir(f"{bucket}/flat", cache_dir=cache) / "weights.bin").read_bytes() == b"w" * 1000
+    assert (Path(storage.upload_dir(local / "unet", tmp_path / "new" / "copy")) / "weights.bin").is_file()
+
+
+def test_output_dir_replaces_a_folder_or_a_prefix_only_when_the_block_succeeds(bucket, tmp_path):
+    for target in (tmp_path / "out", f"{bucket}/out"):
+        storage.write_bytes(storage.join(target, "old.txt"), b"old")
+        with pytest.raises(RuntimeError), storage.output_dir(target) as folder:
+            (folder / "new.txt").write_text("new")
+            raise RuntimeError("the job failed")
+        assert storage.list_files(target) == ["old.txt"]
+        with storage.output_dir(target) as folder:
+            (folder / "new.txt").write_text("new")
+        assert storage.list_files(target) == ["new.txt"]
+        assert storage.read_bytes(storage.join(target, "new.txt")) == b"new"
+    assert storage.is_empty(f"{bucket}/nothing") and not storage.is_empty(f"{bucket}/out")
 
 
 def test_a_bucket_that_does_not_exist_is_an_error_naming_it(s3_server):
@@ -191,6 +209,69 @@ def test_an_unreachable_endpoint_is_an_error_naming_the_uri_and_endpoint(s3_serv
     assert time.monotonic() - start < 30
 
 
+def test_a_server_stopped_mid_job_is_an_error_naming_the_uri_and_reads_resume_when_it_is_back(s3_server, monkeypatch):
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+        pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1",
+                          allow_bucket_creation=True).create_dir("stopped")  # fmt: skip
+        uri = "s3://stopped/run/rounds/0/samples"
+        for i in range(3):
+            storage.write_bytes(f"{uri}/images/{i}.png", b"png %d" % i)
+        names = storage.list_files(f"{uri}/images")
+        assert storage.read_bytes(f"{uri}/images/{names[0]}") == b"png 0"
+        server.stop()  # the job has listed the folder and read one image
+        with pytest.raises(StorageError, match=f"{uri}/images/1.png: cannot reach the storage endpoint"):
+            storage.read_bytes(f"{uri}/images/{names[1]}")
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()  # back, with what it held (moto keeps its state in this process)
+        assert [storage.read_bytes(f"{uri}/images/{name}") for name in names[1:]] == [b"png 1", b"png 2"]
+    finally:
+        server.stop()
+
+
+# ---- configs check their storage locations before Ray starts ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("run_dir=ftp://host/run", "run_dir: ftp://host/run: unknown scheme 'ftp'"),
+        ("reward.data.dataset=s3:///data", "reward.data.dataset: s3:///data: no bucket"),
+        ("run_dir=s3://no-such-bucket/run", "run_dir: s3://no-such-bucket/run: bucket 'no-such-bucket' does not exist"),
+        ("finetune.scale.num_workers=1", None),  # plain paths: nothing to check
+    ],
+)
+def test_an_align_config_names_the_key_and_the_uri_of_a_bad_location(s3_server, override, message):
+    from pathalign_ray.align import AlignConfig
+    from pathalign_ray.config import ConfigError, load_config
+
+    if message is None:
+        assert load_config(AlignConfig, None, [override]).run_dir == "runs/demo"
+        return
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(AlignConfig, None, [override])
+
+
+def test_a_config_with_a_uri_and_no_credentials_fails_as_it_loads(bucket, monkeypatch, tmp_path):
+    from pathalign_ray.config import ConfigError, load_config
+    from pathalign_ray.pretrain import PretrainConfig
+
+    config = load_config(PretrainConfig, None, [f"run_dir={bucket}/run", f"data.dataset={bucket}/data"])
+    assert config.run_dir == f"{bucket}/run"  # the bucket exists and the credentials are the server's
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.aws either
+    with pytest.raises(ConfigError, match=f"data.dataset: {bucket}/data: no AWS credentials"):
+        load_config(PretrainConfig, None, [f"data.dataset={bucket}/data"])
+
+
 # ---- the feedback store on the bucket -----------------------------------------------------------
 
 
@@ -261,34 +342,44 @@ def test_two_writer_processes_on_s3_one_killed_lose_no_acknowledged_verdict(buck
 
 
 @pytest.mark.ray
-def test_ray_train_checkpoints_go_to_the_bucket(s3_server, bucket, ray_cluster):
+def test_ray_train_checkpoints_go_to_the_bucket_and_a_killed_worker_resumes_from_them(
+    s3_server, bucket, ray_cluster, tmp_path
+):
     from ray.train.torch import TorchTrainer
 
     from pathalign_ray.cluster import ScaleConfig, trainer_settings
 
     def count_steps(config: dict) -> None:
-        """Two steps, each with a checkpoint; a rerun would resume from the latest (nested: pickled by value)."""
+        """Three steps, each with a checkpoint; the first worker dies after step 1 (nested: pickled by value)."""
         import tempfile
+        import time
 
         import ray.train
 
         start = 0
         checkpoint = ray.train.get_checkpoint()
         if checkpoint:
-            with checkpoint.as_directory() as folder:
+            with checkpoint.as_directory() as folder:  # downloaded from the bucket
                 start = int((Path(folder) / "step.txt").read_text())
-        for step in range(start + 1, start + 3):
+        for step in range(start + 1, 4):
             with tempfile.TemporaryDirectory() as folder:
                 (Path(folder) / "step.txt").write_text(str(step))
-                ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(folder))
+                checkpoint = ray.train.Checkpoint.from_directory(folder)
+                ray.train.report({"step": step, "resumed_at": start}, checkpoint=checkpoint)
+            if step == 1 and not Path(config["killed"]).exists():
+                Path(config["killed"]).touch()
+                time.sleep(2)  # the controller registers the reported checkpoint
+                os._exit(1)  # the worker process dies, as on a lost node
 
-    settings = trainer_settings(ScaleConfig(num_workers=1, zero_stage=0), "steps", f"{bucket}/runs", 1)
+    settings = trainer_settings(ScaleConfig(num_workers=1, zero_stage=0, max_failures=1), "steps", f"{bucket}/runs", 1)
     env = {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_EC2_METADATA_DISABLED")}
     settings["run_config"].worker_runtime_env["env_vars"].update(env)  # moto's fake keys, for the workers
-    first = TorchTrainer(count_steps, **settings).fit()
-    assert first.metrics["step"] == 2 and isinstance(first.checkpoint.filesystem, pafs.S3FileSystem)
-    assert first.checkpoint.path.startswith(f"{bucket.removeprefix('s3://')}/runs/steps/checkpoint_")
+    result = TorchTrainer(count_steps, train_loop_config={"killed": str(tmp_path / "killed")}, **settings).fit()
+    assert (tmp_path / "killed").exists(), "the worker was not killed"
+    assert result.metrics == {"step": 3, "resumed_at": 1}  # the new worker resumed from the bucket's checkpoint
+    assert isinstance(result.checkpoint.filesystem, pafs.S3FileSystem)
+    assert result.checkpoint.path.startswith(f"{bucket.removeprefix('s3://')}/runs/steps/checkpoint_")
     files = storage.list_files(f"{bucket}/runs/steps", recursive=True)
-    assert [f for f in files if f.endswith("step.txt")] == [f"{Path(first.checkpoint.path).name}/step.txt"]
-    with first.checkpoint.as_directory() as folder:  # downloaded from the bucket
-        assert (Path(folder) / "step.txt").read_text() == "2"
+    assert [f for f in files if f.endswith("step.txt")] == [f"{Path(result.checkpoint.path).name}/step.txt"]
+    with result.checkpoint.as_directory() as folder:
+        assert (Path(folder) / "step.txt").read_text() == "3"

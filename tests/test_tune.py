@@ -1,4 +1,5 @@
-"""Ray Tune searches the feedback-loss weights: jobs/tune.py on the session's Ray cluster, a tiny model, CPU.
+"""Ray Tune searches the feedback-loss weights: the conditional space, drawn as the search draws it; then
+jobs/tune.py on the session's Ray cluster, a tiny model, CPU.
 
 Each trial is a Tune function trial that runs Ray Train V2 finetuning (DeepSpeed, one worker here)
 in chunks and reports the probe's objective after each; the best config then runs with jobs/finetune.py.
@@ -12,15 +13,42 @@ import runpy
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from pathalign_ray.config import ConfigError, load_config
-from pathalign_ray.finetune import FinetuneConfig
-from pathalign_ray.tune_config import SearchConfig
-
-pytestmark = pytest.mark.ray
+from pathalign_ray.config import ConfigError, config_to_dict, get_dotted, load_config
+from pathalign_ray.finetune import FinetuneConfig, ObjectiveConfig
+from pathalign_ray.tune_config import (
+    KIND_FIELDS,
+    WEIGHTING_FIELDS,
+    ParamRange,
+    SearchConfig,
+    as_written_params,
+    branch_params,
+    flat_branch,
+    trial_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
+TUNE_YAML = ROOT / "configs" / "tune.yaml"
+TINY_LR = {"kind": "loguniform", "low": 1e-4, "high": 1e-3}
+TINY_STEPS = {"kind": "choice", "values": [2, 4]}
+# one branch of each form that has fields of its own; seed 3 draws each of them once in three trials
+TINY_SPACE = {
+    "rwl_raw": {
+        "objective": {"kind": "rwl", "weighting": "raw", "beta": {"kind": "loguniform", "low": 0.1, "high": 1.0}},
+        "train": {"lr": TINY_LR, "steps": TINY_STEPS},
+    },
+    "rwl_centred": {
+        "objective": {"kind": "rwl", "weighting": "centred", "ratio_clip": {"kind": "uniform", "low": 0.1, "high": 0.5}},
+        "train": {"lr": TINY_LR, "steps": TINY_STEPS},
+    },
+    "ddpo": {
+        "objective": {"kind": "ddpo", "trajectories_per_step": 2, "ddim_steps": 2,
+                      "kl_coef": {"kind": "choice", "values": [0.0, 0.1]}},
+        "train": {"lr": TINY_LR, "steps": {"kind": "choice", "values": [2]}},
+    },
+}  # fmt: skip
 
 
 def _job(name: str):
@@ -29,7 +57,8 @@ def _job(name: str):
 
 def _search_args(out_dir, model_dir, samples, dataset, *overrides) -> list[str]:
     return [
-        "--config", str(ROOT / "configs" / "tune.yaml"),
+        "--config",
+        str(ROOT / "configs" / "tune.yaml"),
         f"out_dir={out_dir}",
         f"best_config={out_dir / 'best_feedback.yaml'}",
         "num_trials=3",
@@ -39,9 +68,10 @@ def _search_args(out_dir, model_dir, samples, dataset, *overrides) -> list[str]:
         "probe.ddim_steps=3",
         "probe.encoder.steps=20",
         "probe.encoder.batch_size=16",
-        "space.train.lr={kind: loguniform, low: 1.0e-4, high: 1.0e-3}",
-        "space.train.steps={kind: choice, values: [2, 4]}",
-        "finetune.train.steps=4",  # the as-written trial's (the paper's beta 0.3, raw weights)
+        f"space={json.dumps(TINY_SPACE)}",  # JSON is YAML
+        "seed=3",
+        "finetune.train.lr=1.0e-4",  # the as-written trial's, with the paper's beta 0.3 and raw weights
+        "finetune.train.steps=4",
         f"finetune.run_dir={out_dir / 'best_run'}",
         f"finetune.base_model={model_dir}",
         f"finetune.data.samples=[{samples}]",
@@ -58,12 +88,14 @@ def _search_args(out_dir, model_dir, samples, dataset, *overrides) -> list[str]:
     ]
 
 
+@pytest.mark.ray
 def test_a_stuck_search_fails_with_a_message_then_resumes_three_trials_and_jobs_finetune_runs_the_best(
     tiny_pretrained, tiny_samples, tiny_dataset, tmp_path, capsys
 ):
     """Too short a report timeout stands in for a stuck Ray Train run: every trial fails with a message
     and the search says so. Rerunning the command restores the search (Tuner.restore), reruns the
-    failed trials to the end, writes the tables, the plot and the best config; jobs/finetune.py runs it."""
+    failed trials to the end (one of each branch: rwl raw, rwl centred, ddpo), writes the tables, the
+    plot and the best config; jobs/finetune.py runs it."""
     _, _, model_dir = tiny_pretrained
     out_dir, dataset = tmp_path / "tune", tmp_path / "data"
     shutil.copytree(tiny_dataset, dataset)  # a copy: the search caches its domain encoder beside the data set
@@ -78,114 +110,171 @@ def test_a_stuck_search_fails_with_a_message_then_resumes_three_trials_and_jobs_
     capsys.readouterr()
     written = search_job([*args, "report_timeout_s=600"])
     assert "resuming the search" in capsys.readouterr().out
-    rows = list(csv.DictReader((out_dir / "trials.csv").open()))
-    assert len(rows) == 3 and all(row["status"] == "done" and row["error"] == "" for row in rows), rows
-    assert {row["train.steps"] for row in rows} <= {"2", "4"}
-    (as_written,) = [row for row in rows if row["as_written"] == "True"]
-    assert (float(as_written["objective.beta"]), as_written["objective.weighting"]) == (0.3, "raw")
+    assert len(list(csv.DictReader((out_dir / "trials.csv").open()))) == 3
+    rows = written["rows"]
+    assert all(row["status"] == "done" and row["error"] == "" for row in rows), rows
+    assert sorted(row["branch"] for row in rows) == ["ddpo", "rwl_centred", "rwl_raw"]
+    (as_written,) = [row for row in rows if row["as_written"]]
+    assert as_written["branch"] == "rwl_raw" and as_written["objective.weighting"] == "raw"
+    assert as_written["objective.beta"] == 0.3
     assert written["as_written"]["trial"] == as_written["trial"]
+    (centred,) = [row for row in rows if row["branch"] == "rwl_centred"]
+    assert 0.1 <= centred["objective.ratio_clip"] <= 0.5
+    (ddpo,) = [row for row in rows if row["branch"] == "ddpo"]
+    assert ddpo["objective.ratio_clip"] is None and ddpo["objective.kl_coef"] in (0.0, 0.1)
     for row in rows:
-        assert int(row["step"]) == int(row["train.steps"])
-        assert 0.0 <= float(row["plausibility"]) <= 1.0 and float(row["fid"]) > 0.0
-        assert float(row["objective"]) == pytest.approx(
-            float(row["gain"]) - float(row["fid_penalty"]) - float(row["coverage_penalty"])
-        )
-    assert any(row["pareto"] == "True" for row in rows)
+        assert row["step"] == row["train.steps"]
+        assert 0.0 <= row["plausibility"] <= 1.0 and row["fid"] > 0.0
+        assert row["objective"] == pytest.approx(row["gain"] - row["fid_penalty"] - row["coverage_penalty"])
+        assert (Path(row["model"]) / "unet").is_dir()  # the model its last report probed
+    assert any(row["pareto"] for row in rows)
     assert (out_dir / "pareto.md").read_text().count("\n") >= 3  # header, rule, at least one trial
-    assert (out_dir / "objective_vs_beta.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out_dir / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     best_path = written["best_config"]
     assert best_path == out_dir / "best_feedback.yaml"
     best = load_config(FinetuneConfig, best_path)
-    best_row = max(rows, key=lambda row: float(row["objective"]))
-    assert best.objective.beta == pytest.approx(float(best_row["objective.beta"]))
-    assert best.objective.weighting == best_row["objective.weighting"]
-    assert best.train.lr == pytest.approx(float(best_row["train.lr"]))
-    assert best.train.steps == int(best_row["step"]) and best.name == "tuned"
+    best_row = max(rows, key=lambda row: row["objective"])
+    space = load_config(SearchConfig, TUNE_YAML, args[2:]).space
+    for key in flat_branch(space[best_row["branch"]]):
+        assert get_dotted(config_to_dict(best), key) == pytest.approx(best_row[key]), key
+    assert best.train.steps == best_row["step"] and best.name == "tuned"
 
     _job("finetune")(["--config", str(best_path)])
     model_info = json.loads((out_dir / "best_run" / "tuned-model" / "pathalign.json").read_text())
     assert model_info["step"] == best.train.steps
 
 
-def test_config_errors_before_ray_starts():
-    tune_yaml = ROOT / "configs" / "tune.yaml"
-    with pytest.raises(ConfigError, match="has no effect with finetune.objective.kind=rwl"):
-        load_config(SearchConfig, tune_yaml, ["space.objective.kl_coef={kind: uniform, low: 0, high: 0.1}"])
-    with pytest.raises(ConfigError, match="FinetuneConfig has no field train.learning_rate"):
-        load_config(SearchConfig, tune_yaml, ["space.train.learning_rate={kind: choice, values: [1]}"])
-    with pytest.raises(ConfigError, match="give this field a choice"):
-        load_config(SearchConfig, tune_yaml, ["space.train.steps={kind: uniform, low: 1, high: 9}"])
-    with pytest.raises(ConfigError, match="loguniform needs low < high"):
-        load_config(SearchConfig, tune_yaml, ["space.train.lr={kind: loguniform, low: 0, high: 1}"])
-    with pytest.raises(ConfigError, match=r"as_written_trial: finetune.train.steps=200 is not among space.train.steps's values \[50, 100\]"):
-        load_config(SearchConfig, tune_yaml, ["space.train.steps={kind: choice, values: [50, 100]}"])
-    with pytest.raises(ConfigError, match="scale sizes every trial alike"):
-        load_config(SearchConfig, tune_yaml, ["space.scale.num_workers={kind: choice, values: [1, 2]}"])
-    ddpo = load_config(SearchConfig, tune_yaml, [
-        "finetune.objective.kind=ddpo",
-        "space.objective={clip_range: {kind: loguniform, low: 1.0e-5, high: 1.0e-3}, kl_coef: {kind: choice, values: [0, 0.1]}}",
-    ])
-    assert set(ddpo.ranges) == {"objective.clip_range", "objective.kl_coef", "train.lr", "train.steps"}
+@pytest.mark.parametrize("algorithm, draws", [("random", 500), ("tpe", 60)])
+def test_every_draw_of_the_conditional_space_is_a_valid_config_with_only_its_branch_fields(algorithm, draws):
+    """The searcher the search builds (Optuna, define-by-run), asked as Tune asks it, draws only valid
+    FinetuneConfigs, and a field exists only in its branch: no ratio_clip without centred weights, no
+    ddpo field without kind ddpo, no rwl field with it. The first draw is the as-written trial. TPE is
+    told a result after each draw, so its draws after the first 10 come from its model."""
+    config = load_config(SearchConfig, TUNE_YAML, [f"algorithm={algorithm}"])
+    from pathalign_ray.tune import _tune_config
+
+    tune_config = _tune_config(config, concurrency=1)
+    assert tune_config.scheduler._max_t == 3  # 600 steps at most, a report every 200
+    searcher, defaults = tune_config.search_alg, ObjectiveConfig()
+    rng = np.random.default_rng(0)
+    drawn = []
+    for i in range(draws):
+        params = branch_params(config, searcher.suggest(f"t{i}"))
+        searcher.on_trial_complete(f"t{i}", {"objective": float(rng.normal()), "training_iteration": 1})
+        if i == 0:
+            assert params == as_written_params(config)
+        fields = flat_branch(config.space[params["branch"]])
+        assert set(params) == {"branch", *fields}
+        for key, value in fields.items():
+            assert value.holds(params[key]) if isinstance(value, ParamRange) else params[key] == value, (key, params)
+        objective = trial_config(config, params, "runs/x", "draw").objective
+        unread = [key for kind, keys in KIND_FIELDS.items() if kind != objective.kind for key in keys]
+        unread += [key for key, weighting in WEIGHTING_FIELDS.items() if objective.weighting != weighting]
+        for key in unread:
+            name = key.removeprefix("objective.")
+            assert getattr(objective, name) == getattr(defaults, name), (key, params)
+        assert (objective.ratio_clip > 0) == (objective.kind == "rwl" and objective.weighting == "centred")
+        drawn.append(params["branch"])
+    assert set(drawn) == set(config.space), "every branch drawn"
 
 
-@pytest.mark.parametrize("algorithm", ["random", "optuna", "hyperopt"])
-def test_each_search_algorithm_draws_from_the_configured_space(algorithm):
-    """Built as the search builds it; optuna and hyperopt come with the `tune` extra."""
-    from pathalign_ray.tune import _tune_config, param_space
+def test_every_objective_field_belongs_to_one_kind():
+    """A new ObjectiveConfig field must be placed in KIND_FIELDS, or the space could not tell where it acts."""
+    fields = [f"objective.{name}" for name in ObjectiveConfig.__dataclass_fields__ if name != "kind"]
+    assert sorted(fields) == sorted(key for keys in KIND_FIELDS.values() for key in keys)
 
-    if algorithm != "random":
-        pytest.importorskip(algorithm)
-    config = load_config(SearchConfig, ROOT / "configs" / "tune.yaml", [f"algorithm={algorithm}"])
-    tune_config = _tune_config(config, concurrency=2)
-    assert tune_config.scheduler._max_t == 4  # 200 steps at most, a report every 50
-    if algorithm == "random":  # Tune ignores max_concurrent_trials for a variant generator: it holds the limit
-        assert tune_config.max_concurrent_trials is None and tune_config.search_alg.max_concurrent == 2
-        return
-    assert tune_config.max_concurrent_trials == 2
-    searcher = tune_config.search_alg
-    assert searcher.set_search_properties("objective", "max", param_space(config.ranges))
-    first = searcher.suggest("trial-1")
-    assert first == {"objective.beta": 0.3, "objective.weighting": "raw", "objective.threshold": 0.5,
-                     "objective.temperature": 1.0, "train.lr": config.finetune.train.lr, "train.steps": 200}
-    params = searcher.suggest("trial-2")
-    assert set(params) == set(config.ranges)
-    assert 0.03 <= params["objective.beta"] <= 1.0 and params["train.steps"] in (100, 200)
-    assert params["objective.weighting"] in ("raw", "threshold", "class_normalized")
+
+def test_the_probe_draws_noise_no_pool_check_or_evaluation_draws():
+    from pathalign_ray.diffusion import namespaced_seed
+    from pathalign_ray.evaluation.probe import probe_seeds
+
+    config = load_config(SearchConfig, TUNE_YAML)
+    probe = set(probe_seeds(8, config.probe))
+    assert len(probe) == 8 * config.probe.n_per_class
+    # the held-out evaluation of bench/align_benchmark.py (seed 1000, 32 a class), pools and checks of seeds 0-2
+    others = {namespaced_seed("evaluation", 1000, c, j) for c in range(8) for j in range(32)}
+    others |= {namespaced_seed(space, seed, c, j) for space in ("pool", "check", "sample") for seed in range(3)
+               for c in range(8) for j in range(32)}  # fmt: skip
+    assert not probe & others
+
+
+REFUSED = [
+    ("space.rwl_raw.objective.ratio_clip={kind: uniform, low: 0.1, high: 0.3}",
+     "space.rwl_raw.objective.ratio_clip: acts with objective.weighting=centred only; this branch's weighting is raw"),
+    ("space.rwl_centred.objective.weighting={kind: choice, values: [centred, raw]}",
+     "space.rwl_centred.objective.ratio_clip: acts with objective.weighting=centred only; this branch's weighting is drawn"),
+    ("space.rwl_raw.objective.kl_coef={kind: uniform, low: 0, high: 0.1}",
+     "space.rwl_raw.objective.kl_coef: acts with objective.kind=ddpo only; this branch's kind is rwl"),
+    ("space.ddpo.objective.beta=0", "space.ddpo.objective.beta: acts with objective.kind=rwl only"),
+    ("space.extra.train.lr=1.0e-4", "space.extra.objective.kind: each branch fixes its objective's kind"),
+    ("finetune.objective.ratio_clip=0.3", "finetune.objective.ratio_clip: the branches of space set the objective"),
+    ("space.rwl_centred.objective.ratio_clip={kind: uniform, low: 0.0, high: 0.3}",
+     "space.rwl_centred: params .* make an invalid FinetuneConfig: objective: weighting centred needs ratio_clip > 0"),
+    ("space.rwl_raw.train.learning_rate={kind: choice, values: [1]}", "FinetuneConfig has no field train.learning_rate"),
+    ("space.rwl_raw.train.steps={kind: uniform, low: 1, high: 9}", "give this field a choice"),
+    ("space.rwl_raw.train.lr={kind: loguniform, low: 0, high: 1}", "loguniform needs low < high"),
+    ("space.rwl_raw.train.steps={kind: choice, values: [50, 100]}",
+     r"as_written_trial: finetune.train.steps=200 is outside space.rwl_raw.train.steps \[50, 100\]"),
+    ("space.rwl_raw.objective.weighting=threshold", "as_written_trial: no branch of space fixes only the finetune"),
+    ("space.rwl_raw.scale.num_workers={kind: choice, values: [1, 2]}", "scale sizes every trial alike"),
+    ("space={}", "space: give at least one branch"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("override, message", REFUSED)
+def test_config_errors_before_ray_starts_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(SearchConfig, TUNE_YAML, [override])
+
+
+def test_a_space_of_one_branch():
+    config = load_config(SearchConfig, TUNE_YAML, ["space={ddpo: {objective: {kind: ddpo}}}", "as_written_trial=false"])
+    assert list(config.space) == ["ddpo"]
 
 
 def test_results_tables_plot_and_best_config_from_trial_rows(tmp_path):
     """write_results on rows as trial_rows makes them: a failed trial is listed, never best, never on the front."""
-    from pathalign_ray.tune_report import write_results
+    from pathalign_ray.tune_report import param_keys, write_results
 
-    config = load_config(SearchConfig, ROOT / "configs" / "tune.yaml", [
+    config = load_config(SearchConfig, TUNE_YAML, [
         f"out_dir={tmp_path}", f"best_config={tmp_path / 'best.yaml'}", f"finetune.run_dir={tmp_path / 'run'}",
         f"finetune.base_model={Path.cwd() / 'runs' / 'base'}",  # as the search resolves it for its trials
-    ])
-    params = [(0.1, "raw", 1e-5, 100), (0.5, "threshold", 3e-5, 200), (0.9, "class_normalized", 1e-4, 200)]
-    scores = [(0.30, 9.0, 0.05, "stopped early", 50), (0.45, 11.0, 0.10, "done", 200), (0.40, 8.0, 0.02, "done", 200)]
+    ])  # fmt: skip
+    drawn = [
+        {"branch": "rwl_raw", "objective.kind": "rwl", "objective.weighting": "raw", "objective.beta": 0.3,
+         "train.lr": 1e-5, "train.steps": 200},
+        {"branch": "rwl_centred", "objective.kind": "rwl", "objective.weighting": "centred", "objective.beta": 0.5,
+         "objective.ratio_clip": 0.25, "train.lr": 1e-4, "train.steps": 600},
+        {"branch": "ddpo", "objective.kind": "ddpo", "objective.trajectories_per_step": 32, "objective.ddim_steps": 10,
+         "objective.clip_range": 1e-4, "objective.kl_coef": 0.1, "train.lr": 3e-5, "train.steps": 80,
+         "train.warmup_steps": 5, "train.ema_decay": 0.9},
+    ]  # fmt: skip
+    scores = [(0.30, 9.0, 0.05, "stopped early", 200), (0.45, 11.0, 0.10, "done", 400), (0.40, 8.0, 0.02, "done", 80)]
     rows = []
-    for i, ((beta, weighting, lr, steps), (plausibility, fid, objective, status, step)) in enumerate(zip(params, scores)):
+    for i, (params, (plausibility, fid, objective, status, step)) in enumerate(zip(drawn, scores)):
         rows.append({
             "trial": f"t{i}", "status": status, "step": step, "objective": objective, "gain": objective,
             "plausibility": plausibility, "fid": fid, "coverage": 0.5, "fid_penalty": 0.0, "coverage_penalty": 0.0,
-            "objective.beta": beta, "objective.weighting": weighting, "objective.threshold": 0.5,
-            "objective.temperature": 1.0, "train.lr": lr, "train.steps": steps, "as_written": i == 0, "error": "",
-        })
+            **dict.fromkeys(param_keys(config)), **params, "as_written": i == 0, "model": f"trials/t{i}", "error": "",
+        })  # fmt: skip
     nan = float("nan")
     rows.append({**rows[0], "trial": "t3", "status": "error", "as_written": False, "step": None, "error": "TimeoutError: stuck",
-                 **dict.fromkeys(("objective", "gain", "plausibility", "fid", "coverage"), nan)})
+                 **dict.fromkeys(("objective", "gain", "plausibility", "fid", "coverage"), nan)})  # fmt: skip
     for row, on_front in zip(rows, [False, True, True, False]):  # t0 is beaten by t2 on both
         row["pareto"] = on_front
     written = write_results(rows, config, base={"plausibility": 0.3, "fid": 9.0, "coverage": 0.5})
 
     assert written["best"]["trial"] == "t1" and written["as_written"]["trial"] == "t0"
     best = load_config(FinetuneConfig, written["best_config"])
-    assert (best.objective.beta, best.objective.weighting, best.train.lr, best.train.steps) == (0.5, "threshold", 3e-5, 200)
+    assert (best.objective.kind, best.objective.weighting, best.objective.ratio_clip) == ("rwl", "centred", 0.25)
+    assert (best.objective.beta, best.train.lr, best.train.steps) == (0.5, 1e-4, 400)  # the step it was measured at
     assert best.name == "tuned" and best.run_dir == str(tmp_path / "run")
     assert best.base_model == "runs/base", "inputs under the working directory go back to relative"
     assert best.data.real_dataset == "runs/pretrain32/data"
+    assert "branch rwl_centred" in written["best_config"].read_text().splitlines()[0]
     pareto = (tmp_path / "pareto.md").read_text().splitlines()
-    assert [line.split(" | ")[0] for line in pareto[2:]] == ["| t2", "| t1"]  # by FID
+    assert [line.split(" | ")[:2] for line in pareto[2:]] == [["| t2", "ddpo"], ["| t1", "rwl_centred"]]  # by FID
+    assert "objective.kl_coef" in pareto[0] and "objective.threshold" not in pareto[0]  # the front's fields only
     assert len(list(csv.DictReader((tmp_path / "trials.csv").open()))) == 4
-    assert (tmp_path / "objective_vs_beta.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from pathalign_ray.config import FractionBelowOne, config_dataclass
+from pathalign_ray.config import FractionBelowOne, Location, config_dataclass
 from pathalign_ray.data.labeled import LabeledImages, merge_classes
 
 SOURCES_WITH_PATH = ("folder", "parquet", "medmnist")
@@ -18,7 +18,7 @@ SOURCES_WITH_PATH = ("folder", "parquet", "medmnist")
 class MakeDatasetConfig:
     source: Literal["procedural", "folder", "parquet", "medmnist", "ihc"] = "procedural"
     path: str = ""  # input for folder (one subfolder per class), parquet (image bytes + label) or medmnist (.npz)
-    out_dir: str = "runs/demo/data"  # written once; an existing non-empty folder is never overwritten
+    out_dir: Location = "runs/demo/data"  # a path or URI, written once; an existing non-empty one is never overwritten
     image_size: Annotated[int, Field(ge=16)] = 32  # every image is converted to RGB and resized to this side, in pixels
     n_per_class: int = 160  # procedural and ihc: images per class (the paper: 128 train + 32 held out)
     classes: tuple[str, ...] = ()  # procedural: cell types (empty: the 8 defaults); folder/parquet: expected classes
@@ -50,7 +50,7 @@ def load_source(config: MakeDatasetConfig) -> LabeledImages:
     return sources.ihc_patches(config.image_size, config.n_per_class, config.seed)
 
 
-def make_dataset(config: MakeDatasetConfig) -> Path:
+def make_dataset(config: MakeDatasetConfig) -> str | Path:
     from pathalign_ray.data.shards import write_dataset
 
     images = merge_classes(load_source(config), config.merge)

@@ -14,9 +14,6 @@ Every split has at least one shard, possibly with zero rows.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pathalign_ray import storage
 from pathalign_ray.data.labeled import LabeledImages
 from pathalign_ray.images import contact_sheet, decode_image, encode_png, to_model_range
 
@@ -42,7 +40,7 @@ FORMAT = "pathalign_ray.dataset/1"
 
 def write_dataset(
     images: LabeledImages, out_dir: str | Path, test_fraction: float, seed: int, source: str, shard_rows: int = 2048
-) -> Path:
+) -> str | Path:
     """Split `images` into train/test per class and write them as a dataset directory.
 
     The split is stratified and deterministic per seed: each class with n >= 2
@@ -51,21 +49,18 @@ def write_dataset(
     the input order.  Features round-trip as JSON (tuples become lists, numpy
     scalars Python numbers).
 
-    out_dir must not exist or be empty: nothing already stored is overwritten.
-    Everything is written into a temporary sibling directory that is renamed
-    to out_dir at the end, so a crash never leaves half a dataset.
+    out_dir (a path or a URI) must not exist or be empty: nothing already stored is overwritten.
+    Everything is written into a staging folder that replaces out_dir at the end
+    (storage.output_dir), so a crash never leaves half a dataset.
     """
     if not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"test_fraction must lie in [0, 1), got {test_fraction}")
     if shard_rows < 1:
         raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    if not storage.is_empty(out_dir):
         raise FileExistsError(f"{out_dir} already exists and is not an empty directory; refusing to write over it")
     split_index = dict(zip(SPLITS, stratified_split(images.labels, len(images.class_names), test_fraction, seed)))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    with storage.output_dir(out_dir) as tmp:
         shard_names = {
             split: _write_split(images, index, tmp / split, shard_rows) for split, index in split_index.items()
         }
@@ -81,10 +76,7 @@ def write_dataset(
         }
         (tmp / "dataset.json").write_text(json.dumps(info, indent=2) + "\n")
         contact_sheet(images.images, images.labels, images.class_names, tmp / "contact_sheet.png")
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return storage.location(out_dir)
 
 
 def stratified_split(
@@ -104,15 +96,16 @@ def stratified_split(
 
 
 def read_dataset_info(dir: str | Path) -> dict:
-    """The parsed dataset.json of a dataset directory written by `write_dataset`."""
-    dir = Path(dir)
-    if not dir.is_dir():
-        raise FileNotFoundError(f"dataset directory {dir} does not exist")
-    path = dir / "dataset.json"
-    if not path.is_file():
-        raise ValueError(f"{dir} is not a dataset (no dataset.json); write one with write_dataset")
+    """The parsed dataset.json of a dataset directory written by `write_dataset` (a path or a URI)."""
+    path = storage.join(dir, "dataset.json")
     try:
-        info = json.loads(path.read_text())
+        text = storage.read_bytes(path)
+    except (FileNotFoundError, NotADirectoryError):
+        if not storage.exists(dir):
+            raise FileNotFoundError(f"dataset directory {dir} does not exist") from None
+        raise ValueError(f"{dir} is not a dataset (no dataset.json); write one with write_dataset") from None
+    try:
+        info = json.loads(text)
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON ({error})") from None
     if info.get("format") != FORMAT:
@@ -126,7 +119,8 @@ def read_dataset(dir: str | Path, split: str = "train") -> LabeledImages:
     class_names, size = tuple(info["class_names"]), info["image_size"]
     images, labels, features = [], [], []
     for path in split_files(dir, split):
-        table = pq.read_table(path, schema=SCHEMA)
+        filesystem, where_on_it = storage.resolve(path)
+        table = pq.read_table(where_on_it, schema=SCHEMA, filesystem=filesystem)
         for row in table.to_pylist():
             where = f"{path} row id={row['id']}"
             if row["image"] is None or row["label"] is None:
@@ -147,13 +141,13 @@ def read_dataset(dir: str | Path, split: str = "train") -> LabeledImages:
     )
 
 
-def split_files(dir: str | Path, split: str) -> list[Path]:
-    """The shard paths of one split, as listed in dataset.json; each must exist."""
+def split_files(dir: str | Path, split: str) -> list[str]:
+    """The shard locations (paths or URIs) of one split, as listed in dataset.json; each must exist."""
     info = read_dataset_info(dir)
     if split not in info["shards"]:
         raise ValueError(f"{dir} has no split {split!r}; it has {sorted(info['shards'])}")
-    paths = [Path(dir) / split / name for name in info["shards"][split]]
-    missing = [str(path) for path in paths if not path.is_file()]
+    paths = [storage.join(dir, split, name) for name in info["shards"][split]]
+    missing = [path for path in paths if not storage.exists(path)]
     if missing:
         raise FileNotFoundError(f"{dir}: shards listed in dataset.json are missing: {missing}")
     return paths
@@ -196,7 +190,7 @@ def read_parquet_table(
 
 
 def ray_dataset(dir: str | Path, split: str = "train"):
-    """A `ray.data.Dataset` over one split, for distributed training (`iter_torch_batches`).
+    """A `ray.data.Dataset` over one split (a path or a URI), for distributed training (`iter_torch_batches`).
 
     Columns: "image" float32 (N, 3, S, S) in [-1, 1] per batch, "label" int64.
     Ray is imported here only, so the rest of this module works without it.
@@ -204,8 +198,10 @@ def ray_dataset(dir: str | Path, split: str = "train"):
     import ray.data
 
     size = read_dataset_info(dir)["image_size"]
-    files = [str(path) for path in split_files(dir, split)]
-    dataset = ray.data.read_parquet(files).select_columns(["id", "image", "label"])
+    files = split_files(dir, split)
+    filesystem = storage.resolve(files[0])[0]  # carries a URI's endpoint to the read tasks on every node
+    paths = [storage.resolve(path)[1] for path in files]
+    dataset = ray.data.read_parquet(paths, filesystem=filesystem).select_columns(["id", "image", "label"])
     return dataset.map_batches(_decode_batch, fn_kwargs={"size": size}, batch_format="numpy")
 
 

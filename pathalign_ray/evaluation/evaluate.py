@@ -14,6 +14,11 @@ and every utility classifier in Ray tasks (one per training set, `workers` at a 
 features and the pathologist's verdicts in one Ray Data pass (`map_batches` over an actor pool,
 one actor holding the encoder per worker). The metrics themselves are computed on the driver from
 the gathered features (they need all of them at once; see metrics.py).
+
+Models, the real data set and out_dir may be URIs (pathalign_ray.storage): the inputs are read
+through the driver node's download cache, the report is written in a scratch folder and uploaded
+to out_dir at the end. A model read from a bucket has no run folder beside it, so neither its
+run's feedback nor the noise its run drew is looked up there.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ import pyarrow as pa
 import ray
 from pydantic import Field
 
-from pathalign_ray.config import PositiveInt, config_dataclass, config_to_dict
+from pathalign_ray import storage
+from pathalign_ray.config import Location, PositiveInt, config_dataclass, config_to_dict
 from pathalign_ray.evaluation.classifier import ClassifierConfig
 from pathalign_ray.evaluation.samples import EvalSamplingConfig, check_noise_held_out, sample_model
 from pathalign_ray.evaluation.sources import MODEL, ImageSet
@@ -47,9 +53,9 @@ class EvalScaleConfig:
 
 @config_dataclass
 class EvaluateConfig:
-    models: tuple[str, ...] = ()  # exported model folders and/or sample folders; one report column each
-    real: str = "runs/pretrain32/data"  # the real data set: train split = reference set, test split = held out
-    out_dir: str = "runs/pretrain32/report"  # report.md, report.html, metrics.json, PNGs, samples/
+    models: tuple[Location, ...] = ()  # exported model folders and/or sample folders (or URIs); one report column each
+    real: Location = "runs/pretrain32/data"  # the real data set: train split = reference set, test split = held out
+    out_dir: Location = "runs/pretrain32/report"  # report.md, report.html, metrics.json, PNGs, samples/
     seed: int = 0  # the classifiers' initial weights, batches and augmentation
     sampling: EvalSamplingConfig = dataclasses.field(default_factory=EvalSamplingConfig)
     encoder: ClassifierConfig = dataclasses.field(default_factory=ClassifierConfig)  # the domain encoder's recipe
@@ -64,8 +70,23 @@ class EvaluateConfig:
     scale: EvalScaleConfig = dataclasses.field(default_factory=EvalScaleConfig)
 
 
-def evaluate(config: EvaluateConfig) -> Path:
-    """Evaluate config.models against config.real; returns the report folder."""
+def evaluate(config: EvaluateConfig) -> str | Path:
+    """Evaluate config.models against config.real; returns the report folder (out_dir: a path or a URI)."""
+    local = dataclasses.replace(config, models=tuple(map(_local, config.models)), real=_local(config.real))
+    if not storage.is_uri(config.out_dir):
+        return _evaluate(local)
+    with storage.output_dir(config.out_dir) as scratch:
+        _evaluate(dataclasses.replace(local, out_dir=str(scratch)))
+    return config.out_dir
+
+
+def _local(location: str) -> str:
+    """A URI's folder in the download cache; a path as it is."""
+    return str(storage.download_dir(location)) if storage.is_uri(location) else location
+
+
+def _evaluate(config: EvaluateConfig) -> Path:
+    """evaluate() on local folders."""
     from pathalign_ray.cluster import init_ray
     from pathalign_ray.data.shards import read_dataset_info
     from pathalign_ray.evaluation import report

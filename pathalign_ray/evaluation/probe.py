@@ -1,7 +1,8 @@
 """The Tune search's probe: a model's plausibility, domain FID and coverage on fresh samples, after each report.
 
 Fresh samples from fixed seeds (the "probe" seed namespace: every trial sees the same noise, which no
-pool or evaluation draws), judged and compared with the real training split by the evaluation's own
+pool, finetuning check or evaluation draws; `probe_seeds`) under the sampler the evaluation judges with
+(ddim_steps, eta), judged and compared with the real training split by the evaluation's own
 code: the same domain encoder and its cache (`evaluate.domain_encoder`), the same features and
 verdicts (`features.features_and_verdicts`), plausibility rate (`summarize_verdicts`) and Frechet
 distance and coverage (`metrics.fidelity_and_diversity`). Sampling and scoring run in the calling
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pathalign_ray.config import PositiveInt, config_dataclass
+from pathalign_ray.config import NonNegativeFloat, PositiveInt, config_dataclass
 from pathalign_ray.evaluation.classifier import ClassifierConfig
 
 BATCH = 64  # probe images sampled at once
@@ -26,7 +27,9 @@ class ProbeConfig:
     # fresh samples per class at each report (fixed seeds: every trial sees the same noise)
     n_per_class: PositiveInt = 16
     ddim_steps: PositiveInt = 20  # DDIM steps per probe sample
-    seed: int = 2000  # base seed of the probe samples, in the "probe" seed namespace (never a pool's or the evaluation's noise)
+    eta: NonNegativeFloat = 0.0  # DDIM stochasticity (match the sampler the evaluation judges with)
+    # base seed of the probe samples, in the "probe" seed namespace (never a pool's or the evaluation's noise)
+    seed: int = 2000
     prdc_k: PositiveInt = 5  # nearest neighbours of coverage (Naeem et al. use 5)
     strictness: float = 1.0  # the simulated pathologist's (1 the reference)
     threads: int = 1  # torch threads of the probe (in the trial's process, after its Ray Train run)
@@ -50,7 +53,6 @@ def probe(model_dir: str | Path, reference: Reference, config: ProbeConfig) -> d
     """Sample n_per_class images per class from fixed seeds; score plausibility, FID and PRDC against the real set."""
     import torch
 
-    from pathalign_ray.diffusion import namespaced_seed
     from pathalign_ray.evaluation.features import encoder_from_state, features_and_verdicts
     from pathalign_ray.evaluation.metrics import fidelity_and_diversity
     from pathalign_ray.evaluation.plausibility import summarize_verdicts
@@ -60,9 +62,9 @@ def probe(model_dir: str | Path, reference: Reference, config: ProbeConfig) -> d
     generator = load_generator(model_dir)  # a LoRA export with its adapter
     class_names = generator.class_names
     labels = torch.arange(len(class_names)).repeat_interleave(config.n_per_class)
-    seeds = [namespaced_seed("probe", config.seed, int(c), j % config.n_per_class) for j, c in enumerate(labels.tolist())]
+    seeds = probe_seeds(len(class_names), config)
     batches = [
-        generator.sample_uint8(labels[i : i + BATCH], seeds[i : i + BATCH], config.ddim_steps)
+        generator.sample_uint8(labels[i : i + BATCH], seeds[i : i + BATCH], config.ddim_steps, config.eta)
         for i in range(0, len(labels), BATCH)
     ]
     images = np.concatenate(batches)
@@ -72,6 +74,13 @@ def probe(model_dir: str | Path, reference: Reference, config: ProbeConfig) -> d
     verdicts = summarize_verdicts(classes, outputs["plausible"], outputs["failed"], outputs["found_cell"], class_names)
     fid, diversity = fidelity_and_diversity(reference.real_features, outputs["domain"], config.prdc_k)
     return {"plausibility": float(verdicts["plausible"]["rate"]), "fid": fid, **diversity}
+
+
+def probe_seeds(num_classes: int, config: ProbeConfig) -> list[int]:
+    """The probe's noise seeds, class by class: (class c, index j) draws namespaced_seed("probe", seed, c, j)."""
+    from pathalign_ray.diffusion import namespaced_seed
+
+    return [namespaced_seed("probe", config.seed, c, j) for c in range(num_classes) for j in range(config.n_per_class)]
 
 
 def build_reference(real_dir: str, base_model: str, config: ProbeConfig) -> Reference:

@@ -22,8 +22,9 @@ from fastapi import Cookie, FastAPI, HTTPException, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from pydantic import BaseModel, Field
 
+from pathalign_ray import storage
 from pathalign_ray.checklist import CRITERIA
-from pathalign_ray.config import config_dataclass
+from pathalign_ray.config import Location, config_dataclass
 from pathalign_ray.feedback import FeedbackRecord, FeedbackStore
 
 SESSION_COOKIE = "pathalign_session"
@@ -34,7 +35,7 @@ AccessToken = Annotated[str, Field(min_length=16)]  # an expert's secret on the 
 
 @config_dataclass
 class LabelConfig:
-    run_dir: str = "runs/demo"  # the run whose samples are judged; verdicts go to RUN_DIR/feedback
+    run_dir: Location = "runs/demo"  # a path or URI: the run whose samples are judged; verdicts go to RUN_DIR/feedback
     samples: str = "samples/pretrained"  # sample folder (jobs/sample.py), relative to run_dir
     reference_data: str = "data"  # data set folder (jobs/make_dataset.py) for real reference images, relative to run_dir
     round: int = 0  # feedback round the verdicts belong to
@@ -69,16 +70,15 @@ def create_app(config: LabelConfig) -> FastAPI:
     from pathalign_ray.images import encode_png
     from pathalign_ray.sampling import read_manifest
 
-    run_dir = Path(config.run_dir)
-    samples_dir = run_dir / config.samples
+    samples_dir = storage.join(config.run_dir, config.samples)
     manifest = {row["sample_id"]: row for row in read_manifest(samples_dir).to_pylist()}
     order = list(manifest)
-    reference = read_dataset(run_dir / config.reference_data, "train")
+    reference = read_dataset(storage.join(config.run_dir, config.reference_data), "train")
     references = {
         name: [encode_png(image) for image in reference.images[reference.labels == index][: config.references_per_class]]
         for index, name in enumerate(reference.class_names)
     }
-    store = FeedbackStore(run_dir / "feedback")
+    store = FeedbackStore(storage.join(config.run_dir, "feedback"))
     experts_by_token = {token: expert for expert, token in config.experts.items()}
     appends = itertools.count(1)
     app = FastAPI(title="pathalign_ray labelling", docs_url=None, redoc_url=None)
@@ -91,7 +91,7 @@ def create_app(config: LabelConfig) -> FastAPI:
 
     @lru_cache(maxsize=None)
     def image_bytes(sample_id: str) -> bytes:
-        return (samples_dir / manifest[sample_id]["path"]).read_bytes()
+        return storage.read_bytes(storage.join(samples_dir, manifest[sample_id]["path"]))
 
     def sample_payload(sample_id: str, expert: str) -> dict:
         row = manifest[sample_id]

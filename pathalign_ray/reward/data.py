@@ -28,18 +28,27 @@ from typing import Literal
 
 import numpy as np
 
+from pathalign_ray import storage
 from pathalign_ray.checklist import CRITERIA
-from pathalign_ray.config import Fraction, FractionBelowOne, NonNegativeFloat, NonNegativeInt, config_dataclass
+from pathalign_ray.config import (
+    Fraction,
+    FractionBelowOne,
+    Location,
+    NonNegativeFloat,
+    NonNegativeInt,
+    config_dataclass,
+)
 
 SOURCES = ("expert", "weak_true", "weak_wrong")
 
 
 @config_dataclass
 class RewardDataConfig:
-    feedback: tuple[str, ...] = ("feedback",)  # feedback store folders, relative to run_dir; empty: weak feedback alone
+    # feedback store folders or URIs, relative to run_dir unless absolute; empty: weak feedback alone
+    feedback: tuple[Location, ...] = ("feedback",)
     label: Literal["consensus", "verdict"] = "consensus"  # one soft row per sample, or one 0/1 row per verdict
     rounds: tuple[int, ...] = ()  # feedback rounds to learn from; empty: every round
-    dataset: str = ""  # real images for weak feedback (a jobs/make_dataset.py folder); empty: no weak feedback
+    dataset: Location = ""  # real images for weak feedback (a jobs/make_dataset.py folder or URI); empty: none
     dataset_split: str = "train"  # the split of `dataset` the weak examples come from
     # weak examples per expert example (per sample, or per verdict with label=verdict)
     weak_per_expert: NonNegativeFloat = 2.0
@@ -114,7 +123,6 @@ def build_examples(config: RewardDataConfig, run_dir: str | Path, image_size: in
     from pathalign_ray.data.shards import read_dataset
     from pathalign_ray.images import normalise_array
 
-    run_dir = Path(run_dir)
     real = read_dataset(config.dataset, config.dataset_split) if config.dataset else None
     parts = []
     if config.feedback:
@@ -149,7 +157,7 @@ def known_and_new_classes(real_classes: Sequence[str], votes: list[dict]) -> tup
     return (*real_classes, *new)
 
 
-def read_votes(stores: Sequence[Path], rounds: Sequence[int] = ()) -> list[dict]:
+def read_votes(stores: Sequence[str | Path], rounds: Sequence[int] = ()) -> list[dict]:
     """The latest verdict of each expert on each sample over the stores, among `rounds` if given.
 
     Rows of FeedbackStore.records(); as FeedbackStore.latest, over several stores at once.
@@ -158,7 +166,7 @@ def read_votes(stores: Sequence[Path], rounds: Sequence[int] = ()) -> list[dict]
 
     rows = []
     for store in stores:
-        if not Path(store).is_dir():
+        if not storage.exists(store):
             raise FileNotFoundError(
                 f"feedback store {store} does not exist: collect verdicts first (jobs/label.py, "
                 "jobs/simulate_feedback.py), or set data.feedback=[] to train on weak feedback alone"
@@ -180,7 +188,7 @@ def read_votes(stores: Sequence[Path], rounds: Sequence[int] = ()) -> list[dict]
 
 
 def expert_examples(
-    votes: list[dict], run_dir: Path, class_names: Sequence[str], image_size: int, label: str = "consensus"
+    votes: list[dict], run_dir: str | Path, class_names: Sequence[str], image_size: int, label: str = "consensus"
 ) -> RewardExamples:
     """Examples from votes (read_votes rows): one per sample (consensus) or one per vote (verdict)."""
     from pathalign_ray.images import decode_image
@@ -325,19 +333,21 @@ def _criteria_target(votes: list[dict]) -> tuple[list[float], list[bool]]:
     return [float(np.mean([c in (v["failed_criteria"] or ()) for v in said])) for c in CRITERIA], [True] * len(CRITERIA)
 
 
-def _image_bytes(run_dir: Path, vote: dict) -> bytes:
-    """The image an expert judged, read from RUN_DIR/<image_ref> and checked against its sha256."""
+def _image_bytes(run_dir: str | Path, vote: dict) -> bytes:
+    """The image an expert judged, read from RUN_DIR/<image_ref> (a path or a URI) and checked against its sha256."""
     path = _resolve(run_dir, vote["image_ref"])
-    if not path.is_file():
-        raise FileNotFoundError(f"the image of sample {vote['sample_id']!r} is missing: {path}")
-    data = path.read_bytes()
+    try:
+        data = storage.read_bytes(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileNotFoundError(f"the image of sample {vote['sample_id']!r} is missing: {path}") from None
     if hashlib.sha256(data).hexdigest() != vote["image_sha256"]:
         raise ValueError(f"{path} is not the image judged as sample {vote['sample_id']!r}: its sha256 differs")
     return data
 
 
-def _resolve(run_dir: Path, path: str) -> Path:
-    return Path(path) if Path(path).is_absolute() else run_dir / path
+def _resolve(run_dir: str | Path, path: str) -> str:
+    """`path` if it is a URI or absolute, else RUN_DIR/path."""
+    return str(path) if storage.is_uri(path) or Path(path).is_absolute() else storage.join(run_dir, path)
 
 
 def _walk(rng: np.random.Generator, m: int, n: int) -> np.ndarray:

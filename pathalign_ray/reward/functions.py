@@ -14,7 +14,7 @@ from typing import Literal
 
 import numpy as np
 
-from pathalign_ray.config import config_dataclass
+from pathalign_ray.config import Location, config_dataclass
 
 RewardFn = Callable[[np.ndarray, list[str]], tuple[np.ndarray, dict]]
 
@@ -24,7 +24,7 @@ class RewardSourceConfig:
     kind: Literal["http", "handle", "model", "pathologist"] = "http"
     url: str = "http://127.0.0.1:8000"  # kind=http: the scoring endpoint's base URL
     app: str = "reward"  # kind=handle: the Serve application's name (jobs/serve_reward.py deploys "reward")
-    model: str = ""  # kind=model: a reward model folder written by jobs/train_reward.py
+    model: Location = ""  # kind=model: a reward model folder or URI written by jobs/train_reward.py
     timeout_s: float = 60.0  # kind=http: per request
     batch_size: int = 32  # images per request or forward pass; at most the endpoint's max_images_per_request
 

@@ -23,8 +23,9 @@ from pydantic import Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pathalign_ray import storage
 from pathalign_ray.checklist import CRITERIA
-from pathalign_ray.config import config_dataclass
+from pathalign_ray.config import Location, config_dataclass
 from pathalign_ray.images import normalise_array, to_model_range
 
 WEIGHTS_FILE = "reward.safetensors"
@@ -40,7 +41,7 @@ class RewardModelConfig:
     hidden: int = 128  # MLP head width
     dropout: float = 0.1
     criteria_heads: bool = True  # also predict which checklist criteria fail
-    backbone: str = ""  # "": the CNN above; else a diffusers UNet2DModel folder (or a model folder with unet/)
+    backbone: Location = ""  # "": the CNN above; else a diffusers UNet2DModel folder or URI (or a model's unet/)
 
     def __post_init__(self) -> None:
         if self.image_size < 2 ** len(self.channels):
@@ -80,9 +81,10 @@ class UNetEncoder(nn.Module):
 
 
 def backbone_folder(path: str | Path) -> Path:
-    """The folder holding the backbone UNet's config.json: `path` itself, or a model folder's unet/."""
-    path = Path(path)
-    for folder in (path, path / "unet"):
+    """The local folder holding the backbone UNet's config.json: `path` itself, or a model folder's unet/
+    (a URI is downloaded once per node)."""
+    local = storage.download_dir(path) if storage.exists(path) else None
+    for folder in (local, local / "unet") if local else ():
         if (folder / "config.json").is_file():
             return folder
     raise FileNotFoundError(
@@ -201,12 +203,13 @@ def save_reward_model(model: RewardModel, out_dir: str | Path, info: dict) -> Pa
 
 
 def reward_model_folder(model_dir: str | Path) -> Path:
-    """`model_dir` if it holds what save_reward_model writes; else a FileNotFoundError naming what is missing."""
-    model_dir = Path(model_dir)
+    """The local folder of a reward model (a URI is downloaded once per node) if it holds what save_reward_model
+    writes; else a FileNotFoundError naming what is missing."""
+    local = storage.download_dir(model_dir)
     for needed in (WEIGHTS_FILE, CONFIG_FILE):
-        if not (model_dir / needed).is_file():
+        if not (local / needed).is_file():
             raise FileNotFoundError(f"{model_dir} is not a reward model: {needed} is missing")
-    return model_dir
+    return local
 
 
 def load_reward_model(model_dir: str | Path) -> tuple[RewardModel, dict]:

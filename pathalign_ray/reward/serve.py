@@ -36,12 +36,25 @@ from pydantic import BaseModel, Field
 from ray import serve
 
 from pathalign_ray.cluster import keep_serving
-from pathalign_ray.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, config_dataclass
+from pathalign_ray.config import (
+    Location,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    config_dataclass,
+)
 from pathalign_ray.images import ImageError, decode_image, normalise_array, to_model_range
 from pathalign_ray.metrics import record_endpoint_batch, record_endpoint_latency
 from pathalign_ray.reward import fast_path
 from pathalign_ray.reward.fast_path import (
-    SCORE_ROUTE, BadRequest, ScoreFastPath, decode_json, is_json, read_capped, score_decoded
+    SCORE_ROUTE,
+    BadRequest,
+    ScoreFastPath,
+    decode_json,
+    is_json,
+    read_capped,
+    score_decoded,
 )
 
 APP_NAME = "reward"
@@ -66,7 +79,7 @@ class RewardAutoscaling:
 
 @config_dataclass
 class ServeRewardConfig:
-    model: str = ""  # reward model folder (save_reward_model), read by every replica: use storage all nodes see
+    model: Location = ""  # reward model folder read by every replica (save_reward_model): a URI, or a shared path
     host: str = "127.0.0.1"  # HTTP address of the Serve proxy; 0.0.0.0 to reach it from other machines
     port: int = 8000
     # the routes are PREFIX/v1/score, PREFIX/v1/classes, PREFIX/healthz

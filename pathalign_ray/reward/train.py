@@ -26,7 +26,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pathalign_ray import storage
 from pathalign_ray.config import (
+    Location,
     NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
@@ -53,7 +55,7 @@ class RewardTrainResult:
     """The published reward model's folder and its metadata (reward.json: model_id, version, label counts,
     the kept epoch and its held-out metrics, every epoch's history)."""
 
-    model_dir: Path
+    model_dir: str | Path  # a path, or a URI where run_dir is one
     info: dict
 
 
@@ -94,7 +96,7 @@ class RewardScaleConfig:
 
 @config_dataclass
 class TrainRewardConfig:
-    run_dir: str = "runs/demo"  # feedback stores and image_refs are relative to it; the model goes to RUN_DIR/reward
+    run_dir: Location = "runs/demo"  # path or URI; feedback stores, image_refs relative to it; model: RUN_DIR/reward
     data: RewardDataConfig = dataclasses.field(default_factory=RewardDataConfig)
     model: RewardModelConfig = dataclasses.field(default_factory=RewardModelConfig)
     train: RewardTrainConfig = dataclasses.field(default_factory=RewardTrainConfig)
@@ -109,9 +111,9 @@ def train_reward(config: TrainRewardConfig) -> RewardTrainResult:
     from pathalign_ray.cluster import init_ray, trainer_settings
     from pathalign_ray.reward.data import build_examples, split_examples
 
-    run_dir = Path(config.run_dir).resolve()
-    if config.model.backbone:  # every worker reads it: an absolute path, and a wrong one fails here
-        backbone = str(Path(config.model.backbone).resolve())
+    run_dir = storage.absolute(config.run_dir)
+    if config.model.backbone:  # every worker reads it: an absolute path or a URI, and a wrong one fails here
+        backbone = storage.absolute(config.model.backbone)
         backbone_folder(backbone)
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, backbone=backbone))
     examples = build_examples(config.data, run_dir, config.model.image_size)
@@ -123,7 +125,7 @@ def train_reward(config: TrainRewardConfig) -> RewardTrainResult:
     expert_rounds = examples.rounds[train_index][examples.sources[train_index] == "expert"]
     version = int(expert_rounds.max()) if len(expert_rounds) else 0
     info = {
-        "model_id": f"{run_dir.name}-reward-v{version}" + ("" if len(expert_rounds) else "-weak"),
+        "model_id": f"{Path(run_dir).name}-reward-v{version}" + ("" if len(expert_rounds) else "-weak"),
         "version": version,  # the latest feedback round learnt from (0 on weak feedback alone)
         "label_counts": {
             "train": label_counts(examples.take(train_index)),
@@ -131,9 +133,9 @@ def train_reward(config: TrainRewardConfig) -> RewardTrainResult:
         },
         "training": config_to_dict(config),
     }
-    save_config(config, run_dir / "train_reward.yaml")
+    save_config(config, storage.join(run_dir, "train_reward.yaml"))
     init_ray(device=config.scale.device)
-    shutil.rmtree(run_dir / TRAIN_RUN_NAME, ignore_errors=True)  # a fresh run on the feedback of now, no resume
+    storage.delete_dir(storage.join(run_dir, TRAIN_RUN_NAME))  # a fresh run on the feedback of now, no resume
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
@@ -151,7 +153,7 @@ def train_reward(config: TrainRewardConfig) -> RewardTrainResult:
         raise RuntimeError(f"reward training in {run_dir} finished without a checkpoint")
     with result.checkpoint.as_directory() as checkpoint_dir:
         _, meta = load_reward_model(checkpoint_dir)  # refuse to publish anything that does not load
-        return RewardTrainResult(_publish(Path(checkpoint_dir), run_dir / MODEL_DIR_NAME), meta)
+        return RewardTrainResult(_publish(Path(checkpoint_dir), storage.join(run_dir, MODEL_DIR_NAME)), meta)
 
 
 def reward_loss(
@@ -412,16 +414,11 @@ def _finite(value):
     return value
 
 
-def _publish(checkpoint_dir: Path, model_dir: Path) -> Path:
-    """Copy the checkpoint's model files to model_dir, replacing what was there in one rename."""
+def _publish(checkpoint_dir: Path, model_dir: str) -> str | Path:
+    """Copy the checkpoint's model files to model_dir (a path: replaced in one rename; a URI: uploaded over it)."""
     from pathalign_ray.reward.model import CONFIG_FILE, WEIGHTS_FILE
 
-    staging = model_dir.with_name(f".{model_dir.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    for name in (WEIGHTS_FILE, CONFIG_FILE):
-        shutil.copy2(checkpoint_dir / name, staging / name)
-    if model_dir.exists():
-        shutil.rmtree(model_dir)
-    staging.rename(model_dir)
-    return model_dir
+    with storage.output_dir(model_dir) as staging:
+        for name in (WEIGHTS_FILE, CONFIG_FILE):
+            shutil.copy2(checkpoint_dir / name, staging / name)
+    return storage.location(model_dir)
