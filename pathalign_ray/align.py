@@ -27,9 +27,10 @@ from pathalign_ray.sampling import SampleConfig, read_manifest, sample
 from pathalign_ray.simulated_feedback import SimulateFeedbackConfig, simulate_feedback
 
 ROUNDS_FILE = "rounds.jsonl"
+ALLOCATION_FLOOR = 0.25  # weakest_first: a class's weight is at least this (a solved class keeps a quarter share)
 # Keys of the sections below that each round sets (the round's model, folders, seed namespace, reward model)
 SET_PER_ROUND = (
-    "sample.model", "sample.out_dir", "sample.namespace", "sample.overwrite",
+    "sample.model", "sample.out_dir", "sample.namespace", "sample.overwrite", "sample.class_counts",
     "simulate.run_dir", "simulate.samples", "simulate.round", "serve.model",
 )  # fmt: skip
 
@@ -41,6 +42,9 @@ class AlignConfig:
     feedback: Literal["simulated", "human"] = "simulated"  # human: wait for verdicts from the labelling page
     quota: int = 0  # human: verdicts a round needs before the loop goes on; 0: every sample judged once
     poll_s: float = 15.0  # human: seconds between looks at the feedback store
+    # how a round's pool (sample.n_per_class x classes images) splits over the classes: even, or from round 1
+    # on weakest_first, in proportion to each class's implausible share of the last round's verdicts
+    allocation: Literal["even", "weakest_first"] = "even"
     # the keys in SET_PER_ROUND are the loop's, refused here; round r draws the "pool" seed namespace at base
     # seed sample.seed * 1000 + r
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
@@ -129,6 +133,26 @@ def reward_source(config: AlignConfig, reward_dir: str, round_index: int) -> Rew
     return RewardSourceConfig(kind="http", url=url.rstrip("/"))
 
 
+def pool_allocation(plausibility: dict[str, float], total: int, floor: float = ALLOCATION_FLOOR) -> dict[str, int]:
+    """Images per class for a pool of `total`: in proportion to max(1 - plausibility, floor), so a class the
+    experts mostly reject gets more of their time and a solved one keeps a share (largest remainders)."""
+    weights = {name: max(1.0 - rate, floor) for name, rate in plausibility.items()}
+    exact = {name: total * weight / sum(weights.values()) for name, weight in weights.items()}
+    counts = {name: int(value) for name, value in exact.items()}
+    by_remainder = sorted(exact, key=lambda name: counts[name] - exact[name])
+    for name in by_remainder[: total - sum(counts.values())]:
+        counts[name] += 1
+    return counts
+
+
+def plausibility_per_class(verdicts: list[dict]) -> dict[str, float]:
+    """{declared class: mean consensus plausibility} of a round's consensus rows."""
+    rates: dict[str, list[float]] = {}
+    for row in verdicts:
+        rates.setdefault(row["declared_class"], []).append(row["plausibility"])
+    return {name: sum(values) / len(values) for name, values in rates.items()}
+
+
 def collect_feedback(config: AlignConfig, run_dir: str, round_index: int) -> dict:
     """The round before finetuning: sample from the round's model, get the verdicts, retrain the reward model.
 
@@ -139,29 +163,40 @@ def collect_feedback(config: AlignConfig, run_dir: str, round_index: int) -> dic
 
     model = model_of_round(run_dir, round_index)
     samples_rel = f"rounds/{round_index}/samples"
+    store = FeedbackStore(storage.join(run_dir, "feedback"))
+    class_counts = {}
+    if config.allocation == "weakest_first" and round_index > 0:
+        last = plausibility_per_class(round_verdicts(store, run_dir, round_index - 1))
+        class_counts = pool_allocation(last, config.sample.n_per_class * len(last))
+        print(f"[align] round {round_index}: pool per class {class_counts}")
     sample(
         dataclasses.replace(
             config.sample, model=model, out_dir=storage.join(run_dir, samples_rel), overwrite=True,
-            namespace="pool", seed=pool_seed(config.sample.seed, round_index),
+            namespace="pool", seed=pool_seed(config.sample.seed, round_index), class_counts=class_counts,
         )
     )
     if config.feedback == "simulated":
         simulate_feedback(dataclasses.replace(config.simulate, run_dir=run_dir, samples=samples_rel, round=round_index))
     else:
         _wait_for_verdicts(run_dir, samples_rel, config)
-    store = FeedbackStore(storage.join(run_dir, "feedback"))
-    round_ids = {row["sample_id"] for row in read_manifest(storage.join(run_dir, samples_rel)).to_pylist()}
-    round_verdicts = [row for row in store.consensus().to_pylist() if row["sample_id"] in round_ids]
+    verdicts = round_verdicts(store, run_dir, round_index)
     reward = train_reward(dataclasses.replace(config.reward, run_dir=run_dir))
     return {
         "round": round_index,
         "model": model,
         "labels": len(store.records()),
-        "plausibility": sum(r["verdict"] == "plausible" for r in round_verdicts) / max(1, len(round_verdicts)),
+        "plausibility": sum(r["verdict"] == "plausible" for r in verdicts) / max(1, len(verdicts)),
         "reward_model": reward.info.get("model_id"),
         "reward_auc": reward.info.get("metrics", {}).get("test/expert/auc"),  # held-out verdicts on synthetic images
         "reward_dir": str(reward.model_dir),
     }
+
+
+def round_verdicts(store, run_dir: str, round_index: int) -> list[dict]:
+    """The consensus rows (FeedbackStore.consensus) of round `round_index`'s pool."""
+    samples = storage.join(run_dir, f"rounds/{round_index}/samples")
+    round_ids = {row["sample_id"] for row in read_manifest(samples).to_pylist()}
+    return [row for row in store.consensus().to_pylist() if row["sample_id"] in round_ids]
 
 
 def _wait_for_verdicts(run_dir: str, samples_rel: str, config: AlignConfig) -> None:

@@ -9,6 +9,7 @@ same image whatever the batching or the number of workers.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Literal
 
@@ -31,6 +32,7 @@ class SampleConfig:
     model: Location = "runs/demo/model"  # an exported model folder or URI (jobs/pretrain.py writes RUN_DIR/model)
     out_dir: Location = "runs/demo/samples/pretrained"  # PNGs under images/, manifest.parquet, contact_sheet.png
     n_per_class: PositiveInt = 8  # images per declared class
+    class_counts: dict[str, int] = dataclasses.field(default_factory=dict)  # a class's images where not n_per_class
     classes: tuple[str, ...] = ()  # declared classes to sample; empty means all of the model's classes
     ddim_steps: PositiveInt = 50  # DDIM denoising steps per image
     eta: NonNegativeFloat = 0.0  # DDIM stochasticity: 0 is deterministic given the initial noise
@@ -45,6 +47,8 @@ class SampleConfig:
     reward_model: Location = ""  # a reward model folder (RUN_DIR/reward); scores go to the manifest's reward column
 
     def __post_init__(self) -> None:
+        if any(count < 0 for count in self.class_counts.values()):
+            raise ValueError(f"class_counts: a class's image count must be >= 0, got {self.class_counts}")
         if self.select == "uncertain" and (self.k < 1 or not self.reward_model):
             raise ValueError("select=uncertain needs k >= 1 and a reward_model to score the samples")
         if self.select == "all" and self.k:
@@ -112,7 +116,7 @@ def sample_id(namespace: str, seed: int, declared_class: str, index: int) -> str
 
 def plan_samples(config: SampleConfig, class_names: list[str]) -> list[dict]:
     """One row per image to draw (sample_id, declared_class, class_index, seed), in class order."""
-    unknown = [name for name in config.classes if name not in class_names]
+    unknown = [name for name in (*config.classes, *config.class_counts) if name not in class_names]
     if unknown:
         raise ValueError(f"unknown class {unknown[0]!r}; the model knows {', '.join(class_names)}")
     wanted = config.classes or tuple(class_names)
@@ -124,7 +128,7 @@ def plan_samples(config: SampleConfig, class_names: list[str]) -> list[dict]:
             "seed": namespaced_seed(config.namespace, config.seed, class_names.index(name), j),
         }
         for name in wanted
-        for j in range(config.n_per_class)
+        for j in range(config.class_counts.get(name, config.n_per_class))
     ]
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pathalign_ray.align import pool_seed
+from pathalign_ray.align import plausibility_per_class, pool_allocation, pool_seed, round_verdicts
 from pathalign_ray.diffusion import SEED_NAMESPACES, derive_seed, namespaced_seed
 
 from conftest import TINY_ALIGN_OVERRIDES
@@ -37,15 +37,32 @@ def test_pool_seeds_are_one_per_seed_and_round():
         load_config(AlignConfig, None, ["rounds=1000"])
 
 
+def test_weakest_first_gives_rejected_classes_more_of_the_pool_and_solved_ones_a_floor():
+    from pathalign_ray.sampling import SampleConfig, plan_samples
+
+    counts = pool_allocation({"a": 1.0, "b": 0.75, "c": 0.0, "d": 0.5}, total=100)
+    assert sum(counts.values()) == 100
+    assert counts == {"a": 13, "b": 12, "c": 50, "d": 25}  # weights 0.25 (floor), 0.25, 1, 0.5 of 2; a tie goes first come
+    assert pool_allocation({"a": 0.2, "b": 0.2}, total=7) in ({"a": 4, "b": 3}, {"a": 3, "b": 4})
+    plan = plan_samples(SampleConfig(n_per_class=2, class_counts={"b": 3, "c": 0}), ["a", "b", "c"])
+    assert [row["declared_class"] for row in plan] == ["a", "a", "b", "b", "b"]
+    with pytest.raises(ValueError, match="unknown class 'z'"):
+        plan_samples(SampleConfig(class_counts={"z": 1}), ["a"])
+    with pytest.raises(ValueError, match="class_counts"):
+        SampleConfig(class_counts={"a": -1})
+
+
 @pytest.mark.ray
 def test_two_rounds_compound_and_the_evaluation_refuses_a_pools_noise(tiny_pretrained, tiny_dataset, tmp_path):
     """Round 1 samples round 0's finetuned model and its reward model learns both rounds' verdicts; an
     evaluation set to round 1's pool noise is refused, naming both, and the default held-out noise runs."""
     import shutil
+    from collections import Counter
 
     from pathalign_ray.align import AlignConfig, align
     from pathalign_ray.config import load_config
     from pathalign_ray.evaluation.evaluate import EvaluateConfig, evaluate
+    from pathalign_ray.feedback import FeedbackStore
     from pathalign_ray.sampling import read_manifest
 
     _, _, model_dir = tiny_pretrained
@@ -55,7 +72,7 @@ def test_two_rounds_compound_and_the_evaluation_refuses_a_pools_noise(tiny_pretr
     config = load_config(
         AlignConfig,
         None,
-        [f"run_dir={run}", "rounds=2", "sample.n_per_class=3", "sample.ddim_steps=2", "simulate.experts=2",
+        [f"run_dir={run}", "rounds=2", "sample.n_per_class=3", "sample.ddim_steps=2", "simulate.experts=2", "allocation=weakest_first",
          f"reward.data.dataset={tiny_dataset}", *TINY_ALIGN_OVERRIDES],
     )  # fmt: skip
     rows = align(config)
@@ -67,6 +84,9 @@ def test_two_rounds_compound_and_the_evaluation_refuses_a_pools_noise(tiny_pretr
     assert {row["model_id"] for row in pools[1]} == {round0_model}
     assert {row["namespace"] for pool in pools for row in pool} == {"pool"}
     assert not {row["seed"] for row in pools[0]} & {row["seed"] for row in pools[1]}
+    store = FeedbackStore(run / "feedback")  # weakest_first: round 1's pool follows round 0's verdicts per class
+    wanted = pool_allocation(plausibility_per_class(round_verdicts(store, str(run), 0)), 12)
+    assert Counter(row["declared_class"] for row in pools[1]) == Counter({k: v for k, v in wanted.items() if v})
     reward = json.loads((run / "reward" / "reward.json").read_text())
     experts = reward["label_counts"]["train"]["expert"]["images"] + reward["label_counts"]["test"]["expert"]["images"]
     assert reward["version"] == 1 and experts == 24  # every sample of both rounds
