@@ -1,7 +1,7 @@
 """The feedback loop on the 32 px benchmark, judged on held-out noise, round after round, over seeds.
 
     .venv/bin/python bench/align_benchmark.py [--objectives rwl ddpo] [--seeds 0 1 2] [--rounds 3]
-        [--select all|uncertain] [--merge-only] [key.sub=value ...]   # overrides apply to configs/align.yaml
+        [--select all|uncertain] [--allocation even|weakest_first] [--merge-only] [key.sub=value ...]   # overrides apply to configs/align.yaml
 
 Each (objective, seed) is its own resumable part: the align loop in runs/align32-OBJ-sSEED (started
 from models/cells32 on the procedural 32 px data set in runs/pretrain32/data, made here if missing)
@@ -63,9 +63,16 @@ def seed_overrides(seed: int) -> list[str]:
     return [f"{key}={seed}" for key in keys]
 
 
-def run_part(objective: str, seed: int, rounds: int, select: str, overrides: list[str]) -> Path:
+def part_name(objective: str, seed: int | None, select: str, allocation: str) -> str:
+    """OBJ[-sSEED][-uncertain][-weakest_first]: a part's name, or (seed None) its table row's."""
+    choices = [c for c in (select, allocation) if c not in ("all", "even")]
+    return "-".join([objective, *([f"s{seed}"] if seed is not None else []), *choices])
+
+
+def run_part(objective: str, seed: int, rounds: int, select: str, allocation: str, overrides: list[str]) -> Path:
     """Rounds not yet in the part's file: run each (align resumes) and judge its model; returns the part file."""
-    name = f"{objective}-s{seed}" + ("" if select == "all" else f"-{select}")
+    name = part_name(objective, seed, select, allocation)
+    overrides = [f"allocation={allocation}", *overrides]
     run_dir, part_path = Path(f"runs/align32-{name}").resolve(), PARTS / f"{name}.json"
     part = (
         json.loads(part_path.read_text())
@@ -101,7 +108,7 @@ def run_part(objective: str, seed: int, rounds: int, select: str, overrides: lis
              "evaluation_wall_s": time.perf_counter() - started - row["wall_s"],
              "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine()}
         )  # fmt: skip
-        part.update(overrides=[*OBJECTIVES[objective], *seed_overrides(seed), *overrides], select=select)
+        part.update(overrides=[*OBJECTIVES[objective], *seed_overrides(seed), *overrides], select=select, allocation=allocation)
         PARTS.mkdir(parents=True, exist_ok=True)
         part_path.write_text(json.dumps(part, indent=2) + "\n")
         print(
@@ -162,17 +169,18 @@ def noise_disjoint(run_dir: Path) -> bool:
 
 
 def merge(parts: list[dict]) -> dict:
-    """Per objective (and selection), one row per round over the seeds that reached it."""
+    """Per objective (and selection, allocation), one row per round over the seeds that reached it."""
     table = {}
-    for key in sorted({(p["objective"], p.get("select", "all")) for p in parts}):
-        mine = [p for p in parts if (p["objective"], p.get("select", "all")) == key]
+    keys = {p["name"]: (p["objective"], p.get("select", "all"), p.get("allocation", "even")) for p in parts}
+    for key in sorted(set(keys.values())):
+        mine = [p for p in parts if keys[p["name"]] == key]
         rows = []
         for round_index in range(max(len(p["rows"]) for p in mine)):
             reached = [p["rows"][round_index] for p in mine if len(p["rows"]) > round_index]
             rows.append({"round": round_index, "seeds": [p["seed"] for p in mine if len(p["rows"]) > round_index],
                          "labels": reached[0]["labels"], "wall_s": mean_interval([r["round_wall_s"] for r in reached])[0],
                          **{sampler: over_seeds([r["judged"][sampler] for r in reached]) for sampler in EVAL_SAMPLERS}})  # fmt: skip
-        table["-".join(key) if key[1] != "all" else key[0]] = rows
+        table[part_name(key[0], None, *key[1:])] = rows
     return table
 
 
@@ -242,6 +250,9 @@ def main() -> None:
     parser.add_argument(
         "--select", default="all", choices=["all", "uncertain"], help="which samples experts see from round 1 on"
     )
+    parser.add_argument(
+        "--allocation", default="even", choices=["even", "weakest_first"], help="how later rounds split the pool over classes"
+    )
     parser.add_argument("--merge-only", action="store_true", help="merge the parts already written; run nothing")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of configs/align.yaml")
     args = parser.parse_args()
@@ -250,7 +261,7 @@ def main() -> None:
     if not args.merge_only:
         for objective in args.objectives:
             for seed in args.seeds:
-                run_part(objective, seed, args.rounds, args.select, args.overrides)
+                run_part(objective, seed, args.rounds, args.select, args.allocation, args.overrides)
     parts = [json.loads(path.read_text()) for path in sorted(PARTS.glob("*.json"))]
     rows = [row for part in parts for row in part["rows"]]
     write_result("align_rounds", {
