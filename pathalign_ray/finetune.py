@@ -42,8 +42,6 @@ from pathalign_ray.progress import watch
 from pathalign_ray.reward.functions import RewardSourceConfig
 from pathalign_ray.training import TrainResult
 
-LATENT_CACHE = "latent_cache"  # RUN_DIR/latent_cache: a latent model's encoded real images, shared by the rounds
-
 
 @config_dataclass
 class ObjectiveConfig:
@@ -156,7 +154,7 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     if config.objective.kind == "rwl":
         datasets["synthetic"] = _synthetic_pool(config, generator)
     if config.objective.beta > 0:
-        datasets["real"] = _real_images(config.data.real_dataset, generator, _latent_cache(run_dir))
+        datasets["real"] = _real_images(config.data.real_dataset, generator)
     trainer = TorchTrainer(
         train_loop,
         # the generator travels through the object store: workers on other nodes need no shared storage
@@ -204,15 +202,10 @@ def _check_real_dataset(dataset: str, generator) -> None:
                          f"{generator.image_size} px")
 
 
-def _latent_cache(run_dir: str) -> Path:
-    """Where a latent model's encoded real images are kept: the run folder, or this node's cache for a URI."""
-    return storage.cache_root() / LATENT_CACHE if storage.is_uri(run_dir) else Path(run_dir) / LATENT_CACHE
-
-
-def _real_images(dataset: str, generator, cache_dir: Path):
+def _real_images(dataset: str, generator):
     """The real training split as a Ray Dataset of image (x_0 in model space) and label. A pixel model's
-    streams through Ray Data; a latent model's is encoded once, here, and cached in cache_dir for later
-    rounds (LatentGenerator.encode_cached)."""
+    streams through Ray Data; a latent model's is encoded once, here, and kept in this node's cache for later
+    rounds and runs (LatentGenerator.encode_cached names the file after the images and the VAE)."""
     import ray.data
 
     from pathalign_ray.data.shards import ray_dataset, read_dataset
@@ -220,7 +213,7 @@ def _real_images(dataset: str, generator, cache_dir: Path):
     if generator.kind == "pixel":
         return ray_dataset(dataset, "train").materialize()
     real = read_dataset(dataset, "train")
-    latents = generator.encode_cached(real.images, cache_dir).numpy()
+    latents = generator.encode_cached(real.images, storage.cache_root() / "latents").numpy()
     return ray.data.from_items(
         [{"image": latents[i], "label": int(label)} for i, label in enumerate(real.labels)]
     ).materialize()
