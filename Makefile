@@ -16,7 +16,7 @@ ifneq ($(HAS_GPU),yes)
 export DS_ACCELERATOR := cpu
 endif
 
-.PHONY: demo test install browser bench clean
+.PHONY: demo test lint install browser bench clean
 
 # DEMO_CONFIG=configs/demo_pretrain.yaml pretrains the generator first; DEMO_ARGS takes key.sub=value overrides
 DEMO_CONFIG ?= configs/demo.yaml
@@ -24,8 +24,13 @@ DEMO_ARGS ?=
 demo: $(VENV)/.deepspeed-ops
 	$(PY) jobs/demo.py --config $(DEMO_CONFIG) $(DEMO_ARGS)
 
-test: $(VENV)/.deepspeed-ops browser
+test: $(VENV)/.deepspeed-ops browser lint
 	$(PY) -m pytest
+
+# ruff is pinned in the dev extra; `ruff format .` and `ruff check --fix .` repair most of what this reports
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # Debian's chromium drives the labelling page's browser test (apt needs root; otherwise that test is skipped).
 browser:

@@ -108,7 +108,9 @@ def run_part(objective: str, seed: int, rounds: int, select: str, allocation: st
              "evaluation_wall_s": time.perf_counter() - started - row["wall_s"],
              "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine()}
         )  # fmt: skip
-        part.update(overrides=[*OBJECTIVES[objective], *seed_overrides(seed), *overrides], select=select, allocation=allocation)
+        part.update(
+            overrides=[*OBJECTIVES[objective], *seed_overrides(seed), *overrides], select=select, allocation=allocation
+        )
         PARTS.mkdir(parents=True, exist_ok=True)
         part_path.write_text(json.dumps(part, indent=2) + "\n")
         print(
@@ -251,7 +253,10 @@ def main() -> None:
         "--select", default="all", choices=["all", "uncertain"], help="which samples experts see from round 1 on"
     )
     parser.add_argument(
-        "--allocation", default="even", choices=["even", "weakest_first"], help="how later rounds split the pool over classes"
+        "--allocation",
+        default="even",
+        choices=["even", "weakest_first"],
+        help="how later rounds split the pool over classes",
     )
     parser.add_argument("--merge-only", action="store_true", help="merge the parts already written; run nothing")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of configs/align.yaml")

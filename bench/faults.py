@@ -18,11 +18,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import xml.etree.ElementTree as ElementTree
 from pathlib import Path
+from xml.etree import ElementTree
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import write_result  # noqa: E402
+from bench_common import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ["tests/test_serve_faults.py", "tests/test_cluster.py"]

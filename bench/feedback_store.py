@@ -30,9 +30,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from bench_common import write_result  # noqa: E402
-from pathalign_ray.checklist import CRITERIA  # noqa: E402
-from pathalign_ray.feedback import SCHEMA, FeedbackRecord, FeedbackStore  # noqa: E402
+from bench_common import write_result
+
+from pathalign_ray.checklist import CRITERIA
+from pathalign_ray.feedback import SCHEMA, FeedbackRecord, FeedbackStore
 
 EXPERTS = ("ann", "bob", "cat", "dan")
 

@@ -65,12 +65,18 @@ def bare_loop(model_dir: Path, synthetic: tuple, real: tuple, steps: int, batch:
         start = time.perf_counter()
         index = torch.randint(0, len(images), (batch,), generator=generator)
         real_index = torch.randint(0, len(real_images), (batch,), generator=generator)
-        noise, timesteps = draw_noise_and_timesteps(batch, (3, size, size), scheduler.config.num_train_timesteps, generator)
+        noise, timesteps = draw_noise_and_timesteps(
+            batch, (3, size, size), scheduler.config.num_train_timesteps, generator
+        )
         real_noise = torch.randn(noise.shape, generator=generator)
         both = torch.cat([images[index], real_images[real_index]])
         losses = diffusion_loss_per_sample(
-            unet, scheduler, both, torch.cat([labels[index], real_labels[real_index]]),
-            torch.cat([noise, real_noise]), torch.cat([timesteps, timesteps]),
+            unet,
+            scheduler,
+            both,
+            torch.cat([labels[index], real_labels[real_index]]),
+            torch.cat([noise, real_noise]),
+            torch.cat([timesteps, timesteps]),
         )
         weights = reward_weights(rewards[index], "raw", 0.5, class_ids=labels[index], temperature=1.0)
         loss, _ = reward_weighted_loss(losses[:batch], weights, losses[batch:], beta=0.3)
@@ -94,11 +100,22 @@ def ray_run(model_dir: Path, samples: Path, dataset: Path, steps: int, batch: in
         FinetuneConfig,
         None,
         [
-            f"run_dir={run_dir}", "name=throughput", f"base_model={model_dir}", f"data.samples=[{samples}]",
-            f"data.real_dataset={dataset}", "reward.kind=pathologist", "objective.kind=rwl",
-            f"train.steps={steps}", f"train.batch_size={batch}", f"train.log_every={LOG_EVERY}",
-            f"train.checkpoint_every={steps}", "train.eval_every=0", "train.eval_per_class=1",
-            "train.eval_ddim_steps=2", "scale.num_workers=1", "scale.threads_per_worker=2",
+            f"run_dir={run_dir}",
+            "name=throughput",
+            f"base_model={model_dir}",
+            f"data.samples=[{samples}]",
+            f"data.real_dataset={dataset}",
+            "reward.kind=pathologist",
+            "objective.kind=rwl",
+            f"train.steps={steps}",
+            f"train.batch_size={batch}",
+            f"train.log_every={LOG_EVERY}",
+            f"train.checkpoint_every={steps}",
+            "train.eval_every=0",
+            "train.eval_per_class=1",
+            "train.eval_ddim_steps=2",
+            "scale.num_workers=1",
+            "scale.threads_per_worker=2",
         ],
     )
     history = finetune(config).history
@@ -130,7 +147,9 @@ def main() -> None:
     pretrain = load_config(PretrainConfig, "configs/pretrain.yaml")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        dataset = write_dataset(procedural.generate(40, pretrain.model.sample_size, seed=0), tmp / "data", 0.2, 0, source="procedural")
+        dataset = write_dataset(
+            procedural.generate(40, pretrain.model.sample_size, seed=0), tmp / "data", 0.2, 0, source="procedural"
+        )
         class_names = read_dataset(dataset, "train").class_names
         torch.manual_seed(0)
         unet = build_unet(pretrain.model, len(class_names))

@@ -115,8 +115,13 @@ def label_one(client: httpx.Client) -> tuple[float, float, float, dict]:
 
 def percentiles(values: list[float]) -> dict:
     p50, p95, p99 = np.percentile(values, [50, 95, 99])
-    return {"p50_ms": round(p50, 2), "p95_ms": round(p95, 2), "p99_ms": round(p99, 2),
-            "mean_ms": round(statistics.fmean(values), 2), "n": len(values)}
+    return {
+        "p50_ms": round(p50, 2),
+        "p95_ms": round(p95, 2),
+        "p99_ms": round(p99, 2),
+        "mean_ms": round(statistics.fmean(values), 2),
+        "n": len(values),
+    }
 
 
 def main() -> None:
@@ -154,8 +159,13 @@ def main() -> None:
 
         for _ in range(WARMUP):
             label_one(page), baseline_one()
-        timings = {"page_next_image": [], "page_references": [], "page_verdict": [],
-                   "baseline_next_image": [], "baseline_verdict": []}
+        timings = {
+            "page_next_image": [],
+            "page_references": [],
+            "page_verdict": [],
+            "baseline_next_image": [],
+            "baseline_verdict": [],
+        }
         seen = set()
         started = time.perf_counter()
         for i in range(args.requests):  # interleaved, and which goes first alternates: the same noise on both
@@ -185,8 +195,14 @@ def main() -> None:
     figures["p95_page_over_baseline"] = round(
         figures["page_next_image"]["p95_ms"] / figures["baseline_next_image"]["p95_ms"], 2
     )
-    figures.update(samples=args.samples, requests=args.requests, image_px=SIZE, image_bytes=len(image),
-                   references_per_sample=len(first["reference_urls"]), seconds=round(elapsed, 1))
+    figures.update(
+        samples=args.samples,
+        requests=args.requests,
+        image_px=SIZE,
+        image_bytes=len(image),
+        references_per_sample=len(first["reference_urls"]),
+        seconds=round(elapsed, 1),
+    )
     print(f"{'':28} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'mean ms':>8}")
     for name in timings:
         row = figures[name]

@@ -105,7 +105,9 @@ def main() -> None:
     flags = [arg for arg in sys.argv[1:] if not arg.startswith("--mode")]
     modes = {}
     for mode in ("full", "lora"):
-        out = subprocess.run([sys.executable, __file__, *flags, "--mode", mode], check=True, capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, __file__, *flags, "--mode", mode], check=True, capture_output=True, text=True
+        )
         modes[mode] = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"[bench] {mode}: {modes[mode]}")
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"

@@ -55,7 +55,9 @@ EVAL = {"namespace": "evaluation", "seed": 5000, "ddim_steps": 50, "eta": 1.0}
 
 def judged_per_class(model: Path, out_dir: Path, n_per_class: int) -> dict[str, list[bool]]:
     """The simulated pathologist's verdicts on fresh samples of every declared class, on held-out noise."""
-    folder = sample(SampleConfig(model=str(model), out_dir=str(out_dir), n_per_class=n_per_class, overwrite=True, **EVAL))
+    folder = sample(
+        SampleConfig(model=str(model), out_dir=str(out_dir), n_per_class=n_per_class, overwrite=True, **EVAL)
+    )
     verdicts: dict[str, list[bool]] = {}
     for row in read_manifest(folder).to_pylist():
         image = decode_image((folder / row["path"]).read_bytes(), 32, row["path"])
@@ -84,7 +86,9 @@ def run_variant(variant: str, rounds: int, steps: int, n_eval: int, overrides: l
     part = json.loads(part_path.read_text()) if part_path.is_file() else {"variant": variant, **spec, "rows": []}
     data_dir = pre / "data"
     if not (data_dir / "dataset.json").is_file():
-        make_dataset(MakeDatasetConfig(out_dir=str(data_dir), image_size=32, classes=spec["classes"], merge=spec["merge"]))
+        make_dataset(
+            MakeDatasetConfig(out_dir=str(data_dir), image_size=32, classes=spec["classes"], merge=spec["merge"])
+        )
     started = time.perf_counter()
     pre_model = pretrain(load_config(PretrainConfig, "configs/pretrain.yaml",
                                      [f"run_dir={pre}", f"data.dataset={data_dir}", f"train.steps={steps}"])).model_dir  # fmt: skip

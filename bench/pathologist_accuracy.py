@@ -107,7 +107,10 @@ def main() -> None:
         return f"{r['rate']:.1%} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
 
     line("true class plausible", [fmt(figures[f"{s}px"]["true_class_plausible"]) for s in SIZES])
-    line("  lowest type", [f"{r[1]} {r[0]:.0%}" for r in (figures[f"{s}px"]["true_class_plausible_lowest_type"] for s in SIZES)])
+    line(
+        "  lowest type",
+        [f"{r[1]} {r[0]:.0%}" for r in (figures[f"{s}px"]["true_class_plausible_lowest_type"] for s in SIZES)],
+    )
     line("random wrong class implausible", [fmt(figures[f"{s}px"]["wrong_class_implausible"]) for s in SIZES])
     for kind in BROKEN_KINDS:
         cells = [figures[f"{s}px"]["broken"][kind] for s in SIZES]

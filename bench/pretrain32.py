@@ -33,7 +33,9 @@ KEPT_MODEL = Path(__file__).resolve().parent.parent / "models" / "cells32"
 
 def sample_pretrained(run_dir: Path) -> Path:
     """16 samples per class of run_dir/model in run_dir/samples/pretrained (the same images every time)."""
-    return sample(SampleConfig(model=str(run_dir / "model"), out_dir=str(run_dir / "samples" / "pretrained"), n_per_class=16))
+    return sample(
+        SampleConfig(model=str(run_dir / "model"), out_dir=str(run_dir / "samples" / "pretrained"), n_per_class=16)
+    )
 
 
 def restore(config: PretrainConfig) -> None:

@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from bench_common import write_result  # noqa: E402
-from pathalign_ray.data.procedural import DEFAULT_CELL_TYPES, generate  # noqa: E402
+from bench_common import write_result
+
+from pathalign_ray.data.procedural import DEFAULT_CELL_TYPES, generate
 
 IMAGES_PER_CLASS = {32: 60, 64: 40, 128: 12}  # per repeat: about a third of a second each
 
@@ -67,6 +68,7 @@ def main() -> None:
         print(f"{size:>6} {rates} {row['cost_vs_noise']:>8.1f}")
 
     print(f"wrote {write_result('procedural_speed', figures)}")
+
 
 if __name__ == "__main__":
     main()

@@ -52,7 +52,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("overrides", nargs="*", help="key.sub=value for configs/train_reward.yaml")
     args = parser.parse_args(argv)
     if not (MODEL / "unet" / "config.json").is_file():
-        sys.exit(f"{MODEL} is missing: run `.venv/bin/python bench/pretrain32.py --restore` first (it writes runs/pretrain32)")
+        sys.exit(
+            f"{MODEL} is missing: run `.venv/bin/python bench/pretrain32.py --restore` first (it writes runs/pretrain32)"
+        )
     config = load_config(
         TrainRewardConfig, "configs/train_reward.yaml", [f"run_dir={RUN}", f"data.dataset={DATASET}", *args.overrides]
     )
@@ -63,7 +65,11 @@ def main(argv: list[str]) -> None:
     n_classes = len(json.loads((MODEL / "class_names.json").read_text()))
     if not _samples_match(samples, n_classes * args.n_per_class, args.ddim_steps):
         shutil.rmtree(RUN, ignore_errors=True)  # new images: the old verdicts no longer apply
-        sample(SampleConfig(model=str(MODEL), out_dir=str(samples), n_per_class=args.n_per_class, ddim_steps=args.ddim_steps))
+        sample(
+            SampleConfig(
+                model=str(MODEL), out_dir=str(samples), n_per_class=args.n_per_class, ddim_steps=args.ddim_steps
+            )
+        )
     timings["sample"] = time.perf_counter() - started
 
     started = time.perf_counter()

@@ -34,9 +34,18 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import write_result  # noqa: E402
+from bench_common import write_result
 
-CLASSES = ["blast", "segmented_neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil", "myelocyte", "erythroblast"]
+CLASSES = [
+    "blast",
+    "segmented_neutrophil",
+    "lymphocyte",
+    "monocyte",
+    "eosinophil",
+    "basophil",
+    "myelocyte",
+    "erythroblast",
+]
 INGRESS_ENV = {
     "proxy": {},
     "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
@@ -53,7 +62,9 @@ def make_model(out_dir: Path, image_size: int) -> Path:
 
     torch.manual_seed(0)
     model = RewardModel(RewardModelConfig(image_size=image_size), CLASSES)
-    return save_reward_model(model.eval(), out_dir / f"reward{image_size}", {"id": f"bench-{image_size}px", "version": 1})
+    return save_reward_model(
+        model.eval(), out_dir / f"reward{image_size}", {"id": f"bench-{image_size}px", "version": 1}
+    )
 
 
 def best_window(done_at: list[float], images_each: int, window: float = 2.0) -> float:
@@ -118,7 +129,9 @@ def _cpu_by_role() -> dict[str, float]:
     return seconds
 
 
-async def _load(url: str, bodies: list[bytes], concurrency: int, seconds: float, client: str) -> tuple[list, float, list]:
+async def _load(
+    url: str, bodies: list[bytes], concurrency: int, seconds: float, client: str
+) -> tuple[list, float, list]:
     """`concurrency` coroutines sending single-image requests: (completion times, elapsed s, latencies s)."""
     latencies: list[float] = []
     done_at: list[float] = []
@@ -176,7 +189,7 @@ async def _measure(url: str, bodies: list[bytes], args) -> dict:
     done_at, elapsed, latencies = await _load(url, bodies, args.concurrency, args.seconds, args.client)
     stats1, cpu1 = await handle.stats.remote(), _cpu_by_role()
     served = len(latencies)
-    _, elapsed1, latencies1 = await _load(url, bodies, 1, args.seconds / 2, args.client)
+    _, _elapsed1, latencies1 = await _load(url, bodies, 1, args.seconds / 2, args.client)
     return {
         "images_per_s": len(latencies) / elapsed,
         "images_per_s_best_2s": best_window(done_at, 1),
@@ -214,7 +227,9 @@ def child(args) -> None:
     size = int(json.loads((Path(args.model) / "reward.json").read_text())["config"]["image_size"])
     pixels = np.random.default_rng(1).integers(0, 256, (64, size, size, 3), dtype=np.uint8)
     bodies = [
-        json.dumps({"images": [base64.b64encode(encode_png(image)).decode()], "classes": [CLASSES[i % len(CLASSES)]]}).encode()
+        json.dumps(
+            {"images": [base64.b64encode(encode_png(image)).decode()], "classes": [CLASSES[i % len(CLASSES)]]}
+        ).encode()
         for i, image in enumerate(pixels)
     ]
     print("RESULT " + json.dumps(asyncio.run(_measure(url, bodies, args))), flush=True)
@@ -234,19 +249,32 @@ def run_child(model_dir: Path, ingress: str, client: str, args) -> dict:
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
-        raise RuntimeError(f"{ingress}/{client} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        raise RuntimeError(
+            f"{ingress}/{client} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        )
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--image-size", type=int, action="append", help="reward model input size; repeat for several (default 64 and 32)")
-    parser.add_argument("--runs", default="proxy:httpx,proxy:aiohttp,haproxy:httpx,haproxy:aiohttp,haproxy_fast:aiohttp", help="ingress:client pairs")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        action="append",
+        help="reward model input size; repeat for several (default 64 and 32)",
+    )
+    parser.add_argument(
+        "--runs",
+        default="proxy:httpx,proxy:aiohttp,haproxy:httpx,haproxy:aiohttp,haproxy_fast:aiohttp",
+        help="ingress:client pairs",
+    )
     parser.add_argument("--seconds", type=float, default=10.0, help="load duration per run at concurrency 32")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
     parser.add_argument("--max-ongoing-requests", type=int, default=64)
-    parser.add_argument("--threads-per-replica", type=int, default=1, help="torch threads of the replica and of the in-process baseline")
+    parser.add_argument(
+        "--threads-per-replica", type=int, default=1, help="torch threads of the replica and of the in-process baseline"
+    )
     parser.add_argument("--num-replicas", type=int, default=1, help="reward replicas (each one Ray CPU)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)

@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from bench_common import write_result  # noqa: E402
-from feedback_store import _batches, _records  # noqa: E402
+from bench_common import write_result
+from feedback_store import _batches, _records
 
-from pathalign_ray.feedback import FeedbackStore  # noqa: E402
+from pathalign_ray.feedback import FeedbackStore
 
 
 def _free_port() -> int:

@@ -54,7 +54,9 @@ def bare_loop(config: PretrainConfig, dataset: Path, steps: int, threads: int) -
     for step in range(steps):
         start = time.perf_counter()
         index = torch.randint(0, len(images), (batch,), generator=generator)
-        noise, timesteps = draw_noise_and_timesteps(batch, images.shape[1:], config.model.num_train_timesteps, generator)
+        noise, timesteps = draw_noise_and_timesteps(
+            batch, images.shape[1:], config.model.num_train_timesteps, generator
+        )
         loss = diffusion_loss_per_sample(unet, scheduler, images[index], labels[index], noise, timesteps).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -102,7 +104,15 @@ def main() -> None:
             bare = bare_loop(config, dataset, args.steps, threads=2)
             one = ray_run(config, dataset, args.steps, workers=1, threads=2, run_dir=tmp / f"one{number}")
             two = ray_run(config, dataset, args.steps, workers=2, threads=1, run_dir=tmp / f"two{number}")
-            rounds.append({"bare": bare, "ray_1x2": one, "ray_2x1": two, "ratio_1x2_over_bare": one / bare, "ratio_2x1_over_1x2": two / one})
+            rounds.append(
+                {
+                    "bare": bare,
+                    "ray_1x2": one,
+                    "ray_2x1": two,
+                    "ratio_1x2_over_bare": one / bare,
+                    "ratio_2x1_over_1x2": two / one,
+                }
+            )
             print(f"round {number + 1}: bare {bare:.1f}, Ray 1x2 {one:.1f}, Ray 2x1 {two:.1f} img/s")
     figures = {
         "model": "configs/pretrain.yaml (32 px, channels 32-64-64)",

@@ -19,11 +19,16 @@ from pathlib import Path
 import torch
 
 from pathalign_ray.diffusion import load_model
-from pathalign_ray.objectives import PerClassRewardStats, clipped_policy_loss, ddim_step_with_log_prob, ddim_trajectories
+from pathalign_ray.objectives import (
+    PerClassRewardStats,
+    clipped_policy_loss,
+    ddim_step_with_log_prob,
+    ddim_trajectories,
+)
 
 # bench_common (it writes bench/results/NAME.json) is in bench/, off the path when run as experiments/NAME.py
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from bench_common import write_result  # noqa: E402
+from bench_common import write_result
 
 MODEL = "runs/pretrain32/model"
 LEARNING_RATES = (0.0, 1e-5, 1e-4)
@@ -45,7 +50,9 @@ def climb(lr: float, steps: int, trajectories: int) -> list[float]:
         optimizer.zero_grad()
         for j, (t, prev_t) in enumerate(trajectory["timesteps"]):
             output = unet(latents[j], t, class_labels=labels).sample
-            _, log_prob = ddim_step_with_log_prob(*schedule, output, t, prev_t, latents[j], 1.0, prev_sample=latents[j + 1])
+            _, log_prob = ddim_step_with_log_prob(
+                *schedule, output, t, prev_t, latents[j], 1.0, prev_sample=latents[j + 1]
+            )
             loss, _ = clipped_policy_loss(log_prob, old_log_probs[j], advantages.clamp(-5, 5), clip_range=1e-4)
             (loss / len(old_log_probs)).backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -66,12 +73,17 @@ def main(argv: list[str]) -> None:
         curves[str(lr)] = climb(lr, args.steps, args.trajectories)
         shown = " ".join(f"{r:.3f}" for r in curves[str(lr)])
         print(f"lr {lr:g}: {shown}", flush=True)
-    write_result("ddpo_smooth_reward", {
-        "reward": "mean brightness of the final image, in [-1, 1]",
-        "steps": args.steps, "trajectories_per_step": args.trajectories, "reward_per_step": curves,
-        "peak": {lr: max(curve) for lr, curve in curves.items()},
-        "last": {lr: curve[-1] for lr, curve in curves.items()},
-    })
+    write_result(
+        "ddpo_smooth_reward",
+        {
+            "reward": "mean brightness of the final image, in [-1, 1]",
+            "steps": args.steps,
+            "trajectories_per_step": args.trajectories,
+            "reward_per_step": curves,
+            "peak": {lr: max(curve) for lr, curve in curves.items()},
+            "last": {lr: curve[-1] for lr, curve in curves.items()},
+        },
+    )
 
 
 if __name__ == "__main__":

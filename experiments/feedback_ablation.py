@@ -50,7 +50,7 @@ from pathalign_ray.finetune import FinetuneConfig, finetune
 
 # bench_common (it writes bench/results/NAME.json) is in bench/, off the path when run as experiments/NAME.py
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from bench_common import write_result  # noqa: E402
+from bench_common import write_result
 
 BASE = Path("runs/pretrain32")
 RUN = Path("runs/ablation32").resolve()
@@ -64,12 +64,24 @@ POOLS = {RUN / "pool_ddim10_eta1": (10, 1.0), RUN / "pool_ddim50_eta1": (50, 1.0
 STOCHASTIC_POOL, FULL_POOL = POOLS
 RWL = ["objective.weighting=threshold", "train.lr=0.0001", "train.steps=150"]
 DDPO = [
-    "objective.kind=ddpo", "objective.beta=0", "objective.kl_coef=0.1", "objective.clip_range=0.0001",
-    "objective.trajectories_per_step=8", "objective.ddim_steps=10", "train.steps=60", "train.log_every=5",
+    "objective.kind=ddpo",
+    "objective.beta=0",
+    "objective.kl_coef=0.1",
+    "objective.clip_range=0.0001",
+    "objective.trajectories_per_step=8",
+    "objective.ddim_steps=10",
+    "train.steps=60",
+    "train.log_every=5",
 ]
 # 8 trajectories per class a step (2 workers x 32), every step logged, the EMA short enough to follow 30 steps
-DDPO_64 = [*DDPO, "train.lr=0.0001", "objective.trajectories_per_step=32", "train.steps=30", "train.log_every=1",
-           "train.ema_decay=0.9"]
+DDPO_64 = [
+    *DDPO,
+    "train.lr=0.0001",
+    "objective.trajectories_per_step=32",
+    "train.steps=30",
+    "train.log_every=1",
+    "train.ema_decay=0.9",
+]
 VARIANTS = {
     "real_only": [*RWL, "objective.threshold=2.0"],
     "rwl_paper": ["objective.weighting=raw", "train.lr=0.00002", "train.steps=100"],  # configs/align.yaml's settings
@@ -80,7 +92,13 @@ VARIANTS = {
     "rwl_threshold_oracle_eta1_pool": [*RWL, "reward.kind=pathologist", f"data.samples=[{STOCHASTIC_POOL}]"],
     "rwl_threshold_oracle_ddim50_pool": [*RWL, "reward.kind=pathologist", f"data.samples=[{FULL_POOL}]"],
     "rwl_threshold_ddim50_pool": [*RWL, f"data.samples=[{FULL_POOL}]"],
-    "ddpo_lr1e-4_32_trajectories": [*DDPO, "train.lr=0.0001", "objective.trajectories_per_step=32", "train.steps=30", "train.log_every=3"],
+    "ddpo_lr1e-4_32_trajectories": [
+        *DDPO,
+        "train.lr=0.0001",
+        "objective.trajectories_per_step=32",
+        "train.steps=30",
+        "train.log_every=3",
+    ],
     "ddpo_64_trajectories_every_step": [*DDPO_64],
     "ddpo_64_trajectories_oracle": [*DDPO_64, "reward.kind=pathologist"],
     "ddpo_64_trajectories_lr3e-5": [*DDPO_64, "train.lr=0.00003", "train.steps=40"],
@@ -95,7 +113,8 @@ def feedback_round() -> dict:
     if not (RUN / "model").exists():
         (RUN / "model").symlink_to((BASE / "model").resolve())
     config = load_config(
-        AlignConfig, "configs/align.yaml",
+        AlignConfig,
+        "configs/align.yaml",
         [f"run_dir={RUN}", "rounds=1", "sample.n_per_class=32", f"reward.data.dataset={(BASE / 'data').resolve()}"],
     )
     return collect_feedback(config, RUN, 0)
@@ -107,16 +126,36 @@ def make_pool(pool: Path) -> None:
 
     ddim_steps, eta = POOLS[pool]
     if not (pool / "manifest.parquet").is_file():
-        sample(SampleConfig(model=str(BASE / "model"), out_dir=str(pool), n_per_class=32,
-                            ddim_steps=ddim_steps, eta=eta, seed=4242, overwrite=True))
+        sample(
+            SampleConfig(
+                model=str(BASE / "model"),
+                out_dir=str(pool),
+                n_per_class=32,
+                ddim_steps=ddim_steps,
+                eta=eta,
+                seed=4242,
+                overwrite=True,
+            )
+        )
 
 
 def finetune_variant(name: str, overrides: list[str], reward_dir: str) -> tuple[Path, float]:
     config = load_config(
-        FinetuneConfig, "configs/finetune.yaml",
-        [f"run_dir={RUN}", f"name={name}", f"base_model={BASE / 'model'}", f"data.samples=[{RUN / 'rounds/0/samples'}]",
-         f"data.real_dataset={BASE / 'data'}", "reward.kind=model", f"reward.model={reward_dir}",
-         "train.eval_every=0", "train.eval_per_class=1", "train.checkpoint_every=1000", *overrides],
+        FinetuneConfig,
+        "configs/finetune.yaml",
+        [
+            f"run_dir={RUN}",
+            f"name={name}",
+            f"base_model={BASE / 'model'}",
+            f"data.samples=[{RUN / 'rounds/0/samples'}]",
+            f"data.real_dataset={BASE / 'data'}",
+            "reward.kind=model",
+            f"reward.model={reward_dir}",
+            "train.eval_every=0",
+            "train.eval_per_class=1",
+            "train.checkpoint_every=1000",
+            *overrides,
+        ],
     )
     for folder in (RUN / name, RUN / f"{name}-model"):  # a finished run of the same name would only be resumed
         shutil.rmtree(folder, ignore_errors=True)
@@ -149,8 +188,10 @@ def _plausibility(unet, ddim, class_names: list[str], ddim_steps: int, eta: floa
         images = to_uint8(ddim_sample(unet, scheduler, labels, seeds, ddim_steps, eta=eta))
         per_class[name] = [judge(image, name).plausible for image in images]
     verdicts = np.concatenate(list(per_class.values()))
-    return {"plausible": rate(int(verdicts.sum()), len(verdicts), 0.95),
-            "per_class": {name: float(np.mean(v)) for name, v in per_class.items()}}
+    return {
+        "plausible": rate(int(verdicts.sum()), len(verdicts), 0.95),
+        "per_class": {name: float(np.mean(v)) for name, v in per_class.items()},
+    }
 
 
 def main(argv: list[str]) -> None:
@@ -175,9 +216,13 @@ def main(argv: list[str]) -> None:
         overrides = VARIANTS[name]
         model_dir, walls[name] = finetune_variant(name, overrides, round_row["reward_dir"])
         metrics = [json.loads(line) for line in (RUN / f"{name}_metrics.jsonl").read_text().splitlines()]
-        results[name] = dict(fresh_plausibility(model_dir), kl_to_base=metrics[-1].get("kl_to_base"),
-                             reward_mean_first=metrics[0].get("reward_mean"), reward_mean_last=metrics[-1].get("reward_mean"),
-                             per_logged_step={key: [row[key] for row in metrics] for key in CURVES if key in metrics[0]})
+        results[name] = dict(
+            fresh_plausibility(model_dir),
+            kl_to_base=metrics[-1].get("kl_to_base"),
+            reward_mean_first=metrics[0].get("reward_mean"),
+            reward_mean_last=metrics[-1].get("reward_mean"),
+            per_logged_step={key: [row[key] for row in metrics] for key in CURVES if key in metrics[0]},
+        )
         print(f"[ablation] {name}: {json.dumps(results[name])}", flush=True)
     figures = {
         "round": round_row,

@@ -42,7 +42,7 @@ from pathalign_ray.training import lr_factor
 
 # bench_common (it writes bench/results/NAME.json) is in bench/, off the path when run as experiments/NAME.py
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from bench_common import write_result  # noqa: E402
+from bench_common import write_result
 
 RUN = "runs/reward_auc"
 DATASET = "runs/pretrain32/data"
@@ -86,8 +86,13 @@ def train_cnn(config, train, epochs: int, targets: np.ndarray | None) -> tuple[R
             if regressor is None:
                 logits, criteria_logits = heads(batch["images"], batch["class_ids"])
                 loss, _ = reward_loss(
-                    logits, criteria_logits, batch["labels"], batch["criteria"], batch["criteria_mask"],
-                    config.train.loss, config.train.criteria_weight,
+                    logits,
+                    criteria_logits,
+                    batch["labels"],
+                    batch["criteria"],
+                    batch["criteria_mask"],
+                    config.train.loss,
+                    config.train.criteria_weight,
                 )
             else:
                 target = torch.from_numpy(targets[rows])
@@ -119,7 +124,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     config = load_config(
-        TrainRewardConfig, "configs/train_reward.yaml", [f"run_dir={RUN}", f"data.dataset={DATASET}", "data.weak_per_expert=0"]
+        TrainRewardConfig,
+        "configs/train_reward.yaml",
+        [f"run_dir={RUN}", f"data.dataset={DATASET}", "data.weak_per_expert=0"],
     )
     examples = build_examples(config.data, config.run_dir, config.model.image_size)
     train_index, test_index = split_examples(examples, config.data.test_fraction, config.data.seed)
@@ -143,8 +150,11 @@ def main() -> None:
     for column, name in enumerate(names):
         known = np.isfinite(test_m[:, column])
         error = estimated_m[known, column] - test_m[known, column]
-        errors[name] = {"error_sd": round(float(error.std()), 4), "tolerance": _TOLERANCES.get(name),
-                        "r2": round(float(1 - error.var() / test_m[known, column].var()), 3)}
+        errors[name] = {
+            "error_sd": round(float(error.std()), 4),
+            "tolerance": _TOLERANCES.get(name),
+            "r2": round(float(1 - error.var() / test_m[known, column].var()), 3),
+        }
 
     started = time.perf_counter()
     reward_model, _ = train_cnn(config, train, args.epochs, None)
@@ -152,9 +162,11 @@ def main() -> None:
     timings["reward_cnn_s"] = round(time.perf_counter() - started, 1)
 
     figures = {
-        "held_out_auc": {"trees_on_exact_measurements": round(exact, 4),
-                         "trees_on_cnn_estimated_measurements": round(estimated, 4),
-                         "reward_cnn_on_verdicts": round(reward, 4)},
+        "held_out_auc": {
+            "trees_on_exact_measurements": round(exact, 4),
+            "trees_on_cnn_estimated_measurements": round(estimated, 4),
+            "reward_cnn_on_verdicts": round(reward, 4),
+        },
         "estimate_errors": errors,
         "samples": {"train": len(train), "held_out": int(decided.sum()), "held_out_plausible": int(test_y.sum())},
         "epochs": args.epochs,

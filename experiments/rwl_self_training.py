@@ -27,9 +27,9 @@ from diffusers import DDIMScheduler, DDPMScheduler
 
 from pathalign_ray.data.shards import read_dataset
 from pathalign_ray.diffusion import (
+    ddim_sample,
     derive_seed,
     diffusion_loss_per_sample,
-    ddim_sample,
     load_model,
     to_model_input,
     to_uint8,
@@ -39,7 +39,7 @@ from pathalign_ray.pathologist import judge
 
 # bench_common (it writes bench/results/NAME.json) is in bench/, off the path when run as experiments/NAME.py
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from bench_common import write_result  # noqa: E402
+from bench_common import write_result
 
 MODEL, DATA = "runs/pretrain32/model", "runs/pretrain32/data"
 POOL_PER_CLASS, FRESH_PER_CLASS, BATCH, BETA = 32, 16, 16, 0.3

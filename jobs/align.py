@@ -1,7 +1,7 @@
 """The feedback loop for R rounds: sample -> feedback -> reward model -> finetune; one row per round.
 
-    python jobs/align.py --config configs/align.yaml run_dir=runs/pretrain32 rounds=3
-    python jobs/align.py --config configs/align.yaml feedback=human quota=200   # experts use jobs/label.py
+python jobs/align.py --config configs/align.yaml run_dir=runs/pretrain32 rounds=3
+python jobs/align.py --config configs/align.yaml feedback=human quota=200   # experts use jobs/label.py
 """
 
 import sys

@@ -1,6 +1,6 @@
 """The demo: one round of the feedback loop on the shipped generator, judged before and after on held-out noise.
 
-    python jobs/demo.py --config configs/demo.yaml run_dir=runs/demo
+python jobs/demo.py --config configs/demo.yaml run_dir=runs/demo
 """
 
 import sys

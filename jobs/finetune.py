@@ -1,8 +1,8 @@
 """Finetune a pretrained model with the reward on Ray Train + DeepSpeed: reward-weighted likelihood or DDPO.
 
-    python jobs/finetune.py --config configs/finetune.yaml objective.kind=rwl objective.beta=0.3
-    python jobs/finetune.py --config configs/finetune.yaml objective.kind=ddpo name=ddpo
-    python jobs/finetune.py --config configs/finetune.yaml lora.rank=8 base_model=MODEL   # a LoRA adapter only; any generator
+python jobs/finetune.py --config configs/finetune.yaml objective.kind=rwl objective.beta=0.3
+python jobs/finetune.py --config configs/finetune.yaml objective.kind=ddpo name=ddpo
+python jobs/finetune.py --config configs/finetune.yaml lora.rank=8 base_model=MODEL   # a LoRA adapter only; any generator
 """
 
 import sys

@@ -1,6 +1,6 @@
 """Write a data set (procedural, image folder, parquet table, MedMNIST .npz or the IHC smoke set) as parquet shards.
 
-    python jobs/make_dataset.py --config configs/make_dataset.yaml source=folder path=/data/cells out_dir=runs/x/data
+python jobs/make_dataset.py --config configs/make_dataset.yaml source=folder path=/data/cells out_dir=runs/x/data
 """
 
 import sys

@@ -1,8 +1,8 @@
 """Sample N images per declared class from an exported model, over Ray tasks.
 
-    python jobs/sample.py --config configs/sample.yaml model=runs/demo/model n_per_class=16
-    python jobs/sample.py select=uncertain k=32 reward_model=runs/x/reward   # the 32 the reward model is least sure of
-    python jobs/sample.py --select uncertain --k 32 reward_model=runs/x/reward   # the same
+python jobs/sample.py --config configs/sample.yaml model=runs/demo/model n_per_class=16
+python jobs/sample.py select=uncertain k=32 reward_model=runs/x/reward   # the 32 the reward model is least sure of
+python jobs/sample.py --select uncertain --k 32 reward_model=runs/x/reward   # the same
 """
 
 import sys

@@ -1,6 +1,6 @@
 """Label a run's pending samples with simulated pathologists, through the feedback store.
 
-    python jobs/simulate_feedback.py --config configs/simulate_feedback.yaml run_dir=runs/demo experts=3
+python jobs/simulate_feedback.py --config configs/simulate_feedback.yaml run_dir=runs/demo experts=3
 """
 
 import sys

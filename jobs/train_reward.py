@@ -1,7 +1,7 @@
 """Train the reward model r(x, c) on a run's expert verdicts plus weak feedback from real images, on Ray Train.
 
-    python jobs/train_reward.py --config configs/train_reward.yaml run_dir=runs/demo data.dataset=runs/demo/data
-    python jobs/train_reward.py data.feedback=[] data.dataset=runs/demo/data   # weak feedback alone
+python jobs/train_reward.py --config configs/train_reward.yaml run_dir=runs/demo data.dataset=runs/demo/data
+python jobs/train_reward.py data.feedback=[] data.dataset=runs/demo/data   # weak feedback alone
 """
 
 import sys

@@ -171,8 +171,13 @@ def collect_feedback(config: AlignConfig, run_dir: str, round_index: int) -> dic
         print(f"[align] round {round_index}: pool per class {class_counts}")
     sample(
         dataclasses.replace(
-            config.sample, model=model, out_dir=storage.join(run_dir, samples_rel), overwrite=True,
-            namespace="pool", seed=pool_seed(config.sample.seed, round_index), class_counts=class_counts,
+            config.sample,
+            model=model,
+            out_dir=storage.join(run_dir, samples_rel),
+            overwrite=True,
+            namespace="pool",
+            seed=pool_seed(config.sample.seed, round_index),
+            class_counts=class_counts,
         )
     )
     if config.feedback == "simulated":
@@ -210,5 +215,7 @@ def _wait_for_verdicts(run_dir: str, samples_rel: str, config: AlignConfig) -> N
         judged = sum(1 for row in store.latest().to_pylist() if row["sample_id"] in sample_ids)
         if judged >= quota:
             return
-        print(f"[align] waiting for verdicts on {samples_rel}: {judged}/{quota} (labelling page: jobs/label.py samples={samples_rel})")
+        print(
+            f"[align] waiting for verdicts on {samples_rel}: {judged}/{quota} (labelling page: jobs/label.py samples={samples_rel})"
+        )
         time.sleep(config.poll_s)

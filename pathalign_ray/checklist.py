@@ -34,6 +34,7 @@ Pure Python: no numpy, no Ray.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 CRITERIA: tuple[str, ...] = ("cell_size", "nucleus_shape", "chromatin", "cytoplasm_colour", "granules", "inclusions")
@@ -200,6 +201,6 @@ def cytoplasm_rgb(tone: float) -> list[int]:
     """Cytoplasm colour of a tone in [0, 1] (0 deep basophilic blue .. 1 orange-pink), as 3 ints."""
     tone = min(max(tone, 0.0), 1.0)
     knots = CYTOPLASM_TONE_RGB
-    (lo, lo_rgb), (hi, hi_rgb) = next(pair for pair in zip(knots, knots[1:]) if tone <= pair[1][0])
+    (lo, lo_rgb), (hi, hi_rgb) = next(pair for pair in itertools.pairwise(knots) if tone <= pair[1][0])
     weight = (tone - lo) / (hi - lo)
     return [int(round(a + weight * (b - a))) for a, b in zip(lo_rgb, hi_rgb)]

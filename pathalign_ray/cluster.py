@@ -63,7 +63,7 @@ def init_ray(
     address = address or os.environ.get("RAY_ADDRESS")
     runtime_env = {"env_vars": env}
     if not log_to_driver:
-        import ray.data  # noqa: F401  (it configures its loggers on import: quiet them after that)
+        import ray.data  # it configures its loggers on import: quiet them after that
 
         for name in ("ray", "ray.data", "ray.serve", "ray.train", "ray.tune"):
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -126,14 +126,14 @@ def trainer_settings(scale: ScaleConfig, run_name: str, storage_path: str | Path
     path, filesystem = ray_storage(storage_path)
 
     use_gpu = scale.device == "cuda"
-    return dict(
-        scaling_config=ScalingConfig(
+    return {
+        "scaling_config": ScalingConfig(
             num_workers=scale.num_workers,
             use_gpu=use_gpu,
             resources_per_worker={"CPU": scale.threads_per_worker, **({"GPU": 1} if use_gpu else {})},
         ),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(
+        "torch_config": TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        "run_config": RunConfig(
             name=run_name,
             storage_path=path,
             storage_filesystem=filesystem,
@@ -141,4 +141,4 @@ def trainer_settings(scale: ScaleConfig, run_name: str, storage_path: str | Path
             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
             worker_runtime_env={"env_vars": job_env(scale.device)},
         ),
-    )
+    }

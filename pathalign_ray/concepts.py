@@ -10,8 +10,8 @@ teaches the model the concept, with no real image of it anywhere.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from diffusers import UNet2DModel
@@ -48,6 +48,10 @@ def add_class(model_dir: str | Path, new_class: str, out_dir: str | Path, init_f
         raise ValueError(f"init_from class {unknown[0]!r} is not among the model's classes {class_names}")
     rows = [class_names.index(name) for name in init_from] or list(range(len(class_names)))
     extended = extend_class_embedding(unet, rows)
-    info = {**info, "model_id": f"{info.get('model_id', Path(model_dir).name)}+{new_class}", "new_class": new_class,
-            "new_class_init_from": list(init_from)}
+    info = {
+        **info,
+        "model_id": f"{info.get('model_id', Path(model_dir).name)}+{new_class}",
+        "new_class": new_class,
+        "new_class_init_from": list(init_from),
+    }
     return export_model(extended, scheduler, [*class_names, new_class], out_dir, info)

@@ -16,8 +16,9 @@ import dataclasses
 import re
 import sys
 import typing
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Sequence, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
 from pydantic import AfterValidator, ConfigDict, Field, TypeAdapter, ValidationError
@@ -239,4 +240,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(item) for item in value]
     return value
-

@@ -31,7 +31,9 @@ def demo_summary(metrics: dict, rows: list[dict], reward_info: dict, wall_s: flo
         "labels": rows[-1]["labels"],
         "rounds": len(rows),
         "reward_auc": test.get("test/expert/auc"),
-        "reward_auc_text": auc_text(test.get("test/expert/auc"), test.get("test/expert/n", 0), test.get("test/expert/n_plausible", 0)),
+        "reward_auc_text": auc_text(
+            test.get("test/expert/auc"), test.get("test/expert/n", 0), test.get("test/expert/n_plausible", 0)
+        ),
         "eval_noise": {key: sampling[key] for key in ("namespace", "seed", "n_per_class", "ddim_steps", "eta")},
         "wall_s": wall_s,
     }
@@ -56,14 +58,20 @@ def headline(summary: dict) -> list[str]:
     b, a = summary["before"], summary["after"]
     noise = summary["eval_noise"]
     return [
-        f"plausibility {_pct(b['plausibility'])} [{_pct(b['plausibility_ci'][0])}, {_pct(b['plausibility_ci'][1])}] -> "
-        f"{_pct(a['plausibility'])} [{_pct(a['plausibility_ci'][0])}, {_pct(a['plausibility_ci'][1])}] "
-        f"({summary['plausibility_gain_pp']:+.1f} pp; real images {_pct(summary['real_plausibility'])}), "
-        f"on {noise['n_per_class']} held-out samples per class (DDIM {noise['ddim_steps']}, eta {noise['eta']:g})",
-        f"domain FID {b['domain_fid']:.3f} -> {a['domain_fid']:.3f}, coverage {b['coverage']:.3f} -> {a['coverage']:.3f}, "
-        f"utility accuracy {b['utility_accuracy']:.3f} -> {a['utility_accuracy']:.3f}",
-        f"{summary['labels']} labels in {summary['rounds']} round(s); reward model held-out AUC {summary['reward_auc_text']}; "
-        f"{summary['wall_s']:.0f} s",
+        (
+            f"plausibility {_pct(b['plausibility'])} [{_pct(b['plausibility_ci'][0])}, {_pct(b['plausibility_ci'][1])}] -> "
+            f"{_pct(a['plausibility'])} [{_pct(a['plausibility_ci'][0])}, {_pct(a['plausibility_ci'][1])}] "
+            f"({summary['plausibility_gain_pp']:+.1f} pp; real images {_pct(summary['real_plausibility'])}), "
+            f"on {noise['n_per_class']} held-out samples per class (DDIM {noise['ddim_steps']}, eta {noise['eta']:g})"
+        ),
+        (
+            f"domain FID {b['domain_fid']:.3f} -> {a['domain_fid']:.3f}, coverage {b['coverage']:.3f} -> {a['coverage']:.3f}, "
+            f"utility accuracy {b['utility_accuracy']:.3f} -> {a['utility_accuracy']:.3f}"
+        ),
+        (
+            f"{summary['labels']} labels in {summary['rounds']} round(s); reward model held-out AUC {summary['reward_auc_text']}; "
+            f"{summary['wall_s']:.0f} s"
+        ),
     ]
 
 
@@ -88,8 +96,10 @@ def write_demo_report(summary: dict, metrics: dict, history: list[dict], grids: 
         "</style></head><body>",
         "<h1>One round of expert feedback: the generator before and after</h1>",
         "<p>" + "<br>".join(e(line) for line in headline(summary)) + "</p>",
-        f"<p>Both models were judged on the same noise, drawn in the <code>{e(noise['namespace'])}</code> seed "
-        f"namespace (base seed {noise['seed']}), which no feedback round, finetuning check or Tune probe ever draws.</p>",
+        (
+            f"<p>Both models were judged on the same noise, drawn in the <code>{e(noise['namespace'])}</code> seed "
+            f"namespace (base seed {noise['seed']}), which no feedback round, finetuning check or Tune probe ever draws.</p>"
+        ),
         "<h2>Before and after</h2><table><tr><th></th><th>before</th><th>after</th></tr>",
         *[f"<tr><td>{e(name)}</td><td>{e(x)}</td><td>{e(y)}</td></tr>" for name, x, y in rows],
         "</table>",
@@ -102,11 +112,16 @@ def write_demo_report(summary: dict, metrics: dict, history: list[dict], grids: 
         "<h2>Plausibility per cell type</h2>",
         _img(_bars(list(b["per_class"]), b["per_class"], a["per_class"], "plausible"), "plausibility per class"),
         "<h2>Checklist criteria that failed</h2>",
-        _img(_bars(list(b["failure_rate"]), b["failure_rate"], a["failure_rate"], "share of samples failing"), "failed criteria"),
+        _img(
+            _bars(list(b["failure_rate"]), b["failure_rate"], a["failure_rate"], "share of samples failing"),
+            "failed criteria",
+        ),
         "<h2>Reward model</h2>",
         f"<p>Held-out AUC on the experts' verdicts: {e(summary['reward_auc_text'])} ({summary['labels']} labels).</p>",
         "<h2>Finetuning</h2>",
-        _img(_curves(history), "finetuning curves") if len(history) >= 2 else "<p>n/a: fewer than two finetuning steps logged</p>",
+        _img(_curves(history), "finetuning curves")
+        if len(history) >= 2
+        else "<p>n/a: fewer than two finetuning steps logged</p>",
         "</body></html>",
     ]
     storage.write_bytes(path, "\n".join(parts).encode())

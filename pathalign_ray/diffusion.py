@@ -165,7 +165,9 @@ def ddim_sample(
         noise_prediction = unet(images, t, class_labels=labels).sample
         variance_noise = None
         if eta > 0:
-            variance_noise = torch.stack([torch.randn(3, size, size, generator=g) for g in generators]).to(device, dtype)
+            variance_noise = torch.stack([torch.randn(3, size, size, generator=g) for g in generators]).to(
+                device, dtype
+            )
         images = scheduler.step(noise_prediction, t, images, eta=eta, variance_noise=variance_noise).prev_sample
     return images.clamp(-1, 1)
 

@@ -65,7 +65,9 @@ class ObjectiveConfig:
         if self.kind == "ddpo" and self.eta <= 0:
             raise ValueError("ddpo needs eta > 0: a deterministic DDIM step has no log-probability")
         if self.weighting == "centred" and self.ratio_clip == 0:
-            raise ValueError("weighting centred needs ratio_clip > 0: its negative weights would raise losses without bound")
+            raise ValueError(
+                "weighting centred needs ratio_clip > 0: its negative weights would raise losses without bound"
+            )
 
 
 @config_dataclass
@@ -117,9 +119,13 @@ class FinetuneRecipe:
 
 @config_dataclass
 class FinetuneConfig(FinetuneRecipe):
-    run_dir: Location = "runs/demo"  # path or URI: checkpoints in RUN_DIR/NAME, the exported model in RUN_DIR/NAME-model
+    run_dir: Location = (
+        "runs/demo"  # path or URI: checkpoints in RUN_DIR/NAME, the exported model in RUN_DIR/NAME-model
+    )
     name: str = "finetune"  # this finetuning run's name inside run_dir
-    base_model: Location = "runs/demo/model"  # the model folder or URI to start from: jobs/pretrain.py's, or a latent model's
+    base_model: Location = (
+        "runs/demo/model"  # the model folder or URI to start from: jobs/pretrain.py's, or a latent model's
+    )
     data: FinetuneDataConfig = dataclasses.field(default_factory=FinetuneDataConfig)
     reward: RewardSourceConfig = dataclasses.field(default_factory=RewardSourceConfig)
 
@@ -178,8 +184,10 @@ def _prepare_lora(generator, lora: FinetuneLoraConfig | None, seed: int) -> None
     if generator.has_lora:
         held = adapter_config(generator.unet)
         if lora is None or (held["r"], held["lora_alpha"]) != (lora.rank, lora.alpha):
-            raise ValueError(f"lora: the base model holds a LoRA adapter of rank {held['r']}, alpha {held['lora_alpha']}; "
-                             "set lora.rank and lora.alpha to match to train it on, or start from a merged export")
+            raise ValueError(
+                f"lora: the base model holds a LoRA adapter of rank {held['r']}, alpha {held['lora_alpha']}; "
+                "set lora.rank and lora.alpha to match to train it on, or start from a merged export"
+            )
         return
     if lora is not None:
         with torch.random.fork_rng(devices=[]):
@@ -198,8 +206,10 @@ def _check_real_dataset(dataset: str, generator) -> None:
     if real_classes != class_names[: len(real_classes)]:
         raise ValueError(f"{dataset}: its classes {real_classes} are not the model's first classes {class_names}")
     if info["image_size"] != generator.image_size:
-        raise ValueError(f"data.real_dataset: {dataset} holds {info['image_size']} px images, the model makes "
-                         f"{generator.image_size} px")
+        raise ValueError(
+            f"data.real_dataset: {dataset} holds {info['image_size']} px images, the model makes "
+            f"{generator.image_size} px"
+        )
 
 
 def _real_images(dataset: str, generator):
@@ -236,7 +246,9 @@ def _synthetic_pool(config: FinetuneConfig, generator):
     for folder in config.data.samples:
         for row in read_manifest(folder).to_pylist():
             if row["declared_class"] not in class_names:
-                raise ValueError(f"{folder}: sample {row['sample_id']} declares unknown class {row['declared_class']!r}")
+                raise ValueError(
+                    f"{folder}: sample {row['sample_id']} declares unknown class {row['declared_class']!r}"
+                )
             path = storage.join(folder, row["path"])
             images.append(decode_image(storage.read_bytes(path), size, name=path))
             classes.append(row["declared_class"])

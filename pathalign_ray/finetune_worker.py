@@ -36,10 +36,17 @@ def train_loop(loop_config: dict) -> None:
     generator.to(device)
     accumulation = 1
     if config.objective.kind == "ddpo":
-        accumulation = (config.objective.ddim_steps - 1) * config.objective.inner_epochs  # the last step is deterministic
+        accumulation = (
+            config.objective.ddim_steps - 1
+        ) * config.objective.inner_epochs  # the last step is deterministic
     engine, _ = build_engine(
-        generator.unet, config.scale, config.train.lr, config.train.batch_size, config.train.grad_clip,
-        warmup_steps=config.train.warmup_steps, accumulation_steps=accumulation,
+        generator.unet,
+        config.scale,
+        config.train.lr,
+        config.train.batch_size,
+        config.train.grad_clip,
+        warmup_steps=config.train.warmup_steps,
+        accumulation_steps=accumulation,
     )
     generator.denoiser = engine
     ema = init_ema(generator.unet)
@@ -107,7 +114,9 @@ class _Job:
             step = self.state["step"]
             window.step()
             if self.rank == 0:
-                report_progress(f"finetuning {self.config.name}", step, f"reward {metrics.get('reward_mean', float('nan')):.3f}")
+                report_progress(
+                    f"finetuning {self.config.name}", step, f"reward {metrics.get('reward_mean', float('nan')):.3f}"
+                )
             checkpoint_now = checkpoint_due(step, train.checkpoint_every, train.steps)
             evaluate_now = step == train.steps or (train.eval_every and step % train.eval_every == 0)
             if step % train.log_every == 0 or checkpoint_now or evaluate_now:
@@ -116,7 +125,9 @@ class _Job:
                 metrics.update(step=step, step_time_s=step_time, images_per_s=self._images_per_step() / step_time)
                 if evaluate_now:
                     metrics.update(self._evaluate_fresh_samples())
-                log_and_report(self.config.name, metrics, self.state, self.engine, self.ema, self.rank, train.steps, checkpoint_now)
+                log_and_report(
+                    self.config.name, metrics, self.state, self.engine, self.ema, self.rank, train.steps, checkpoint_now
+                )
 
     def _images_per_step(self) -> int:
         """Images one optimizer step trains on, over all workers: synthetic (+ real) batches, or trajectories."""
@@ -142,18 +153,27 @@ class _Job:
             real_noise = torch.randn(real["image"].shape, generator=self.rng)
             x0, labels = torch.cat([x0, real["image"]]), torch.cat([labels, real["label"]])
             noise, timesteps = torch.cat([noise, real_noise]), torch.cat([timesteps, timesteps])
-        on_device = (x0.to(self.device, self.dtype), labels.to(self.device),
-                     noise.to(self.device, self.dtype), timesteps.to(self.device))
+        on_device = (
+            x0.to(self.device, self.dtype),
+            labels.to(self.device),
+            noise.to(self.device, self.dtype),
+            timesteps.to(self.device),
+        )
         losses = model.loss_per_sample(*on_device)
         weights = reward_weights(
-            rewards, objective.weighting, objective.threshold, class_ids=labels[:count],
-            temperature=objective.temperature, baselines=batch["baseline"],
+            rewards,
+            objective.weighting,
+            objective.threshold,
+            class_ids=labels[:count],
+            temperature=objective.temperature,
+            baselines=batch["baseline"],
         ).to(losses.device)
         real_losses = losses[count:] if self.real is not None else None
         synthetic_x0, synthetic_labels, synthetic_noise, synthetic_timesteps = (t[:count] for t in on_device)
         # one pass of the pretrained model feeds the ratio clip and the drift metric
-        noisy, base_prediction = model.predict_noise(synthetic_x0, synthetic_labels, synthetic_noise, synthetic_timesteps,
-                                                     reference=True)
+        noisy, base_prediction = model.predict_noise(
+            synthetic_x0, synthetic_labels, synthetic_noise, synthetic_timesteps, reference=True
+        )
         reference_losses = None
         if objective.ratio_clip > 0:
             target = model.loss_target(synthetic_x0, synthetic_noise, synthetic_timesteps)
@@ -179,7 +199,9 @@ class _Job:
         images = to_uint8(model.decode(trajectory["latents"][-1]))
         rewards, _ = self.reward_fn(images, [model.class_names[i] for i in class_ids.tolist()])
         advantages = self._advantages(rewards, class_ids.numpy())
-        advantages = torch.as_tensor(advantages, dtype=torch.float32).clamp(-objective.advantage_clip, objective.advantage_clip)
+        advantages = torch.as_tensor(advantages, dtype=torch.float32).clamp(
+            -objective.advantage_clip, objective.advantage_clip
+        )
         labels = class_ids.to(self.device)
         collected: list[dict] = []
         for _ in range(objective.inner_epochs):
@@ -188,7 +210,12 @@ class _Job:
                 log_prob, model_output = model.step_log_prob(
                     sample, trajectory["latents"][j + 1].to(self.device), t, prev_t, labels, objective.eta
                 )
-                loss, metrics = clipped_policy_loss(log_prob, trajectory["log_probs"][j].to(self.device), advantages.to(self.device), objective.clip_range)
+                loss, metrics = clipped_policy_loss(
+                    log_prob,
+                    trajectory["log_probs"][j].to(self.device),
+                    advantages.to(self.device),
+                    objective.clip_range,
+                )
                 if objective.kl_coef > 0:
                     reference_output = model.denoise(sample, t, labels, reference=True)
                     drift = ((model_output.float() - reference_output.float()) ** 2).mean()
@@ -210,7 +237,9 @@ class _Job:
         classes = len(self.generator.class_names)
         first = (self.state["step"] * self.world_size + self.rank) * count
         class_ids = torch.tensor([(first + i) % classes for i in range(count)])
-        trajectory = self.generator.trajectories(class_ids.to(self.device), objective.ddim_steps, objective.eta, self.rng)
+        trajectory = self.generator.trajectories(
+            class_ids.to(self.device), objective.ddim_steps, objective.eta, self.rng
+        )
         return {**trajectory, "class_ids": class_ids}
 
     def _advantages(self, rewards: np.ndarray, class_ids: np.ndarray) -> np.ndarray:
@@ -243,7 +272,8 @@ class _Job:
         class_names = self.generator.class_names
         labels = torch.arange(len(class_names)).repeat_interleave(train.eval_per_class)
         seeds = [
-            namespaced_seed("check", train.seed, int(c), j % train.eval_per_class) for j, c in enumerate(labels.tolist())
+            namespaced_seed("check", train.seed, int(c), j % train.eval_per_class)
+            for j, c in enumerate(labels.tolist())
         ]
         with ema_weights(self.generator.unet, self.ema):
             images = self.generator.sample_uint8(labels.to(self.device), seeds, train.eval_ddim_steps, train.eval_eta)

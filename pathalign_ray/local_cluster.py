@@ -178,15 +178,23 @@ class LocalCluster:
         """`ray ARGS` against this cluster's dashboard, with its token; output captured as text."""
         command = [str(Path(sys.executable).with_name("ray")), *args]
         result = subprocess.run(
-            command, env={**self.env, "RAY_ADDRESS": self.dashboard_url}, capture_output=True, text=True, timeout=timeout
+            command,
+            env={**self.env, "RAY_ADDRESS": self.dashboard_url},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
         if check and result.returncode != 0:
-            raise RuntimeError(f"{' '.join(args)} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+            raise RuntimeError(
+                f"{' '.join(args)} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+            )
         return result
 
     def _get(self, path: str) -> dict:
         """GET a dashboard API path with the cluster's token: a cheap poll, where each `ray` CLI call costs ~3 s of CPU."""
-        request = urllib.request.Request(f"{self.dashboard_url}{path}", headers={"Authorization": f"Bearer {self.token}"})
+        request = urllib.request.Request(
+            f"{self.dashboard_url}{path}", headers={"Authorization": f"Bearer {self.token}"}
+        )
         with urllib.request.urlopen(request, timeout=10) as response:
             return json.loads(response.read())
 
@@ -202,7 +210,9 @@ class LocalCluster:
         """Until n nodes are ALIVE in the GCS, or RuntimeError naming the node logs."""
         deadline = time.time() + timeout
         while time.time() < deadline:
-            dead = [node.name for node in self.nodes if node.process.poll() not in (None, -signal.SIGKILL, -signal.SIGTERM)]
+            dead = [
+                node.name for node in self.nodes if node.process.poll() not in (None, -signal.SIGKILL, -signal.SIGTERM)
+            ]
             if dead:
                 raise RuntimeError(f"ray start exited for {dead}: see {self.root}/*.log")
             try:

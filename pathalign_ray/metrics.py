@@ -21,18 +21,24 @@ from bucket midpoints, so it is approximate; `_count` and the buckets are exact.
 from __future__ import annotations
 
 import functools
+import math
 
 # metrics-dict key of a training report -> gauge name, description
 TRAIN_GAUGES = {
-    "step_time_s": ("pathalign_train_step_seconds", "Wall time of one optimizer step (s), averaged over the report window"),
+    "step_time_s": (
+        "pathalign_train_step_seconds",
+        "Wall time of one optimizer step (s), averaged over the report window",
+    ),
     "images_per_s": ("pathalign_train_images_per_second", "Training images per second over all workers"),
     "loss": ("pathalign_train_loss", "Training objective, mean over workers"),
     "reward_mean": ("pathalign_reward_mean", "Mean reward r(x, c) of the finetuning batch"),
     "fresh_plausibility": (
-        "pathalign_plausibility", "Share of fresh samples of the EMA weights judged plausible as their declared class"
+        "pathalign_plausibility",
+        "Share of fresh samples of the EMA weights judged plausible as their declared class",
     ),
     "trajectory_plausibility": (
-        "pathalign_trajectory_plausibility", "Share of a DDPO step's trajectories judged plausible as their declared class"
+        "pathalign_trajectory_plausibility",
+        "Share of a DDPO step's trajectories judged plausible as their declared class",
     ),
 }
 LATENCY_BOUNDARIES_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
@@ -68,7 +74,7 @@ def record_train_metrics(job: str, metrics: dict) -> None:
     """
     gauges = _train_gauges()
     for key, value in metrics.items():
-        if key in gauges and value == value:  # NaN (nothing measured) is not a reading
+        if key in gauges and not math.isnan(value):  # NaN (nothing measured) is not a reading
             gauges[key].set(float(value), tags={"job": job})
 
 

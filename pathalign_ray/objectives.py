@@ -88,8 +88,10 @@ def reward_weighted_loss(
         clipped = ratio.clamp(1 - ratio_clip, 1 + ratio_clip)
         per_sample = torch.maximum(weights * ratio, weights * clipped)
         weighted = per_sample.mean()
-        metrics.update(loss_ratio_mean=float(ratio.detach().mean()),
-                       ratio_clip_fraction=float((weights * clipped > weights * ratio).float().mean()))
+        metrics.update(
+            loss_ratio_mean=float(ratio.detach().mean()),
+            ratio_clip_fraction=float((weights * clipped > weights * ratio).float().mean()),
+        )
     else:
         weighted = (weights * synthetic_losses).mean()
     loss = weighted
@@ -106,7 +108,12 @@ def reward_weighted_loss(
 
 @torch.no_grad()
 def ddim_trajectories(
-    model, ddim, labels: torch.Tensor, ddim_steps: int, eta: float, generator: torch.Generator,
+    model,
+    ddim,
+    labels: torch.Tensor,
+    ddim_steps: int,
+    eta: float,
+    generator: torch.Generator,
     dtype: torch.dtype = torch.float32,
 ) -> dict:
     """DDIM from `model` (a UNet2DModel on labels' device): latents x_T..x_0 on the CPU, each
@@ -129,7 +136,9 @@ def ddim_trajectories(
             latents.append(ddim.step(model_output, t, sample.float(), eta=0.0).prev_sample.cpu())
             break
         noise = torch.randn(sample.shape, generator=generator).to(device)
-        prev, log_prob = ddim_step_with_log_prob(*schedule, model_output, t, t - stride, sample.float(), eta, noise=noise)
+        prev, log_prob = ddim_step_with_log_prob(
+            *schedule, model_output, t, t - stride, sample.float(), eta, noise=noise
+        )
         latents.append(prev.cpu())
         log_probs.append(log_prob.cpu())
         timesteps.append((t, t - stride))
@@ -175,9 +184,7 @@ def ddim_step_with_log_prob(
             raise ValueError("give noise to draw a step, or prev_sample to score one")
         prev_sample = mean + std_dev_t * noise
     log_prob = (
-        -((prev_sample.detach() - mean) ** 2) / (2 * std_dev_t**2)
-        - torch.log(std_dev_t)
-        - 0.5 * math.log(2 * math.pi)
+        -((prev_sample.detach() - mean) ** 2) / (2 * std_dev_t**2) - torch.log(std_dev_t) - 0.5 * math.log(2 * math.pi)
     )
     return prev_sample, log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
 

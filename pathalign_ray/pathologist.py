@@ -262,4 +262,3 @@ class SimulatedExpert:
     def judge(self, image: np.ndarray, declared_class: str, sample_id: str) -> Verdict:
         _spec(declared_class)
         return self.judge_measurements(measure(image), declared_class, sample_id)
-

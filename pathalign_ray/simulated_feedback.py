@@ -38,7 +38,9 @@ def simulated_experts(config: SimulateFeedbackConfig):
 
     offsets = np.linspace(-0.5, 0.5, config.experts) if config.experts > 1 else np.zeros(1)
     return [
-        SimulatedExpert(f"sim_expert_{i}", config.flip_rate, float(1.0 + config.strictness_spread * offset), config.seed)
+        SimulatedExpert(
+            f"sim_expert_{i}", config.flip_rate, float(1.0 + config.strictness_spread * offset), config.seed
+        )
         for i, offset in enumerate(offsets)
     ]
 
@@ -53,7 +55,9 @@ def simulate_feedback(config: SimulateFeedbackConfig) -> dict:
     rows = read_manifest(samples_dir).to_pylist()
     store = FeedbackStore(storage.join(config.run_dir, "feedback"))
     experts = simulated_experts(config)
-    pending = {expert.expert_id: set(store.pending([r["sample_id"] for r in rows], expert.expert_id)) for expert in experts}
+    pending = {
+        expert.expert_id: set(store.pending([r["sample_id"] for r in rows], expert.expert_id)) for expert in experts
+    }
     records, plausible = [], 0
     for row in bar(len(rows), f"{len(experts)} simulated pathologists judging", "img", iterable=rows):
         waiting = [expert for expert in experts if row["sample_id"] in pending[expert.expert_id]]

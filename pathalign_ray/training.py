@@ -69,7 +69,10 @@ def build_engine(
     optimizer = torch.optim.AdamW(_trainable(module), lr=lr, weight_decay=weight_decay)
     schedule = lr_schedule(optimizer, total_steps=0, schedule="constant", warmup_steps=warmup_steps)
     engine, _, _, _ = deepspeed.initialize(
-        model=module, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(scale, batch_size, grad_clip, accumulation_steps)
+        model=module,
+        optimizer=optimizer,
+        lr_scheduler=schedule,
+        config=deepspeed_config(scale, batch_size, grad_clip, accumulation_steps),
     )
     return engine, schedule
 
@@ -92,7 +95,9 @@ def lr_factor(step: int, total_steps: int, schedule: str = "constant", warmup_st
 
 def lr_schedule(optimizer, total_steps: int, schedule: str = "constant", warmup_steps: int = 0):
     """A torch scheduler that sets lr_factor for each optimizer step (call .step() after each)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, schedule, warmup_steps))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, schedule, warmup_steps)
+    )
 
 
 def init_ema(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -156,7 +161,9 @@ def checkpoint_due(step: int, every: int, total_steps: int) -> bool:
     return step % every == 0 or step == total_steps
 
 
-def log_and_report(job: str, metrics: dict, state: dict, engine, ema: dict, rank: int, total_steps: int, checkpoint: bool) -> None:
+def log_and_report(
+    job: str, metrics: dict, state: dict, engine, ema: dict, rank: int, total_steps: int, checkpoint: bool
+) -> None:
     """One report of a diffusion job: the metrics join the train state's history; rank 0 sets the
     training gauges and prints them; every rank reports to Ray Train, with a checkpoint when asked."""
     import ray.train
@@ -219,8 +226,10 @@ def _streamed_shuffled_batches(shard, batch_size: int, seed: int) -> Iterator[di
     epoch = 0
     while True:
         yield from shard.iter_torch_batches(
-            batch_size=batch_size, drop_last=True,
-            local_shuffle_buffer_size=SHUFFLE_BUFFER_ROWS, local_shuffle_seed=(seed + epoch) % 2**32,
+            batch_size=batch_size,
+            drop_last=True,
+            local_shuffle_buffer_size=SHUFFLE_BUFFER_ROWS,
+            local_shuffle_seed=(seed + epoch) % 2**32,
         )
         epoch += 1
 

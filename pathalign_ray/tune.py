@@ -202,7 +202,7 @@ def _within(timeout_s: float, what: str, work):
     def target():
         try:
             outcome["value"] = work()
-        except BaseException as error:  # noqa: BLE001 (re-raised in the trial's thread below)
+        except BaseException as error:
             outcome["error"] = error
 
     thread = threading.Thread(target=target, name="tune-chunk", daemon=True)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import TINY_ALIGN_OVERRIDES
+from test_evaluation import TINY_CLASSIFIER
 
 from pathalign_ray.align import plausibility_per_class, pool_allocation, pool_seed, round_verdicts
 from pathalign_ray.diffusion import SEED_NAMESPACES, derive_seed, namespaced_seed
-
-from conftest import TINY_ALIGN_OVERRIDES
-from test_evaluation import TINY_CLASSIFIER
 
 
 def test_each_namespace_draws_other_seeds_than_every_other_and_than_plain_keys():
@@ -42,7 +41,12 @@ def test_weakest_first_gives_rejected_classes_more_of_the_pool_and_solved_ones_a
 
     counts = pool_allocation({"a": 1.0, "b": 0.75, "c": 0.0, "d": 0.5}, total=100)
     assert sum(counts.values()) == 100
-    assert counts == {"a": 13, "b": 12, "c": 50, "d": 25}  # weights 0.25 (floor), 0.25, 1, 0.5 of 2; a tie goes first come
+    assert counts == {
+        "a": 13,
+        "b": 12,
+        "c": 50,
+        "d": 25,
+    }  # weights 0.25 (floor), 0.25, 1, 0.5 of 2; a tie goes first come
     assert pool_allocation({"a": 0.2, "b": 0.2}, total=7) in ({"a": 4, "b": 3}, {"a": 3, "b": 4})
     plan = plan_samples(SampleConfig(n_per_class=2, class_counts={"b": 3, "c": 0}), ["a", "b", "c"])
     assert [row["declared_class"] for row in plan] == ["a", "a", "b", "b", "b"]

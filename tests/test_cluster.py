@@ -52,10 +52,15 @@ def test_the_launcher_configs_follow_the_autoscaler_schema():
     gpu = cloud["available_node_types"]["worker.gpu"]
     assert head["node_config"]["InstanceType"].startswith("m")  # a CPU instance
     assert gpu["node_config"]["InstanceType"].startswith("g") and 1 <= gpu["min_workers"] <= gpu["max_workers"]
-    assert any("torch==" in command and "index-url" not in command for command in cloud["setup_commands"])  # PyPI's CUDA build
+    assert any(
+        "torch==" in command and "index-url" not in command for command in cloud["setup_commands"]
+    )  # PyPI's CUDA build
     assert local["provider"]["type"] == "local" and local["provider"]["worker_ips"]
 
-    broken = {**cloud, "available_node_types": {**cloud["available_node_types"], "worker.gpu": {**gpu, "min_worker": 1}}}
+    broken = {
+        **cloud,
+        "available_node_types": {**cloud["available_node_types"], "worker.gpu": {**gpu, "min_worker": 1}},
+    }
     with pytest.raises(jsonschema.ValidationError, match="min_worker"):
         jsonschema.validate(broken, schema)
 
@@ -75,13 +80,25 @@ def cluster(s3_server):
 
 
 def _pretrain(run_dir: Path, dataset: Path, steps: int, *overrides: str) -> list[str]:
-    overrides = [*TINY_PRETRAIN_OVERRIDES, f"run_dir={run_dir}", f"data.dataset={dataset}", f"train.steps={steps}", *overrides]
+    overrides = [
+        *TINY_PRETRAIN_OVERRIDES,
+        f"run_dir={run_dir}",
+        f"data.dataset={dataset}",
+        f"train.steps={steps}",
+        *overrides,
+    ]
     return ["python", "jobs/pretrain.py", *overrides]
 
 
 def _submit(cluster: LocalCluster, entrypoint: list[str], job_id: str, wait: bool = True):
     """`ray job submit` from the project's root, as a user does; waits for the end unless wait=False."""
-    args = ["job", "submit", f"--submission-id={job_id}", f"--working-dir={ROOT}", f"--runtime-env-json={json.dumps(RUNTIME_ENV)}"]
+    args = [
+        "job",
+        "submit",
+        f"--submission-id={job_id}",
+        f"--working-dir={ROOT}",
+        f"--runtime-env-json={json.dumps(RUNTIME_ENV)}",
+    ]
     return cluster.cli(*args, *([] if wait else ["--no-wait"]), "--", *entrypoint, timeout=JOB_TIMEOUT_S, check=False)
 
 
@@ -132,7 +149,9 @@ def _scrape(cluster: LocalCluster) -> str:
 def _gauges_exported(cluster: LocalCluster) -> bool:
     """Whether a node exports every training gauge of the pretraining job."""
     text = _scrape(cluster)
-    return all(re.search(rf'^{name}{{[^}}]*job="pretrain"[^}}]*}} [0-9.e+-]+$', text, re.M) for name in TRAIN_GAUGES)
+    return all(
+        re.search(rf'^{name}{{[^}}]*job="pretrain"[^}}]*}} [0-9.e+-]+$', text, re.MULTILINE) for name in TRAIN_GAUGES
+    )
 
 
 def _watch(check, stop: threading.Event, seen: threading.Event) -> threading.Thread:
@@ -177,8 +196,14 @@ def _tiny_demo(run_dir: str) -> list[str]:
     pretrain = [f"pretrain.{override}" for override in TINY_PRETRAIN_OVERRIDES]
     align = ["align.rounds=1", "align.sample.n_per_class=2", "align.sample.ddim_steps=2", "align.simulate.experts=2"]
     align += [f"align.{override}" for override in TINY_ALIGN_OVERRIDES] + ["align.serve=null"]
-    evaluate = ["evaluate.sampling.n_per_class=2", "evaluate.sampling.ddim_steps=2", "evaluate.prdc_k=2",
-                "evaluate.encoder.steps=20", "evaluate.utility.steps=20", "evaluate.grid_per_class=2"]
+    evaluate = [
+        "evaluate.sampling.n_per_class=2",
+        "evaluate.sampling.ddim_steps=2",
+        "evaluate.prdc_k=2",
+        "evaluate.encoder.steps=20",
+        "evaluate.utility.steps=20",
+        "evaluate.grid_per_class=2",
+    ]
     return [
         "python", "jobs/demo.py", "--config", "configs/demo_pretrain.yaml", f"run_dir={run_dir}", "verbose=true",
         "dataset.image_size=16", "dataset.n_per_class=6", "dataset.classes=[myeloblast,lymphocyte,segmented_neutrophil]",
@@ -197,7 +222,9 @@ def test_the_tiny_align_loop_sent_with_ray_job_submit_runs_on_both_nodes_on_the_
     watcher.join()
     logs = cluster.cli("job", "logs", "demo-two-nodes").stdout
     assert status == "SUCCEEDED", logs[-3000:]
-    assert "pretrain step 4/4" in logs and re.search(r"\[align\] round 0: plausibility of its samples \d", logs), logs[-3000:]
+    assert "pretrain step 4/4" in logs and re.search(r"\[align\] round 0: plausibility of its samples \d", logs), logs[
+        -3000:
+    ]
     assert re.search(r"\[demo\] plausibility \d+\.\d% \[.*\] -> \d+\.\d%", logs), logs[-3000:]
     assert storage.exists(f"{run}/report.html") and json.loads(storage.read_bytes(f"{run}/demo.json"))["labels"] > 0
     assert _history(run) == [1, 2, 3, 4]

@@ -51,7 +51,9 @@ def test_the_new_row_is_the_mean_of_its_init_classes_and_old_classes_draw_the_sa
 def test_add_class_exports_a_model_with_the_concept_last(unet, tmp_path):
     from diffusers import DDIMScheduler
 
-    base = export_model(unet, DDIMScheduler(num_train_timesteps=100), ["a", "b", "c"], tmp_path / "base", {"model_id": "m"})
+    base = export_model(
+        unet, DDIMScheduler(num_train_timesteps=100), ["a", "b", "c"], tmp_path / "base", {"model_id": "m"}
+    )
     out = add_class(base, "d", tmp_path / "with-d", init_from=["b"])
     extended, _, class_names, info = load_model(out)
     assert class_names == ["a", "b", "c", "d"] and info["new_class"] == "d" and info["model_id"] == "m+d"
@@ -80,8 +82,13 @@ def test_one_round_of_the_loop_teaches_a_concept_its_data_drew_under_the_parents
         AlignConfig,
         None,
         [
-            f"run_dir={tmp_path / 'run'}", "rounds=1", "sample.n_per_class=3", "sample.ddim_steps=2",
-            "sample.classes=[band_neutrophil, metamyelocyte]", "simulate.experts=2", f"reward.data.dataset={data}",
+            f"run_dir={tmp_path / 'run'}",
+            "rounds=1",
+            "sample.n_per_class=3",
+            "sample.ddim_steps=2",
+            "sample.classes=[band_neutrophil, metamyelocyte]",
+            "simulate.experts=2",
+            f"reward.data.dataset={data}",
             *TINY_ALIGN_OVERRIDES,
         ],
     )

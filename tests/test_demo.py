@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import yaml
 from PIL import Image
-
 from test_evaluation import TINY_CLASSIFIER
 
 TINY_ROUND = [
@@ -64,7 +63,13 @@ def demo_run(ray_cluster, serve_port, tmp_path_factory):
     from pathalign_ray.demo import DemoConfig, run_demo
 
     run_dir = tmp_path_factory.mktemp("demo")
-    overrides = [f"run_dir={run_dir}", "dataset.n_per_class=6", f"align.serve.port={serve_port}", *TINY_ROUND, *TINY_EVALUATION]
+    overrides = [
+        f"run_dir={run_dir}",
+        "dataset.n_per_class=6",
+        f"align.serve.port={serve_port}",
+        *TINY_ROUND,
+        *TINY_EVALUATION,
+    ]
     return run_dir, run_demo(load_config(DemoConfig, "configs/demo.yaml", overrides))
 
 
@@ -101,13 +106,19 @@ def test_every_config_loads_and_its_inputs_exist_after_the_demo_or_are_documente
     from pathalign_ray.config import load_config
 
     run_dir, _ = demo_run
-    assert sorted(CONFIG_INPUTS) == sorted(p.name for p in Path("configs").glob("*.yaml") if p.name != "serve_reward_app.yaml")
+    assert sorted(CONFIG_INPUTS) == sorted(
+        p.name for p in Path("configs").glob("*.yaml") if p.name != "serve_reward_app.yaml"
+    )
     for name, (target, keys) in CONFIG_INPUTS.items():
         module, cls = target.split(":")
         config = load_config(getattr(importlib.import_module(module), cls), f"configs/{name}")
         for key in keys:
             for path in _paths(config, key):
-                located = Path(str(path).replace("runs/demo", str(run_dir), 1)) if str(path).startswith("runs/demo") else Path(path)
+                located = (
+                    Path(str(path).replace("runs/demo", str(run_dir), 1))
+                    if str(path).startswith("runs/demo")
+                    else Path(path)
+                )
                 assert located.exists() or str(path) in DOCUMENTED_INPUTS, f"configs/{name}: {key} = {path}"
     app = yaml.safe_load(Path("configs/serve_reward_app.yaml").read_text())["applications"][0]
     for model in (app["args"]["model"], app["deployments"][0]["user_config"]["model"]):

@@ -32,7 +32,7 @@ BATCH_SIZES = (1, 2, 3, 4)  # writers cycle through these, so the batch boundari
 
 
 def verdict(sample_id="s1", expert_id="ann", verdict="plausible", **kwargs) -> FeedbackRecord:
-    fields = dict(image_ref=f"samples/{sample_id}.png", image_sha256=SHA, declared_class="blast")
+    fields = {"image_ref": f"samples/{sample_id}.png", "image_sha256": SHA, "declared_class": "blast"}
     return FeedbackRecord(sample_id=sample_id, expert_id=expert_id, verdict=verdict, **{**fields, **kwargs})
 
 

@@ -53,8 +53,13 @@ def reward_endpoint(serve_port, tiny_pretrained, tmp_path_factory):
     _, _, model_dir = tiny_pretrained
     unet, _, class_names, _ = load_model(model_dir)
     torch.manual_seed(0)
-    reward = RewardModel(RewardModelConfig(image_size=unet.config.sample_size, channels=(8, 16), class_embedding=8, hidden=16), class_names)
-    reward_dir = save_reward_model(reward.eval(), tmp_path_factory.mktemp("reward") / "r", {"id": "ft-test", "version": 1})
+    reward = RewardModel(
+        RewardModelConfig(image_size=unet.config.sample_size, channels=(8, 16), class_embedding=8, hidden=16),
+        class_names,
+    )
+    reward_dir = save_reward_model(
+        reward.eval(), tmp_path_factory.mktemp("reward") / "r", {"id": "ft-test", "version": 1}
+    )
     url = start_reward_server(ServeRewardConfig(model=str(reward_dir), port=serve_port, max_batch_size=32))
     yield url, reward_dir
     serve.delete(APP_NAME)
@@ -75,18 +80,30 @@ def test_each_objective_finetunes_on_two_zero2_workers_scored_over_http(
     url, reward_dir = reward_endpoint
     _, _, model_dir = tiny_pretrained
     config = _config(
-        tmp_path, model_dir, tiny_samples, tiny_dataset,
-        f"name={objective}", f"objective.kind={objective.split('_')[0]}", "reward.kind=http", f"reward.url={url}",
-        "train.steps=3", "train.checkpoint_every=3", "train.eval_every=0",
-        "objective.ddim_steps=3", "objective.trajectories_per_step=2", "objective.kl_coef=0.1",
+        tmp_path,
+        model_dir,
+        tiny_samples,
+        tiny_dataset,
+        f"name={objective}",
+        f"objective.kind={objective.split('_')[0]}",
+        "reward.kind=http",
+        f"reward.url={url}",
+        "train.steps=3",
+        "train.checkpoint_every=3",
+        "train.eval_every=0",
+        "objective.ddim_steps=3",
+        "objective.trajectories_per_step=2",
+        "objective.kl_coef=0.1",
         *(["objective.weighting=centred", "objective.ratio_clip=0.1"] if objective == "rwl_centred" else []),
     )
     exported = finetune(config).model_dir
     history = _history(tmp_path, objective)
     assert [row["step"] for row in history] == [1, 2, 3]
-    terms = {"rwl": ("loss_weighted_synthetic", "loss_real", "weight_mean", "kl_to_base"),
-             "rwl_centred": ("loss_weighted_synthetic", "loss_real", "loss_ratio_mean", "ratio_clip_fraction"),
-             "ddpo": ("policy_loss", "approx_kl", "clipfrac", "kl_to_base")}[objective]
+    terms = {
+        "rwl": ("loss_weighted_synthetic", "loss_real", "weight_mean", "kl_to_base"),
+        "rwl_centred": ("loss_weighted_synthetic", "loss_real", "loss_ratio_mean", "ratio_clip_fraction"),
+        "ddpo": ("policy_loss", "approx_kl", "clipfrac", "kl_to_base"),
+    }[objective]
     for row in history:
         assert all(np.isfinite(row[key]) for key in terms), row
         assert 0.0 <= row["reward_mean"] <= 1.0 and row["reward_std"] >= 0.0
@@ -119,10 +136,16 @@ def tiny_latent(ray_cluster, tiny_dataset, tmp_path_factory):
     from pathalign_ray.sampling import SampleConfig, sample
 
     root = tmp_path_factory.mktemp("latent")
-    model = TinyLatentConfig(image_size=16, vae_channels=(8, 8), unet_channels=(16, 16), norm_num_groups=4,
-                             num_train_timesteps=100)
-    model_dir = make_tiny_latent_model(root / "model", n_per_class=4, classes=tuple(read_dataset_info(tiny_dataset)["class_names"]),
-                                       model=model, train=TinyTrainConfig(vae_steps=10, unet_steps=10, batch_size=8))
+    model = TinyLatentConfig(
+        image_size=16, vae_channels=(8, 8), unet_channels=(16, 16), norm_num_groups=4, num_train_timesteps=100
+    )
+    model_dir = make_tiny_latent_model(
+        root / "model",
+        n_per_class=4,
+        classes=tuple(read_dataset_info(tiny_dataset)["class_names"]),
+        model=model,
+        train=TinyTrainConfig(vae_steps=10, unet_steps=10, batch_size=8),
+    )
     samples = sample(SampleConfig(model=str(model_dir), out_dir=str(root / "samples"), n_per_class=2, ddim_steps=2))
     return model_dir, samples
 
@@ -151,20 +174,40 @@ def test_lora_on_the_latent_model_checkpoints_the_adapter_and_exports_what_it_sa
     merged = objective == "ddpo"
 
     def run(steps):
-        return finetune(_config(
-            tmp_path, model_dir, samples, tiny_dataset, f"name={objective}", f"objective.kind={objective}",
-            "reward.kind=http", f"reward.url={url}", f"train.steps={steps}", "train.checkpoint_every=1",
-            "train.eval_every=0", "train.lr=1e-2", "train.ema_decay=0", "objective.ddim_steps=3", "objective.trajectories_per_step=2",
-            "objective.kl_coef=0.1", "lora.rank=4", f"lora.merged_export={merged}",
-            *(["objective.weighting=centred", "objective.ratio_clip=0.1"] if objective == "rwl" else []),
-        ))
+        return finetune(
+            _config(
+                tmp_path,
+                model_dir,
+                samples,
+                tiny_dataset,
+                f"name={objective}",
+                f"objective.kind={objective}",
+                "reward.kind=http",
+                f"reward.url={url}",
+                f"train.steps={steps}",
+                "train.checkpoint_every=1",
+                "train.eval_every=0",
+                "train.lr=1e-2",
+                "train.ema_decay=0",
+                "objective.ddim_steps=3",
+                "objective.trajectories_per_step=2",
+                "objective.kl_coef=0.1",
+                "lora.rank=4",
+                f"lora.merged_export={merged}",
+                *(["objective.weighting=centred", "objective.ratio_clip=0.1"] if objective == "rwl" else []),
+            )
+        )
 
     if objective == "rwl":
         run(1)
     exported = run(2).model_dir
     history = _history(tmp_path, objective)
     assert [row["step"] for row in history] == [1, 2]
-    terms = ("loss_weighted_synthetic", "loss_real", "loss_ratio_mean") if objective == "rwl" else ("policy_loss", "kl_to_base")
+    terms = (
+        ("loss_weighted_synthetic", "loss_real", "loss_ratio_mean")
+        if objective == "rwl"
+        else ("policy_loss", "kl_to_base")
+    )
     assert all(np.isfinite(row[key]) for row in history for key in terms), history
 
     checkpoint = max(path for path in (tmp_path / objective).glob("checkpoint_*") if path.is_dir())
@@ -188,12 +231,19 @@ def test_lora_on_the_latent_model_checkpoints_the_adapter_and_exports_what_it_sa
     labels = torch.arange(len(class_names))
     seeds = [namespaced_seed("check", 0, c, 0) for c in range(len(class_names))]
     with torch.no_grad():
-        latents = gddim.ddim_sample_from(lambda x, t: unet(x, t, None, class_labels=labels).sample, scheduler,
-                                         (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size), seeds, 2)
+        latents = gddim.ddim_sample_from(
+            lambda x, t: unet(x, t, None, class_labels=labels).sample,
+            scheduler,
+            (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size),
+            seeds,
+            2,
+        )
         images = vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1)
     ours = load_generator(exported).sample(labels, seeds, 2)
     torch.testing.assert_close(images, ours, atol=1e-5, rtol=0)
-    assert not torch.allclose(images, load_generator(model_dir).sample(labels, seeds, 2), atol=1e-3), "the adapter moved"
+    assert not torch.allclose(images, load_generator(model_dir).sample(labels, seeds, 2), atol=1e-3), (
+        "the adapter moved"
+    )
     rewards, _ = make_reward_fn(RewardSourceConfig(kind="http", url=url))(to_uint8(images), class_names)
     assert float(np.mean(rewards)) == pytest.approx(history[-1]["fresh_reward_mean"], abs=2e-3)
 
@@ -205,8 +255,15 @@ def test_a_killed_worker_is_replaced_and_the_run_resumes(tiny_pretrained, tiny_s
     address = ray.get_runtime_context().gcs_address  # explicit: other Ray clusters may share this machine
     _, _, model_dir = tiny_pretrained
     config = _config(
-        tmp_path, model_dir, tiny_samples, tiny_dataset,
-        "name=faulty", "reward.kind=pathologist", "train.steps=14", "train.checkpoint_every=2", "train.eval_every=0",
+        tmp_path,
+        model_dir,
+        tiny_samples,
+        tiny_dataset,
+        "name=faulty",
+        "reward.kind=pathologist",
+        "train.steps=14",
+        "train.checkpoint_every=2",
+        "train.eval_every=0",
     )
     outcome = {}
     runner = threading.Thread(target=lambda: outcome.setdefault("model", finetune(config).model_dir))

@@ -20,8 +20,14 @@ from pathalign_ray.generators.tiny import TinyLatentConfig, TinyTrainConfig, bui
 
 CLASSES = ["myeloblast", "lymphocyte", "eosinophil"]
 PIXEL = ModelConfig(sample_size=16, block_out_channels=(8, 16), norm_num_groups=4, num_train_timesteps=100)
-LATENT = TinyLatentConfig(image_size=16, vae_channels=(8, 8), unet_channels=(16, 16), norm_num_groups=4,
-                          attention_head_dim=8, num_train_timesteps=100)
+LATENT = TinyLatentConfig(
+    image_size=16,
+    vae_channels=(8, 8),
+    unet_channels=(16, 16),
+    norm_num_groups=4,
+    attention_head_dim=8,
+    num_train_timesteps=100,
+)
 SEEDS = [11, 12, 13]
 LABELS = torch.tensor([0, 1, 2])
 
@@ -82,8 +88,14 @@ def test_pixel_generator_samples_as_ddim_sample(eta):
     expected = ddim_sample(generator.unet, DDIMScheduler.from_config(generator.ddim.config), LABELS, SEEDS, 4, eta)
     assert torch.equal(generator.sample(LABELS, SEEDS, 4, eta), expected)
     # the latent path's sampler draws the same noise in the same order: on pixels it is ddim_sample
-    generic = gddim.ddim_sample_from(lambda x, t: generator.unet(x, t, class_labels=LABELS).sample,
-                                     DDIMScheduler.from_config(generator.ddim.config), generator.latent_shape, SEEDS, 4, eta)
+    generic = gddim.ddim_sample_from(
+        lambda x, t: generator.unet(x, t, class_labels=LABELS).sample,
+        DDIMScheduler.from_config(generator.ddim.config),
+        generator.latent_shape,
+        SEEDS,
+        4,
+        eta,
+    )
     assert torch.equal(generic.clamp(-1, 1), expected)
 
 
@@ -92,8 +104,15 @@ def test_generic_trajectory_follows_ddim_trajectories():
 
     generator = _pixel()
     expected = ddim_trajectories(generator.unet, generator.ddim, LABELS, 4, 1.0, torch.Generator().manual_seed(3))
-    ours = gddim.ddim_trajectory(lambda x, t: generator.unet(x, t, class_labels=LABELS).sample, generator.ddim, 3,
-                                 generator.latent_shape, 4, 1.0, torch.Generator().manual_seed(3))
+    ours = gddim.ddim_trajectory(
+        lambda x, t: generator.unet(x, t, class_labels=LABELS).sample,
+        generator.ddim,
+        3,
+        generator.latent_shape,
+        4,
+        1.0,
+        torch.Generator().manual_seed(3),
+    )
     assert ours["timesteps"] == expected["timesteps"]
     for a, b in zip(ours["log_probs"], expected["log_probs"]):
         assert torch.equal(a, b)
@@ -119,8 +138,9 @@ def test_trajectory_log_probs_are_rescored_exactly(generator):
     assert images.shape == (3, 3, generator.image_size, generator.image_size)
     with torch.no_grad():
         for j, (t, prev_t) in enumerate(trajectory["timesteps"]):
-            log_prob, _ = generator.step_log_prob(trajectory["latents"][j], trajectory["latents"][j + 1], t, prev_t,
-                                                  LABELS, 1.0)
+            log_prob, _ = generator.step_log_prob(
+                trajectory["latents"][j], trajectory["latents"][j + 1], t, prev_t, LABELS, 1.0
+            )
             torch.testing.assert_close(log_prob, trajectory["log_probs"][j], atol=1e-5, rtol=1e-5)
 
 
@@ -159,16 +179,26 @@ def test_v_prediction_steps_as_the_scheduler():
     """to_epsilon + ddim_step_with_log_prob land where DDIMScheduler.step(prediction_type=v_prediction) lands."""
     from pathalign_ray.objectives import ddim_step_with_log_prob
 
-    ddim = DDIMScheduler(num_train_timesteps=100, beta_schedule="scaled_linear", clip_sample=False,
-                         prediction_type="v_prediction")
+    ddim = DDIMScheduler(
+        num_train_timesteps=100, beta_schedule="scaled_linear", clip_sample=False, prediction_type="v_prediction"
+    )
     ddim.set_timesteps(4)
     g = torch.Generator().manual_seed(0)
     sample, v, noise = (torch.randn(2, 4, 4, 4, generator=g) for _ in range(3))
     t = int(ddim.timesteps[1])
     expected = ddim.step(v, t, sample, eta=1.0, variance_noise=noise).prev_sample
     epsilon = gddim.to_epsilon(v, sample, t, ddim.alphas_cumprod, "v_prediction")
-    ours, _ = ddim_step_with_log_prob(ddim.alphas_cumprod, ddim.final_alpha_cumprod, epsilon, t, t - 25, sample, 1.0,
-                                      noise=noise, clip_sample_range=None)
+    ours, _ = ddim_step_with_log_prob(
+        ddim.alphas_cumprod,
+        ddim.final_alpha_cumprod,
+        epsilon,
+        t,
+        t - 25,
+        sample,
+        1.0,
+        noise=noise,
+        clip_sample_range=None,
+    )
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -260,15 +290,19 @@ def test_latent_lora_export_loads_in_plain_diffusers(tmp_path):
     with torch.no_grad():
         assert torch.equal(unet(noisy, timesteps, None, class_labels=LABELS).sample, tuned)
 
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, text_encoder=None, tokenizer=None, safety_checker=None,
-                                                   feature_extractor=None, image_encoder=None)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        model_dir, text_encoder=None, tokenizer=None, safety_checker=None, feature_extractor=None, image_encoder=None
+    )
     pipe.load_lora_weights(model_dir)
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     with torch.no_grad():
-        torch.testing.assert_close(pipe.unet(noisy, timesteps, None, class_labels=LABELS).sample, tuned,
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            pipe.unet(noisy, timesteps, None, class_labels=LABELS).sample, tuned, atol=1e-5, rtol=1e-5
+        )
         # plain diffusers' DDIM loop and VAE decode, one generator per seed
-        sample = torch.stack([torch.randn(generator.latent_shape, generator=torch.Generator().manual_seed(s)) for s in SEEDS])
+        sample = torch.stack(
+            [torch.randn(generator.latent_shape, generator=torch.Generator().manual_seed(s)) for s in SEEDS]
+        )
         scheduler.set_timesteps(4)
         for t in scheduler.timesteps:
             sample = scheduler.step(pipe.unet(sample, t, None, class_labels=LABELS).sample, t, sample).prev_sample
@@ -282,8 +316,9 @@ def test_tiny_latent_trainer_and_latent_cache(tmp_path):
 
     data = procedural.generate(2, 16, seed=0, classes=CLASSES)
     generator = build_tiny_latent(LATENT, CLASSES, seed=0)
-    history = train_tiny_latent(generator, data.images, data.labels,
-                                TinyTrainConfig(vae_steps=3, unet_steps=3, batch_size=4))
+    history = train_tiny_latent(
+        generator, data.images, data.labels, TinyTrainConfig(vae_steps=3, unet_steps=3, batch_size=4)
+    )
     assert len(history["vae_loss"]) == 3 and len(history["unet_loss"]) == 3
     assert all(torch.isfinite(torch.tensor(history["unet_loss"])))
     latents = generator.encode_cached(data.images, tmp_path / "cache")
@@ -321,8 +356,9 @@ def test_a_lora_round_of_each_objective_on_the_latent_model(objective):
     else:
         trajectory = generator.trajectories(LABELS, 3, 1.0, torch.Generator().manual_seed(7))
         for j, (t, prev_t) in enumerate(trajectory["timesteps"]):
-            log_prob, output = generator.step_log_prob(trajectory["latents"][j], trajectory["latents"][j + 1], t, prev_t,
-                                                       LABELS, 1.0)
+            log_prob, output = generator.step_log_prob(
+                trajectory["latents"][j], trajectory["latents"][j + 1], t, prev_t, LABELS, 1.0
+            )
             with torch.no_grad():
                 reference_output = generator.denoise(trajectory["latents"][j], t, LABELS, reference=True)
             loss, metrics = clipped_policy_loss(log_prob, trajectory["log_probs"][j], rewards - rewards.mean(), 1e-4)

@@ -92,7 +92,9 @@ def test_queue_verdicts_and_bad_requests(labeling):
         assert second["sample_id"] != first["sample_id"] and second["progress"]["done"] == 1
         reopened = alice.post("api/undo").json()
         assert reopened["sample_id"] == first["sample_id"]
-        alice.post("api/verdicts", json={"sample_id": first["sample_id"], "verdict": "plausible", "nonce": reopened["nonce"]})
+        alice.post(
+            "api/verdicts", json={"sample_id": first["sample_id"], "verdict": "plausible", "nonce": reopened["nonce"]}
+        )
 
     with _signed_in(url, "bob", TOKEN_B) as bob:
         assert bob.get("api/next").json()["sample_id"] == first["sample_id"], "bob's queue is his own"
@@ -118,8 +120,14 @@ def test_an_expert_labels_ten_images_in_a_real_browser(labeling):
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=_chromium(),
-            args=["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"],
+            args=[
+                "--no-sandbox",
+                "--headless",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
         )
         try:
             page = browser.new_page()

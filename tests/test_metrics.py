@@ -31,7 +31,7 @@ def _scrape(ray) -> str:
 def _series(text: str, name: str, le: float | None = None, **tags: str) -> list[float]:
     """Values of every sample of `name` whose tags include `tags` (and whose bucket bound is `le`)."""
     values = []
-    for match in re.finditer(rf"^{name}{{([^}}]*)}} (\S+)$", text, re.M):
+    for match in re.finditer(rf"^{name}{{([^}}]*)}} (\S+)$", text, re.MULTILINE):
         labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1)))
         if le is not None and ("le" not in labels or float(labels["le"]) != le):
             continue
@@ -79,7 +79,9 @@ def endpoint(ray_cluster, serve_port, tmp_path_factory):
     torch.manual_seed(0)
     model = RewardModel(RewardModelConfig(image_size=16, channels=(8, 16), class_embedding=8, hidden=16), CLASSES)
     path = save_reward_model(model.eval(), tmp_path_factory.mktemp("reward") / "model", {"id": "metrics", "version": 1})
-    config = ServeRewardConfig(model=str(path), port=serve_port, route_prefix="/metrics-test", max_batch_size=8, max_images_per_request=8)
+    config = ServeRewardConfig(
+        model=str(path), port=serve_port, route_prefix="/metrics-test", max_batch_size=8, max_images_per_request=8
+    )
     serve.run(build_app(config), name=APP, route_prefix=config.route_prefix)
     yield f"http://127.0.0.1:{serve_port}/metrics-test/"
     serve.delete(APP)

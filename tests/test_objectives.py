@@ -55,7 +55,9 @@ def test_log_prob_gradient_flows_through_the_mean_only(ddim):
     model_output, sample, noise = _step_inputs(2)
     model_output.requires_grad_(True)
     t = int(ddim.timesteps[2])
-    prev, _ = ddim_step_with_log_prob(ddim.alphas_cumprod, ddim.final_alpha_cumprod, model_output.detach(), t, t - 100, sample, 1.0, noise)
+    prev, _ = ddim_step_with_log_prob(
+        ddim.alphas_cumprod, ddim.final_alpha_cumprod, model_output.detach(), t, t - 100, sample, 1.0, noise
+    )
     _, log_prob = ddim_step_with_log_prob(
         ddim.alphas_cumprod, ddim.final_alpha_cumprod, model_output, t, t - 100, sample, 1.0, prev_sample=prev
     )
@@ -66,7 +68,9 @@ def test_log_prob_gradient_flows_through_the_mean_only(ddim):
 def test_deterministic_step_has_no_log_prob(ddim):
     model_output, sample, noise = _step_inputs()
     with pytest.raises(ValueError, match="eta must be > 0"):
-        ddim_step_with_log_prob(ddim.alphas_cumprod, ddim.final_alpha_cumprod, model_output, 900, 800, sample, 0.0, noise)
+        ddim_step_with_log_prob(
+            ddim.alphas_cumprod, ddim.final_alpha_cumprod, model_output, 900, 800, sample, 0.0, noise
+        )
 
 
 def test_reward_weights():
@@ -80,7 +84,9 @@ def test_reward_weights():
     assert normalised.mean().item() == pytest.approx(1.0)
     baselines = class_means(rewards, classes)
     torch.testing.assert_close(baselines, torch.tensor([0.55, 0.55, 0.5, 0.5]))
-    torch.testing.assert_close(reward_weights(rewards, "centred", baselines=baselines), torch.tensor([0.35, -0.35, 0.1, -0.1]))
+    torch.testing.assert_close(
+        reward_weights(rewards, "centred", baselines=baselines), torch.tensor([0.35, -0.35, 0.1, -0.1])
+    )
     with pytest.raises(ValueError, match="centred weights need baselines"):
         reward_weights(rewards, "centred")
     with pytest.raises(ValueError, match="unknown reward weighting"):
@@ -156,8 +162,12 @@ def test_policy_gradient_raises_a_smooth_reward(ddim):
 
     torch.manual_seed(0)
     unet = UNet2DModel(
-        sample_size=8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        sample_size=8,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
     )
     optimizer = torch.optim.Adam(unet.parameters(), lr=1e-3)
     stats = PerClassRewardStats(min_count=4)
@@ -170,8 +180,14 @@ def test_policy_gradient_raises_a_smooth_reward(ddim):
             for t in ddim.timesteps.tolist()[:-1]:  # the stochastic steps
                 noise = torch.randn(16, 3, 8, 8, generator=g)
                 prev, log_prob = ddim_step_with_log_prob(
-                    ddim.alphas_cumprod, ddim.final_alpha_cumprod, unet(latents[-1], t).sample, t, t - stride,
-                    latents[-1], eta=1.0, noise=noise,
+                    ddim.alphas_cumprod,
+                    ddim.final_alpha_cumprod,
+                    unet(latents[-1], t).sample,
+                    t,
+                    t - stride,
+                    latents[-1],
+                    eta=1.0,
+                    noise=noise,
                 )
                 latents.append(prev)
                 log_probs.append(log_prob)
@@ -183,12 +199,20 @@ def test_policy_gradient_raises_a_smooth_reward(ddim):
     before = brightness(trajectories(seed=999)[0]).mean()
     for step in range(12):
         latents, old_log_probs = trajectories(seed=step)
-        advantages = torch.as_tensor(stats.advantages(brightness(latents).numpy(), np.arange(16) % 2), dtype=torch.float32)
+        advantages = torch.as_tensor(
+            stats.advantages(brightness(latents).numpy(), np.arange(16) % 2), dtype=torch.float32
+        )
         optimizer.zero_grad()
         for j, t in enumerate(ddim.timesteps.tolist()[:-1]):
             _, log_prob = ddim_step_with_log_prob(
-                ddim.alphas_cumprod, ddim.final_alpha_cumprod, unet(latents[j], t).sample, t, t - stride,
-                latents[j], eta=1.0, prev_sample=latents[j + 1],
+                ddim.alphas_cumprod,
+                ddim.final_alpha_cumprod,
+                unet(latents[j], t).sample,
+                t,
+                t - stride,
+                latents[j],
+                eta=1.0,
+                prev_sample=latents[j + 1],
             )
             loss, _ = clipped_policy_loss(log_prob, old_log_probs[j], advantages, clip_range=1e-4)
             loss.backward()

@@ -68,9 +68,9 @@ def _disc(image: np.ndarray, cy: float, cx: float, radius: float, colour, aspect
     return mask
 
 
-def _drawn_cell(nucleus_colour=DENSE_CHROMATIN, cytoplasm=cytoplasm_rgb(0.3), nucleus_radius=10.0, aspect=1.0):
+def _drawn_cell(nucleus_colour=DENSE_CHROMATIN, cytoplasm=None, nucleus_radius=10.0, aspect=1.0):
     image = _canvas()
-    cell = _disc(image, 32, 32, 20, cytoplasm)
+    cell = _disc(image, 32, 32, 20, cytoplasm or cytoplasm_rgb(0.3))
     nucleus = _disc(image, 32, 32, nucleus_radius, nucleus_colour, aspect)
     return image, cell, nucleus
 

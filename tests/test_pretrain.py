@@ -12,6 +12,7 @@ from pathalign_ray.sampling import SampleConfig, read_manifest, sample
 
 pytestmark = pytest.mark.ray
 
+
 def test_checkpoints_and_resume_continue_the_step_count(tiny_pretrained):
     run_dir, first_history, model_dir = tiny_pretrained
     assert [row["step"] for row in first_history] == [1, 2, 3]
@@ -42,14 +43,12 @@ def test_export_loads_with_plain_diffusers(tiny_pretrained):
 
 def test_sampling_writes_manifest_and_is_reproducible(tiny_pretrained, tmp_path):
     model_dir = tiny_pretrained[2]
-    base = dict(model=str(model_dir), n_per_class=2, ddim_steps=3, batch_size=3, seed=7)
+    base = {"model": str(model_dir), "n_per_class": 2, "ddim_steps": 3, "batch_size": 3, "seed": 7}
     first = sample(SampleConfig(**base, out_dir=str(tmp_path / "a")))
     second = sample(SampleConfig(**{**base, "batch_size": 8}, out_dir=str(tmp_path / "b"), classes=("myeloblast",)))
     manifest = read_manifest(first).to_pylist()
     assert len(manifest) == 8
-    assert {row["declared_class"] for row in manifest} == {
-        "myeloblast", "promyelocyte", "myelocyte", "metamyelocyte"
-    }
+    assert {row["declared_class"] for row in manifest} == {"myeloblast", "promyelocyte", "myelocyte", "metamyelocyte"}
     assert all((first / row["path"]).is_file() and row["model_step"] == 5 for row in manifest)
     assert (first / "contact_sheet.png").is_file()
     again = read_manifest(second).to_pylist()
@@ -83,7 +82,9 @@ def test_training_batches_mix_classes_and_reshuffle_each_epoch(ray_cluster, max_
     dataset = ray.data.from_items([{"label": i // 16} for i in range(64)]).materialize()
     batches = [b["label"].tolist() for b in itertools.islice(cycle(dataset.iterator(), 8, seed=3), 16)]
     first_epoch, second_epoch = batches[:8], batches[8:]
-    assert sorted(itertools.chain(*first_epoch)) == sorted(itertools.chain(*second_epoch)) == [i // 16 for i in range(64)]
+    assert (
+        sorted(itertools.chain(*first_epoch)) == sorted(itertools.chain(*second_epoch)) == [i // 16 for i in range(64)]
+    )
     assert sum(len(set(b)) > 1 for b in first_epoch) >= 6
     assert first_epoch != second_epoch
     again = [b["label"].tolist() for b in itertools.islice(cycle(dataset.iterator(), 8, seed=3), 8)]

@@ -24,4 +24,3 @@ def test_a_workers_progress_reaches_the_drivers_bar(ray_cluster, capsys):
     with watch("tiny stage", 2, every_s=0.02):  # watched again: starts from 0, not from the 6 above
         ray_cluster.get(work.remote(2))
     assert "2/2" in capsys.readouterr().err
-

@@ -18,15 +18,20 @@ import httpx
 import numpy as np
 import pytest
 from ray.serve.deployment import Deployment
+from test_reward_serve import CLASSES, OVERRIDES, SIZE, _b64, _bad_requests, _make_model
 
 from pathalign_ray.config import load_config
 from pathalign_ray.images import encode_png
 from pathalign_ray.reward.fast_path import ScoreFastPath
 from pathalign_ray.reward.serve import (
-    RewardScorer, ServeRewardConfig, _code_version, _forward, _load, build_app, create_app
+    RewardScorer,
+    ServeRewardConfig,
+    _code_version,
+    _forward,
+    _load,
+    build_app,
+    create_app,
 )
-
-from test_reward_serve import CLASSES, OVERRIDES, SIZE, _b64, _bad_requests, _make_model
 
 _Replica = RewardScorer.func_or_class  # the replica's class (Serve's ingress wrapper around ours)
 

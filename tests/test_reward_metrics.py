@@ -107,4 +107,3 @@ def test_report_overall_and_per_class():
     assert report["per_class"]["b"]["accuracy"] == 1.0
     empty = classification_report(np.zeros(0), np.zeros(0), [])
     assert empty["n"] == 0 and math.isnan(empty["auc"]) and empty["per_class"] == {}
-

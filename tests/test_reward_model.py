@@ -183,7 +183,7 @@ def test_criteria_loss_averages_known_entries_only():
     )
     assert parts["criteria_loss"] == pytest.approx(np.log(2))
     assert float(loss) == pytest.approx(0.0 + 2.0 * np.log(2))
-    none_known, parts = reward_loss(
+    _none_known, parts = reward_loss(
         torch.zeros(1), torch.zeros(1, 6), torch.ones(1), torch.ones(1, 6), torch.zeros(1, 6, dtype=torch.bool)
     )
     assert parts["criteria_loss"] == 0.0

@@ -11,6 +11,7 @@ import json
 import threading
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import httpx
 import numpy as np
@@ -73,9 +74,16 @@ def images():
     """Eight encoded images: exact-size PNGs, and ones that need converting (size, mode, JPEG)."""
     rng = np.random.default_rng(0)
     encoded = [encode_png(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)) for _ in range(4)]
-    for mode, shape, fmt in [("L", (40, 30), "PNG"), ("RGBA", (12, 20, 4), "PNG"), ("RGB", (24, 24, 3), "JPEG"), ("P", (16, 16), "PNG")]:
+    for mode, shape, fmt in [
+        ("L", (40, 30), "PNG"),
+        ("RGBA", (12, 20, 4), "PNG"),
+        ("RGB", (24, 24, 3), "JPEG"),
+        ("P", (16, 16), "PNG"),
+    ]:
         buffer = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=None if mode == "P" else mode).convert(mode).save(buffer, fmt)
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=None if mode == "P" else mode).convert(
+            mode
+        ).save(buffer, fmt)
         encoded.append(buffer.getvalue())
     return encoded
 
@@ -102,7 +110,10 @@ def test_scores_over_http_and_through_a_handle_equal_in_process_scores(served, m
         assert http.get("healthz").status_code == 200
         spec = http.get("openapi.json").json()
         assert {"/v1/score", "/v1/classes", "/healthz"} <= set(spec["paths"])
-        assert set(spec["paths"]["/v1/score"]["post"]["requestBody"]["content"]) == {"application/json", "multipart/form-data"}
+        assert set(spec["paths"]["/v1/score"]["post"]["requestBody"]["content"]) == {
+            "application/json",
+            "multipart/form-data",
+        }
 
     many, many_classes = images * 3, classes * 3  # 24 images: 3 requests of 8 at most, sent at once
     with RewardClient(url, max_batch=5) as client:
@@ -126,15 +137,31 @@ def _bad_requests(png: bytes) -> dict:
 
     return {
         "invalid base64": ({"json": {**ok, "images": ["not base64!!"]}}, 422, "images[0]: invalid base64"),
-        "not an image": ({"json": {**ok, "images": [_b64(b"just some text, no pixels")]}}, 422, "images[0]: not an image"),
+        "not an image": (
+            {"json": {**ok, "images": [_b64(b"just some text, no pixels")]}},
+            422,
+            "images[0]: not an image",
+        ),
         "truncated PNG": ({"json": {**ok, "images": [_b64(png[: len(png) // 2])]}}, 422, "images[0]: truncated"),
         "unknown class": ({"json": {**ok, "classes": ["basophil"]}}, 422, "unknown class 'basophil'"),
         "lengths differ": ({"json": {**ok, "classes": ["blast", "blast"]}}, 422, "1 images, 2 classes"),
         "empty list": ({"json": {"images": [], "classes": []}}, 422, "images is empty"),
         "too many images": ({"json": {"images": ok["images"] * 9, "classes": ["blast"] * 9}}, 413, "maximum is 8"),
-        "body over the limit": ({"content": b" " * (MAX_BODY + 1), "headers": {"content-type": "application/json"}}, 413, "over the limit"),
-        "streamed body over the limit": ({"content": chunks(), "headers": {"content-type": "application/json"}}, 413, "over the limit"),
-        "not JSON": ({"content": b"{images: oops", "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
+        "body over the limit": (
+            {"content": b" " * (MAX_BODY + 1), "headers": {"content-type": "application/json"}},
+            413,
+            "over the limit",
+        ),
+        "streamed body over the limit": (
+            {"content": chunks(), "headers": {"content-type": "application/json"}},
+            413,
+            "over the limit",
+        ),
+        "not JSON": (
+            {"content": b"{images: oops", "headers": {"content-type": "application/json"}},
+            400,
+            "not valid JSON",
+        ),
         "JSON list": ({"json": [1, 2]}, 422, "JSON object"),
         "images not a list": ({"json": {**ok, "images": _b64(png)}}, 422, "images must be a list"),
         "image not a string": ({"json": {**ok, "images": [3]}}, 422, "images[0] must be a base64 string"),
@@ -142,8 +169,16 @@ def _bad_requests(png: bytes) -> dict:
         "classes missing": ({"json": {"images": ok["images"]}}, 422, "classes is missing"),
         "wrong content type": ({"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "text/plain"),
         "multipart without classes": ({"files": [("files", ("a.png", png, "image/png"))]}, 422, "1 images, 0 classes"),
-        "multipart text as file": ({"files": {"files": (None, "abc"), "classes": (None, "blast")}}, 422, "files must be file parts"),
-        "multipart bad image": ({"files": [("files", ("a.png", b"GIF89a...", "image/gif"))], "data": {"classes": "blast"}}, 422, "files[0]"),
+        "multipart text as file": (
+            {"files": {"files": (None, "abc"), "classes": (None, "blast")}},
+            422,
+            "files must be file parts",
+        ),
+        "multipart bad image": (
+            {"files": [("files", ("a.png", b"GIF89a...", "image/gif"))], "data": {"classes": "blast"}},
+            422,
+            "files[0]",
+        ),
     }
 
 
@@ -193,7 +228,9 @@ def _malformed(rng: np.random.Generator, png: bytes, jpeg: bytes) -> dict:
         depth = int(rng.choice([100, 10000, 30000]))
         return {"content": b"[" * depth + b"]" * depth, "headers": as_json}
     if kind == 8:  # random multipart
-        files = [("files", ("x", rng.bytes(int(rng.integers(0, 300))), "image/png")) for _ in range(int(rng.integers(0, 4)))]
+        files = [
+            ("files", ("x", rng.bytes(int(rng.integers(0, 300))), "image/png")) for _ in range(int(rng.integers(0, 4)))
+        ]
         data = {"classes": str(rng.choice(["blast", "", ",,,", "blast,nope", "é"]))} if rng.random() < 0.7 else {}
         return {"files": files or [("other", ("y", b"z", "text/plain"))], "data": data}
     if kind == 9:  # a multipart header with a broken body
@@ -202,7 +239,9 @@ def _malformed(rng: np.random.Generator, png: bytes, jpeg: bytes) -> dict:
         ctype = str(rng.choice(["text/plain", "application/xml", "image/png", "", "application/json; charset=latin-1"]))
         return {"content": text if rng.random() < 0.5 else rng.bytes(64), "headers": {"content-type": ctype}}
     n_images, n_classes = int(rng.integers(0, 4)), int(rng.integers(0, 4))  # lists of different or zero lengths
-    return {"json": {"images": [_b64(png)] * n_images, "classes": [str(rng.choice(["blast", "monocyte", "?"]))] * n_classes}}
+    return {
+        "json": {"images": [_b64(png)] * n_images, "classes": [str(rng.choice(["blast", "monocyte", "?"]))] * n_classes}
+    }
 
 
 def test_hundreds_of_malformed_requests_never_get_a_5xx(served, images):
@@ -284,7 +323,16 @@ def test_the_job_deploys_onto_a_cluster_and_exits(served, models, serve_port, mo
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
     monkeypatch.setenv("RAY_ADDRESS", "auto")  # as under `ray job submit`: deploy, print, return
-    job.main(["--config", str(ROOT / "configs" / "serve_reward.yaml"), "--model", str(models[0]), f"port={serve_port}", *OVERRIDES])
+    job.main(
+        [
+            "--config",
+            str(ROOT / "configs" / "serve_reward.yaml"),
+            "--model",
+            str(models[0]),
+            f"port={serve_port}",
+            *OVERRIDES,
+        ]
+    )
     assert f"{url}v1/score" in capsys.readouterr().out
     with httpx.Client(base_url=url, timeout=60) as http:
         assert http.get("healthz").json()["model"]["version"] == 1
@@ -292,9 +340,9 @@ def test_the_job_deploys_onto_a_cluster_and_exits(served, models, serve_port, mo
 
 def test_the_serve_config_file_builds_and_serves_the_app(served, models, images):
     from ray import serve
+    from ray._common.utils import import_attr
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
     from ray.serve.schema import ServeDeploySchema
-    from ray._common.utils import import_attr
 
     url, _ = served
     raw = yaml.safe_load((ROOT / "configs" / "serve_reward_app.yaml").read_text())
@@ -315,14 +363,18 @@ def test_the_serve_config_file_builds_and_serves_the_app(served, models, images)
 class _Stub(http.server.BaseHTTPRequestHandler):
     """Answers POST /v1/score from a script of statuses; counts requests."""
 
-    script: list[int] = []
+    script: ClassVar[list[int]] = []
     calls = 0
 
     def do_POST(self):
         type(self).calls += 1
         self.rfile.read(int(self.headers.get("content-length", 0)))
         status = self.script.pop(0) if self.script else 200
-        body = {"scores": [0.25], "model": {"id": "stub", "version": 0}} if status == 200 else {"detail": f"stub says {status}"}
+        body = (
+            {"scores": [0.25], "model": {"id": "stub", "version": 0}}
+            if status == 200
+            else {"detail": f"stub says {status}"}
+        )
         payload = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("content-type", "application/json")
@@ -363,9 +415,11 @@ def test_the_client_retries_on_503_and_429_but_never_on_4xx():
             assert _Stub.calls == 1
     with _stub_server([]) as url:
         pass  # the server is gone: connection refused, retried, then a clear error
-    with RewardClient(url, retries=1, backoff_s=0.01) as client:
-        with pytest.raises(RewardServiceError, match="ConnectError"):
-            client.score([png], ["blast"])
+    with (
+        RewardClient(url, retries=1, backoff_s=0.01) as client,
+        pytest.raises(RewardServiceError, match="ConnectError"),
+    ):
+        client.score([png], ["blast"])
 
 
 def test_the_config_sets_replicas_or_autoscaling_and_rejects_what_cannot_work(models):
@@ -376,7 +430,11 @@ def test_the_config_sets_replicas_or_autoscaling_and_rejects_what_cannot_work(mo
     deployment = fixed._bound_deployment
     assert deployment.num_replicas == 2 and deployment.ray_actor_options["num_cpus"] == 2
     scaled = build_app(
-        load_config(ServeRewardConfig, None, [f"model={models[0]}", "autoscaling.max_replicas=3", "autoscaling.target_ongoing_requests=16"])
+        load_config(
+            ServeRewardConfig,
+            None,
+            [f"model={models[0]}", "autoscaling.max_replicas=3", "autoscaling.target_ongoing_requests=16"],
+        )
     )
     autoscaling = scaled._bound_deployment._deployment_config.autoscaling_config
     assert (autoscaling.min_replicas, autoscaling.max_replicas, autoscaling.target_ongoing_requests) == (1, 3, 16)

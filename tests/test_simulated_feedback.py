@@ -25,7 +25,10 @@ def test_every_expert_judges_every_sample_once(tiny_samples, tmp_path):
     assert len(rows) == 36
     assert {row["expert_id"] for row in rows} == {"sim_expert_0", "sim_expert_1", "sim_expert_2"}
     assert all(row["round"] == 2 and set(row["failed_criteria"]) <= set(CRITERIA) for row in rows)
-    assert all((row["verdict"] == "plausible") == (not row["failed_criteria"]) or row["verdict"] == "implausible" for row in rows)
+    assert all(
+        (row["verdict"] == "plausible") == (not row["failed_criteria"]) or row["verdict"] == "implausible"
+        for row in rows
+    )
 
 
 def test_experts_spread_their_strictness():

@@ -6,6 +6,7 @@ model's samples judged by simulated experts plus weak feedback from the tiny dat
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import runpy
@@ -63,7 +64,7 @@ def reward_run(tiny_samples, tiny_dataset, tmp_path_factory):
 
 
 def test_writes_the_model_with_label_counts_and_metrics(reward_run):
-    run_dir, config = reward_run
+    run_dir, _config = reward_run
     model_dir = run_dir / "reward"
     assert sorted(p.name for p in model_dir.iterdir()) == ["reward.json", "reward.safetensors"]
     meta = json.loads((model_dir / "reward.json").read_text())
@@ -75,8 +76,18 @@ def test_writes_the_model_with_label_counts_and_metrics(reward_run):
     assert weak == 24, "two weak examples per expert example"
     assert [row["epoch"] for row in meta["history"]] == [1, 2]
     assert 1 <= meta["epoch"] <= 2
-    for key in ("train/loss", "test/loss", "test/all/auc", "test/expert/auc", "test/weak/auc", "test/all/accuracy",
-                "test/all/balanced_accuracy", "test/all/ece", "test/expert/n", "report"):
+    for key in (
+        "train/loss",
+        "test/loss",
+        "test/all/auc",
+        "test/expert/auc",
+        "test/weak/auc",
+        "test/all/accuracy",
+        "test/all/balanced_accuracy",
+        "test/all/ece",
+        "test/expert/n",
+        "report",
+    ):
         assert key in meta["metrics"], key
     assert meta["metrics"]["test/loss"] > 0 and meta["metrics"]["test/all/n"] == sum(
         counts["rows"] for counts in test_counts.values()
@@ -126,7 +137,12 @@ def test_trains_on_the_pretrained_generators_unet_as_backbone(tiny_samples, tiny
     shutil.copytree(tiny_samples, tmp_path / "samples" / "pretrained")
     simulate_feedback(SimulateFeedbackConfig(run_dir=str(tmp_path), experts=1))
     backbone = tiny_pretrained[2]
-    argv = ["--config", str(ROOT / "configs" / "train_reward.yaml"), f"run_dir={tmp_path}", f"data.dataset={tiny_dataset}"]
+    argv = [
+        "--config",
+        str(ROOT / "configs" / "train_reward.yaml"),
+        f"run_dir={tmp_path}",
+        f"data.dataset={tiny_dataset}",
+    ]
     _job("train_reward")(argv + TINY_REWARD_OVERRIDES + [f"model.backbone={backbone}", "train.epochs=1"])
     model, meta = load_reward_model(tmp_path / "reward")
     assert meta["training"]["model"]["backbone"] == str(backbone.resolve())
@@ -151,7 +167,7 @@ def test_the_reward_models_cosine_schedule_warms_up_peaks_and_decays_to_zero():
     assert warmup == 10 and factors[0] == pytest.approx(1 / 10)  # 5 % warm-up: 10 steps
     assert factors[9] == pytest.approx(1.0)
     assert factors[10] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(factors[9:], factors[10:]))
+    assert all(a >= b for a, b in itertools.pairwise(factors))
     assert factors[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 189 / 190)))
     assert lr_factor(total, total, "cosine", warmup) == pytest.approx(0.0)
     assert warmup_steps_of("constant", total) == 0

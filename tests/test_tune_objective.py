@@ -15,7 +15,11 @@ def test_objective_is_gain_less_fid_and_coverage_penalties():
         plausibility=[0.50, 0.30, 0.60, 0.40],
         fid=[10.0, 12.0, 8.0, 15.0],
         coverage=[0.80, 0.90, 0.70, 0.85],
-        base_plausibility=0.40, base_fid=10.0, base_coverage=0.80, fid_weight=0.5, coverage_weight=1.0,
+        base_plausibility=0.40,
+        base_fid=10.0,
+        base_coverage=0.80,
+        fid_weight=0.5,
+        coverage_weight=1.0,
     )
     np.testing.assert_allclose(terms["gain"], [0.10, -0.10, 0.20, 0.0], atol=1e-12)
     # FID 12 is 20 % worse: 0.5 * 0.2; FID 15: 0.5 * 0.5; a better FID (8) earns nothing

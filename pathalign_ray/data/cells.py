@@ -12,8 +12,8 @@ back, is in data/procedural.py's docstring. Pure numpy.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -229,9 +229,7 @@ def _lobe_layout(geometry: dict, area: float, cell_radius: float) -> _LobeLayout
     return _LobeLayout(ring, shift, half_width, centres, core_angles / 2)
 
 
-def _lobed_sd(
-    u: np.ndarray, v: np.ndarray, geometry: dict, area: float, frame: Frame
-) -> tuple[np.ndarray, np.ndarray]:
+def _lobed_sd(u: np.ndarray, v: np.ndarray, geometry: dict, area: float, frame: Frame) -> tuple[np.ndarray, np.ndarray]:
     """Signed distances to the lobes and to the thin filament joining them (a band pinched into
     segments); u, v are coordinates in the nucleus frame, origin at the nucleus centroid."""
     layout = _lobe_layout(geometry, area, frame.radius)
@@ -310,9 +308,7 @@ def _vacuoles(image: np.ndarray, cytoplasm: np.ndarray, frame: Frame, rng: np.ra
     raster.paint(image, 0.8 * spots * cytoplasm, _VACUOLE)
 
 
-def _auer_rod(
-    image: np.ndarray, features: dict, cytoplasm: np.ndarray, frame: Frame, rng: np.random.Generator
-) -> None:
+def _auer_rod(image: np.ndarray, features: dict, cytoplasm: np.ndarray, frame: Frame, rng: np.random.Generator) -> None:
     """A thin magenta rod lying tangentially in the cytoplasm, opposite the nucleus offset."""
     x, y = frame.grid()
     where = features["orientation"] + np.pi + rng.uniform(-1.0, 1.0)

@@ -31,7 +31,9 @@ class LabeledImages:
         if self.labels.shape != (len(self.images),):
             raise ValueError(f"labels must have shape ({len(self.images)},), got {self.labels.shape}")
         if len(self.labels) and not (0 <= self.labels.min() and self.labels.max() < len(self.class_names)):
-            raise ValueError(f"labels must lie in [0, {len(self.class_names)}), got {self.labels.min()}..{self.labels.max()}")
+            raise ValueError(
+                f"labels must lie in [0, {len(self.class_names)}), got {self.labels.min()}..{self.labels.max()}"
+            )
         if self.features is not None and len(self.features) != len(self.images):
             raise ValueError(f"features has {len(self.features)} entries for {len(self.images)} images")
 
@@ -56,7 +58,9 @@ def merge_classes(images: LabeledImages, merge: Mapping[str, str]) -> LabeledIma
         if concept not in images.class_names:
             raise ValueError(f"merge: {concept!r} is not a class of the data ({', '.join(images.class_names)})")
         if parent not in images.class_names or parent in merge:
-            raise ValueError(f"merge: the parent of {concept!r}, {parent!r}, must be a class of the data that is not merged itself")
+            raise ValueError(
+                f"merge: the parent of {concept!r}, {parent!r}, must be a class of the data that is not merged itself"
+            )
     kept = tuple(name for name in images.class_names if name not in merge)
     target = np.array([kept.index(merge.get(name, name)) for name in images.class_names], dtype=np.int64)
     return LabeledImages(images.images, target[images.labels], kept, images.features)

@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Sequence
 
 import numpy as np
 
@@ -127,8 +127,14 @@ def _two_nuclei_sd(features: dict, frame: Frame) -> np.ndarray:
     area = min(features["nc_ratio"] / 2, ((0.85 - gap / 2) / 2) ** 2)  # each, / cell area
     radius = math.sqrt(area)
     halves = [
-        {**features, "nucleus_shape": "round", "nucleus_geometry": {}, "nc_ratio": area,
-         "nucleus_offset": radius + gap / 2, "orientation": features["orientation"] + turn}
+        {
+            **features,
+            "nucleus_shape": "round",
+            "nucleus_geometry": {},
+            "nc_ratio": area,
+            "nucleus_offset": radius + gap / 2,
+            "orientation": features["orientation"] + turn,
+        }
         for turn in (0.0, math.pi)
     ]
     return np.minimum(*(nucleus_distances(half, frame)[0] for half in halves))
@@ -186,4 +192,3 @@ def render_broken(kind: str, cell_type: str, size: int, rng: np.random.Generator
         paint_cell(image, features, frame, rng, nucleus_sd, contained)
     image += raster.pixel_noise(image.shape, rng)
     return np.ascontiguousarray(np.clip(image, 0, 255).astype(np.uint8).transpose(1, 2, 0))
-

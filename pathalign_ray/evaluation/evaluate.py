@@ -124,7 +124,12 @@ def _evaluate(config: EvaluateConfig) -> Path:
         if kind == MODEL:
             scale = config.scale
             folder = sample_model(
-                Path(path), out_dir / "samples" / name, class_names, config.sampling, scale.threads_per_worker, scale.device
+                Path(path),
+                out_dir / "samples" / name,
+                class_names,
+                config.sampling,
+                scale.threads_per_worker,
+                scale.device,
             )
             sets.append(read_sample_folder(folder, name, class_names, kind=MODEL))
             sets[-1].info["model"] = str(path)
@@ -133,7 +138,9 @@ def _evaluate(config: EvaluateConfig) -> Path:
     timings["samples_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    encoder_state, encoder_info = domain_encoder(config.real, config.encoder, config.seed, train, test, config.cache_encoder)
+    encoder_state, encoder_info = domain_encoder(
+        config.real, config.encoder, config.seed, train, test, config.cache_encoder
+    )
     timings["domain_encoder_s"] = time.perf_counter() - clock
     print(
         f"domain encoder: {'cached' if encoder_info['cached'] else 'trained'}, real test accuracy "

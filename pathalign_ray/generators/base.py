@@ -45,13 +45,20 @@ class Generator(Protocol):
     def latent_shape(self) -> tuple[int, int, int]: ...
     def encode(self, images: torch.Tensor) -> torch.Tensor: ...
     def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
-    def sample(self, labels: torch.Tensor, seeds: list[int], num_inference_steps: int, eta: float = 0.0) -> torch.Tensor: ...
-    def sample_uint8(self, labels: torch.Tensor, seeds: list[int], num_inference_steps: int, eta: float = 0.0) -> np.ndarray: ...
+    def sample(
+        self, labels: torch.Tensor, seeds: list[int], num_inference_steps: int, eta: float = 0.0
+    ) -> torch.Tensor: ...
+    def sample_uint8(
+        self, labels: torch.Tensor, seeds: list[int], num_inference_steps: int, eta: float = 0.0
+    ) -> np.ndarray: ...
     def trajectories(self, labels: torch.Tensor, ddim_steps: int, eta: float, generator: torch.Generator) -> dict: ...
-    def step_log_prob(self, latents, prev_latents, timestep: int, prev_timestep: int, labels, eta: float,
-                      reference: bool = False) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def step_log_prob(
+        self, latents, prev_latents, timestep: int, prev_timestep: int, labels, eta: float, reference: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
     def denoise(self, noisy, timesteps, labels, reference: bool = False) -> torch.Tensor: ...
-    def predict_noise(self, latents, labels, noise, timesteps, reference: bool = False) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def predict_noise(
+        self, latents, labels, noise, timesteps, reference: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
     def loss_per_sample(self, latents, labels, noise, timesteps, reference: bool = False) -> torch.Tensor: ...
     def add_lora(self, settings: _lora.LoraSettings) -> None: ...
     def trainable_parameters(self) -> list[torch.nn.Parameter]: ...
@@ -68,8 +75,9 @@ class UNetGenerator:
         from diffusers import DDPMScheduler
 
         if getattr(unet.config, "num_class_embeds", None) != len(class_names):
-            raise ValueError(f"the UNet embeds {unet.config.num_class_embeds} classes, but {len(class_names)} "
-                             "class names were given")
+            raise ValueError(
+                f"the UNet embeds {unet.config.num_class_embeds} classes, but {len(class_names)} class names were given"
+            )
         self.unet = unet
         self.denoiser = unet
         self.ddim = ddim
@@ -144,7 +152,9 @@ class UNetGenerator:
                 return self._forward(model, noisy, timesteps, labels)
         return self._forward(self.denoiser, noisy, timesteps, labels)
 
-    def predict_noise(self, latents, labels, noise, timesteps, reference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict_noise(
+        self, latents, labels, noise, timesteps, reference: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """x_t = q(x_t | x_0 = latents, noise) and the model's output on it, both (B, C, h, w).
 
         latents, noise: (B, C, h, w) in model space; labels, timesteps: (B,) int64.
@@ -168,14 +178,24 @@ class UNetGenerator:
         _, predicted = self.predict_noise(latents, labels, noise, timesteps, reference)
         return noise_prediction_loss(predicted, self.loss_target(latents, noise, timesteps))
 
-    def step_log_prob(self, latents, prev_latents, timestep: int, prev_timestep: int, labels, eta: float,
-                      reference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def step_log_prob(
+        self, latents, prev_latents, timestep: int, prev_timestep: int, labels, eta: float, reference: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """DDPO: the log-probability (B,) of the step latents -> prev_latents (both (B, C, h, w)) under the
         policy (with gradient) or the reference, and the model output (B, C, h, w)."""
-        return _ddim.step_log_prob(lambda x, t: self.denoise(x, t, labels, reference), self.ddim, latents,
-                                   prev_latents, timestep, prev_timestep, eta)
+        return _ddim.step_log_prob(
+            lambda x, t: self.denoise(x, t, labels, reference),
+            self.ddim,
+            latents,
+            prev_latents,
+            timestep,
+            prev_timestep,
+            eta,
+        )
 
-    def sample_uint8(self, labels: torch.Tensor, seeds: list[int], num_inference_steps: int, eta: float = 0.0) -> np.ndarray:
+    def sample_uint8(
+        self, labels: torch.Tensor, seeds: list[int], num_inference_steps: int, eta: float = 0.0
+    ) -> np.ndarray:
         """`sample` as (B, H, W, 3) uint8, what the reward model, the endpoint and the store take."""
         from pathalign_ray.diffusion import to_uint8
 
@@ -183,9 +203,13 @@ class UNetGenerator:
 
     def _save_info(self, info: dict | None, merged: bool) -> dict:
         lora = _lora.adapter_config(self.unet) if self.has_lora else None
-        return {**self.info, **(info or {}), "generator": self.kind,
-                "lora": None if merged or lora is None else {"file": _lora.LORA_WEIGHT_NAME, **lora},
-                "lora_merged": bool(merged and lora is not None)}
+        return {
+            **self.info,
+            **(info or {}),
+            "generator": self.kind,
+            "lora": None if merged or lora is None else {"file": _lora.LORA_WEIGHT_NAME, **lora},
+            "lora_merged": bool(merged and lora is not None),
+        }
 
 
 def load_generator(model_dir: str | Path):

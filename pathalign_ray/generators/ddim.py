@@ -29,8 +29,9 @@ def clip_range(scheduler) -> float | None:
     return float(scheduler.config.clip_sample_range) if scheduler.config.clip_sample else None
 
 
-def to_epsilon(model_output: torch.Tensor, sample: torch.Tensor, timestep: int, alphas_cumprod: torch.Tensor,
-               prediction_type: str) -> torch.Tensor:
+def to_epsilon(
+    model_output: torch.Tensor, sample: torch.Tensor, timestep: int, alphas_cumprod: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
     """The noise prediction of a model trained for `prediction_type` (B, C, h, w).
 
     v-prediction (Salimans & Ho 2022, eq. 31): v = sqrt(a) eps - sqrt(1 - a) x_0, so
@@ -46,8 +47,14 @@ def to_epsilon(model_output: torch.Tensor, sample: torch.Tensor, timestep: int, 
 
 @torch.no_grad()
 def ddim_sample_from(
-    denoise: Denoiser, scheduler, shape: tuple[int, int, int], seeds: list[int], num_inference_steps: int,
-    eta: float = 0.0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+    denoise: Denoiser,
+    scheduler,
+    shape: tuple[int, int, int],
+    seeds: list[int],
+    num_inference_steps: int,
+    eta: float = 0.0,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """DDIM (Song et al. 2021) with one generator per sample, as `diffusion.ddim_sample` draws it.
 
@@ -67,8 +74,15 @@ def ddim_sample_from(
 
 @torch.no_grad()
 def ddim_trajectory(
-    denoise: Denoiser, ddim, batch: int, shape: tuple[int, int, int], ddim_steps: int, eta: float,
-    generator: torch.Generator, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+    denoise: Denoiser,
+    ddim,
+    batch: int,
+    shape: tuple[int, int, int],
+    ddim_steps: int,
+    eta: float,
+    generator: torch.Generator,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> dict:
     """A batch of DDIM trajectories x_T..x_0 with each stochastic step's log-probability, for DDPO.
 
@@ -91,7 +105,14 @@ def ddim_trajectory(
         noise = torch.randn(sample.shape, generator=generator).to(device)
         epsilon = to_epsilon(model_output, sample.float(), t, alphas_cumprod, ddim.config.prediction_type)
         prev, log_prob = ddim_step_with_log_prob(
-            alphas_cumprod, final_alpha, epsilon, t, t - stride, sample.float(), eta, noise=noise,
+            alphas_cumprod,
+            final_alpha,
+            epsilon,
+            t,
+            t - stride,
+            sample.float(),
+            eta,
+            noise=noise,
             clip_sample_range=clip_range(ddim),
         )
         latents.append(prev.cpu())
@@ -101,7 +122,12 @@ def ddim_trajectory(
 
 
 def step_log_prob(
-    denoise: Denoiser, ddim, sample: torch.Tensor, prev_sample: torch.Tensor, timestep: int, prev_timestep: int,
+    denoise: Denoiser,
+    ddim,
+    sample: torch.Tensor,
+    prev_sample: torch.Tensor,
+    timestep: int,
+    prev_timestep: int,
     eta: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The log-probability (B,) of a step x_t -> x_{t_prev} already taken, under `denoise`, with gradient.
@@ -114,7 +140,14 @@ def step_log_prob(
     model_output = denoise(sample, timestep)
     epsilon = to_epsilon(model_output.float(), sample.float(), timestep, alphas_cumprod, ddim.config.prediction_type)
     _, log_prob = ddim_step_with_log_prob(
-        alphas_cumprod, ddim.final_alpha_cumprod.to(device), epsilon, timestep, prev_timestep, sample.float(), eta,
-        prev_sample=prev_sample.float(), clip_sample_range=clip_range(ddim),
+        alphas_cumprod,
+        ddim.final_alpha_cumprod.to(device),
+        epsilon,
+        timestep,
+        prev_timestep,
+        sample.float(),
+        eta,
+        prev_sample=prev_sample.float(),
+        clip_sample_range=clip_range(ddim),
     )
     return log_prob, model_output

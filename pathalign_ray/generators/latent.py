@@ -40,10 +40,14 @@ class LatentGenerator(UNetGenerator):
 
     def __init__(self, vae, unet, ddim, class_names: list[str], info: dict | None = None):
         if any("CrossAttn" in block for block in unet.config.down_block_types):
-            raise NotImplementedError("this UNet conditions on text through cross-attention: prompts through a text "
-                                      "encoder are not supported yet (#25); give it a class embedding")
+            raise NotImplementedError(
+                "this UNet conditions on text through cross-attention: prompts through a text "
+                "encoder are not supported yet (#25); give it a class embedding"
+            )
         if unet.config.in_channels != vae.config.latent_channels:
-            raise ValueError(f"the UNet takes {unet.config.in_channels} channels, the VAE makes {vae.config.latent_channels}")
+            raise ValueError(
+                f"the UNet takes {unet.config.in_channels} channels, the VAE makes {vae.config.latent_channels}"
+            )
         super().__init__(unet, ddim, class_names, info)
         self.vae = vae.eval().requires_grad_(False)
 
@@ -71,7 +75,9 @@ class LatentGenerator(UNetGenerator):
     # ------------------------------------------------------------------ the VAE
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None, batch_size: int = 64) -> torch.Tensor:
+    def encode(
+        self, images: torch.Tensor, generator: torch.Generator | None = None, batch_size: int = 64
+    ) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> latents (B, C, h, w): the posterior's mean, or a draw from it with
         `generator` (as diffusers' training scripts); in batches of batch_size."""
         vae_dtype = next(self.vae.parameters()).dtype
@@ -89,7 +95,10 @@ class LatentGenerator(UNetGenerator):
         shift = self.vae.config.shift_factor or 0.0
         parts = []
         for start in range(0, len(latents), batch_size):
-            z = latents[start : start + batch_size].to(self.vae.device, vae_dtype) / self.vae.config.scaling_factor + shift
+            z = (
+                latents[start : start + batch_size].to(self.vae.device, vae_dtype) / self.vae.config.scaling_factor
+                + shift
+            )
             parts.append(self.vae.decode(z).sample.float())
         return torch.cat(parts).clamp(-1, 1)
 
@@ -114,22 +123,37 @@ class LatentGenerator(UNetGenerator):
 
     # ------------------------------------------------------------------ sampling
 
-    def sample(self, labels: torch.Tensor, seeds: list[int], num_inference_steps: int, eta: float = 0.0) -> torch.Tensor:
+    def sample(
+        self, labels: torch.Tensor, seeds: list[int], num_inference_steps: int, eta: float = 0.0
+    ) -> torch.Tensor:
         """DDIM in latent space with one generator per seed (as diffusion.ddim_sample), then decoded.
 
         labels: (B,) int64 on the model's device. Returns images (B, 3, H, W) in [-1, 1].
         """
         latents = _ddim.ddim_sample_from(
-            lambda x, t: self._forward(self.unet, x, t, labels), self.ddim, self.latent_shape, seeds,
-            num_inference_steps, eta, labels.device, self.dtype,
+            lambda x, t: self._forward(self.unet, x, t, labels),
+            self.ddim,
+            self.latent_shape,
+            seeds,
+            num_inference_steps,
+            eta,
+            labels.device,
+            self.dtype,
         )
         return self.decode(latents)
 
     def trajectories(self, labels: torch.Tensor, ddim_steps: int, eta: float, generator: torch.Generator) -> dict:
         """DDPO trajectories in latent space (`ddim.ddim_trajectory`); decode(latents[-1]) are the images to score."""
         return _ddim.ddim_trajectory(
-            lambda x, t: self._forward(self.unet, x, t, labels), self.ddim, len(labels), self.latent_shape,
-            ddim_steps, eta, generator, labels.device, self.dtype,
+            lambda x, t: self._forward(self.unet, x, t, labels),
+            self.ddim,
+            len(labels),
+            self.latent_shape,
+            ddim_steps,
+            eta,
+            generator,
+            labels.device,
+            self.dtype,
         )
 
     # ------------------------------------------------------------------ files
@@ -145,8 +169,11 @@ class LatentGenerator(UNetGenerator):
         self.vae.save_pretrained(out_dir / "vae", safe_serialization=True)
         (out_dir / "unet").mkdir(parents=True, exist_ok=True)
         self.unet.save_config(out_dir / "unet")
-        save_file(_lora.plain_state_dict(self.unet, merged), out_dir / "unet" / "diffusion_pytorch_model.safetensors",
-                  metadata={"format": "pt"})
+        save_file(
+            _lora.plain_state_dict(self.unet, merged),
+            out_dir / "unet" / "diffusion_pytorch_model.safetensors",
+            metadata={"format": "pt"},
+        )
         self.ddim.save_pretrained(out_dir / "scheduler")
         (out_dir / "model_index.json").write_text(json.dumps(_model_index(), indent=2))
         (out_dir / CLASS_NAMES_FILE).write_text(json.dumps(self.class_names))

@@ -33,7 +33,9 @@ RESNET_TARGETS = ("conv1", "conv2", "time_emb_proj")  # a UNet without attention
 class LoraSettings:
     rank: PositiveInt = 8  # r: the adapter's inner dimension
     alpha: PositiveFloat = 8.0  # the update is scaled by alpha / rank; alpha = rank keeps lr comparable across ranks
-    dropout: FractionBelowOne = 0.0  # dropout on the adapter's input; 0 keeps the policy deterministic for DDPO's ratios
+    dropout: FractionBelowOne = (
+        0.0  # dropout on the adapter's input; 0 keeps the policy deterministic for DDPO's ratios
+    )
     target_modules: tuple[str, ...] = ()  # module name suffixes; empty: attention projections, else ResNet convs
 
 
@@ -100,8 +102,10 @@ def adapter_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's weights in peft's format ("<module>.lora_A.weight"), detached, on the CPU."""
     from peft.utils import get_peft_model_state_dict
 
-    return {key: value.detach().cpu().contiguous()
-            for key, value in get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME).items()}
+    return {
+        key: value.detach().cpu().contiguous()
+        for key, value in get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME).items()
+    }
 
 
 def adapter_config(unet: torch.nn.Module) -> dict:
@@ -118,7 +122,9 @@ def save_lora(unet: torch.nn.Module, out_dir: str | Path) -> Path:
 
     out_dir = Path(out_dir)
     StableDiffusionLoraLoaderMixin.save_lora_weights(
-        out_dir, unet_lora_layers=adapter_state_dict(unet), unet_lora_adapter_metadata=adapter_config(unet),
+        out_dir,
+        unet_lora_layers=adapter_state_dict(unet),
+        unet_lora_adapter_metadata=adapter_config(unet),
         weight_name=LORA_WEIGHT_NAME,
     )
     return out_dir / LORA_WEIGHT_NAME
@@ -133,7 +139,7 @@ def load_lora(unet: torch.nn.Module, folder: str | Path) -> None:
     path = Path(folder) / LORA_WEIGHT_NAME
     with safe_open(path, "pt") as file:
         metadata = file.metadata() or {}
-        state = {key[len(_PREFIX):]: file.get_tensor(key) for key in file.keys() if key.startswith(_PREFIX)}  # noqa: SIM118, safe_open has no __iter__
+        state = {key[len(_PREFIX) :]: file.get_tensor(key) for key in file.keys() if key.startswith(_PREFIX)}  # noqa: SIM118, safe_open has no __iter__
     if _METADATA_KEY not in metadata:
         raise ValueError(f"{path} holds no LoRA config in its metadata (rank, alpha, target modules)")
     fields = {f for f in LoraConfig.__dataclass_fields__ if LoraConfig.__dataclass_fields__[f].init}

@@ -38,7 +38,9 @@ class PixelGenerator(UNetGenerator):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return latents.clamp(-1, 1)
 
-    def sample(self, labels: torch.Tensor, seeds: list[int], num_inference_steps: int, eta: float = 0.0) -> torch.Tensor:
+    def sample(
+        self, labels: torch.Tensor, seeds: list[int], num_inference_steps: int, eta: float = 0.0
+    ) -> torch.Tensor:
         """`diffusion.ddim_sample`: labels (B,) on the model's device -> images (B, 3, H, W) in [-1, 1]."""
         from pathalign_ray.diffusion import ddim_sample
 

@@ -35,8 +35,10 @@ class TinyLatentConfig:
     def __post_init__(self) -> None:
         scale = 2 ** (len(self.vae_channels) - 1)
         if self.image_size % scale or (self.image_size // scale) % 2 ** (len(self.unet_channels) - 1):
-            raise ValueError(f"image_size {self.image_size} must divide down through {len(self.vae_channels)} VAE "
-                             f"and {len(self.unet_channels)} UNet levels")
+            raise ValueError(
+                f"image_size {self.image_size} must divide down through {len(self.vae_channels)} VAE "
+                f"and {len(self.unet_channels)} UNet levels"
+            )
         if any(c % self.norm_num_groups for c in (*self.vae_channels, *self.unet_channels)):
             raise ValueError(f"norm_num_groups {self.norm_num_groups} must divide every channel count")
 
@@ -59,32 +61,52 @@ def build_tiny_latent(config: TinyLatentConfig, class_names: list[str], seed: in
     torch.manual_seed(seed)
     levels = len(config.vae_channels)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=config.latent_channels,
-        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
-        block_out_channels=tuple(config.vae_channels), layers_per_block=1, norm_num_groups=config.norm_num_groups,
-        sample_size=config.image_size, scaling_factor=1.0,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=config.latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=tuple(config.vae_channels),
+        layers_per_block=1,
+        norm_num_groups=config.norm_num_groups,
+        sample_size=config.image_size,
+        scaling_factor=1.0,
     )
     down = ["DownBlock2D"] * len(config.unet_channels)
     up = ["UpBlock2D"] * len(config.unet_channels)
     down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
     unet = UNet2DConditionModel(
-        sample_size=config.image_size // 2 ** (levels - 1), in_channels=config.latent_channels,
-        out_channels=config.latent_channels, block_out_channels=tuple(config.unet_channels),
-        layers_per_block=config.layers_per_block, down_block_types=tuple(down), up_block_types=tuple(up),
-        mid_block_type="UNetMidBlock2D", norm_num_groups=config.norm_num_groups,
-        attention_head_dim=config.attention_head_dim, cross_attention_dim=config.unet_channels[-1],
+        sample_size=config.image_size // 2 ** (levels - 1),
+        in_channels=config.latent_channels,
+        out_channels=config.latent_channels,
+        block_out_channels=tuple(config.unet_channels),
+        layers_per_block=config.layers_per_block,
+        down_block_types=tuple(down),
+        up_block_types=tuple(up),
+        mid_block_type="UNetMidBlock2D",
+        norm_num_groups=config.norm_num_groups,
+        attention_head_dim=config.attention_head_dim,
+        cross_attention_dim=config.unet_channels[-1],
         num_class_embeds=len(class_names),
     )
     ddim = DDIMScheduler(
-        num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule, beta_start=0.00085,
-        beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+        num_train_timesteps=config.num_train_timesteps,
+        beta_schedule=config.beta_schedule,
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
         prediction_type=config.prediction_type,
     )
-    return LatentGenerator(vae, unet, ddim, class_names, {"model_id": "tiny-latent", "config": dataclasses.asdict(config)})
+    return LatentGenerator(
+        vae, unet, ddim, class_names, {"model_id": "tiny-latent", "config": dataclasses.asdict(config)}
+    )
 
 
-def train_tiny_latent(generator: LatentGenerator, images: np.ndarray, labels: np.ndarray,
-                      config: TinyTrainConfig) -> dict[str, list[float]]:
+def train_tiny_latent(
+    generator: LatentGenerator, images: np.ndarray, labels: np.ndarray, config: TinyTrainConfig
+) -> dict[str, list[float]]:
     """Fit the VAE, set its scaling factor, then the UNet on the encoded images, in place.
 
     images: (N, H, W, 3) uint8; labels: (N,) int64. Returns the loss per step of each stage.
@@ -136,15 +158,21 @@ def _train_vae(vae, pixels: torch.Tensor, config: TinyTrainConfig, rng: torch.Ge
     return losses
 
 
-def make_tiny_latent_model(out_dir: str | Path, n_per_class: int = 16, classes: tuple[str, ...] | None = None,
-                           model: TinyLatentConfig | None = None, train: TinyTrainConfig | None = None) -> Path:
+def make_tiny_latent_model(
+    out_dir: str | Path,
+    n_per_class: int = 16,
+    classes: tuple[str, ...] | None = None,
+    model: TinyLatentConfig | None = None,
+    train: TinyTrainConfig | None = None,
+) -> Path:
     """Procedural cells -> a trained tiny latent model folder at out_dir (LatentGenerator.load reads it)."""
     from pathalign_ray.data import procedural
 
     model = model or TinyLatentConfig()
     train = train or TinyTrainConfig()
-    data = procedural.generate(n_per_class, model.image_size, seed=train.seed,
-                               classes=classes or procedural.DEFAULT_CELL_TYPES)
+    data = procedural.generate(
+        n_per_class, model.image_size, seed=train.seed, classes=classes or procedural.DEFAULT_CELL_TYPES
+    )
     generator = build_tiny_latent(model, list(data.class_names), seed=train.seed)
     history = train_tiny_latent(generator, data.images, data.labels, train)
     final = {key: float(np.mean(values[-20:])) for key, values in history.items() if values}

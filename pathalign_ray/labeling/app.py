@@ -13,7 +13,7 @@ import hashlib
 import itertools
 import secrets
 import uuid
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Annotated
 
@@ -37,7 +37,9 @@ AccessToken = Annotated[str, Field(min_length=16)]  # an expert's secret on the 
 class LabelConfig:
     run_dir: Location = "runs/demo"  # a path or URI: the run whose samples are judged; verdicts go to RUN_DIR/feedback
     samples: str = "samples/pretrained"  # sample folder (jobs/sample.py), relative to run_dir
-    reference_data: str = "data"  # data set folder (jobs/make_dataset.py) for real reference images, relative to run_dir
+    reference_data: str = (
+        "data"  # data set folder (jobs/make_dataset.py) for real reference images, relative to run_dir
+    )
     round: int = 0  # feedback round the verdicts belong to
     host: str = "127.0.0.1"  # HTTP address of the Serve proxy
     port: int = 8000
@@ -62,7 +64,9 @@ class VerdictRequest(BaseModel):
     failed_criteria: list[str] = Field(default_factory=list, max_length=len(CRITERIA))
     believed_class: str | None = Field(default=None, max_length=128)
     note: str | None = Field(default=None, max_length=2000)
-    nonce: str = Field(min_length=8, max_length=64, pattern=r"^[0-9a-zA-Z_-]+$")  # one per shown sample: a replay is refused
+    nonce: str = Field(
+        min_length=8, max_length=64, pattern=r"^[0-9a-zA-Z_-]+$"
+    )  # one per shown sample: a replay is refused
 
 
 def create_app(config: LabelConfig) -> FastAPI:
@@ -75,7 +79,9 @@ def create_app(config: LabelConfig) -> FastAPI:
     order = list(manifest)
     reference = read_dataset(storage.join(config.run_dir, config.reference_data), "train")
     references = {
-        name: [encode_png(image) for image in reference.images[reference.labels == index][: config.references_per_class]]
+        name: [
+            encode_png(image) for image in reference.images[reference.labels == index][: config.references_per_class]
+        ]
         for index, name in enumerate(reference.class_names)
     }
     store = FeedbackStore(storage.join(config.run_dir, "feedback"))
@@ -89,7 +95,7 @@ def create_app(config: LabelConfig) -> FastAPI:
             raise HTTPException(401, "sign in first: no valid session")
         return expert
 
-    @lru_cache(maxsize=None)
+    @cache
     def image_bytes(sample_id: str) -> bytes:
         return storage.read_bytes(storage.join(samples_dir, manifest[sample_id]["path"]))
 
@@ -136,7 +142,9 @@ def create_app(config: LabelConfig) -> FastAPI:
         """Reopen this expert's latest verdict of the round; the next verdict on it supersedes it."""
         expert = expert_of(pathalign_session)
         latest = store.latest().to_pylist()
-        mine = [r for r in latest if r["expert_id"] == expert and r["round"] == config.round and r["sample_id"] in manifest]
+        mine = [
+            r for r in latest if r["expert_id"] == expert and r["round"] == config.round and r["sample_id"] in manifest
+        ]
         if not mine:
             raise HTTPException(404, "nothing to undo in this round")
         return sample_payload(max(mine, key=lambda r: r["timestamp"])["sample_id"], expert)
@@ -234,7 +242,9 @@ def render_summary(summary: dict) -> str:
         f"<tr><td>{name}</td><td>{entry['verdicts']}</td><td>{entry['plausibility']:.0%}</td></tr>"
         for name, entry in sorted(summary["per_class"].items())
     )
-    criteria_rows = "".join(f"<tr><td>{name}</td><td>{count}</td></tr>" for name, count in summary["failed_criteria"].items())
+    criteria_rows = "".join(
+        f"<tr><td>{name}</td><td>{count}</td></tr>" for name, count in summary["failed_criteria"].items()
+    )
     agreement = summary["agreement"]
     overall = agreement.get("overall", {}) if isinstance(agreement, dict) else {}
     agreement_rows = "".join(f"<tr><td>{key}</td><td>{_fmt(value)}</td></tr>" for key, value in overall.items())
@@ -243,8 +253,8 @@ def render_summary(summary: dict) -> str:
 td,th{{border:1px solid #ccc;padding:4px 10px;text-align:left}}</style></head><body>
 <p><a href="./">back to labelling</a></p>
 <h1>Feedback summary</h1>
-<p>{summary['verdicts']} verdicts on {summary['samples']} samples by {len(summary['experts'])} experts
-({', '.join(summary['experts'])}).</p>
+<p>{summary["verdicts"]} verdicts on {summary["samples"]} samples by {len(summary["experts"])} experts
+({", ".join(summary["experts"])}).</p>
 <h2>Plausibility per declared class</h2>
 <table><tr><th>class</th><th>verdicts</th><th>plausible</th></tr>{class_rows}</table>
 <h2>Failed criteria</h2><table><tr><th>criterion</th><th>times failed</th></tr>{criteria_rows}</table>

@@ -141,8 +141,15 @@ def build_examples(config: RewardDataConfig, run_dir: str | Path, image_size: in
         else:
             n_weak = len(real)
         parts.append(
-            weak_examples(real.images, real.labels, class_names, n_weak, config.wrong_class_fraction,
-                          config.seed, config.dataset_split)
+            weak_examples(
+                real.images,
+                real.labels,
+                class_names,
+                n_weak,
+                config.wrong_class_fraction,
+                config.seed,
+                config.dataset_split,
+            )
         )
     return RewardExamples.concat(parts)
 

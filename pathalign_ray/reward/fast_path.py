@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -128,7 +129,7 @@ def decode_json(scorer: RewardScorer, body: bytes) -> tuple[np.ndarray, list[str
 async def score_decoded(scorer: RewardScorer, pixels: np.ndarray, classes: list[str], started: float) -> dict:
     """{"scores", "model"} of a decoded request; its latency since `started` goes to the dashboard."""
     result = await scorer.score_pixels(pixels, classes)
-    if any(s != s for s in result["scores"]):  # NaN: see serve._forward
+    if any(math.isnan(s) for s in result["scores"]):  # NaN: see serve._forward
         raise BadRequest(409, f"model {result['model']} no longer knows a class of this request: retry")
     record_endpoint_latency(time.perf_counter() - started, scorer.app_name)
     return result
@@ -167,7 +168,7 @@ def _parse_json(body: bytes, max_images: int) -> tuple[list, list]:
         raise BadRequest(422, f"body must be a JSON object with images and classes, got {type(data).__name__}")
     for key in ("images", "classes"):
         if key not in data:
-            raise BadRequest(422, f"{key} is missing: send {{\"images\": [base64, ...], \"classes\": [name, ...]}}")
+            raise BadRequest(422, f'{key} is missing: send {{"images": [base64, ...], "classes": [name, ...]}}')
         if not isinstance(data[key], list):
             raise BadRequest(422, f"{key} must be a list, got {type(data[key]).__name__}")
     images, classes = data["images"], data["classes"]

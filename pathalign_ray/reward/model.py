@@ -167,7 +167,9 @@ class RewardModel(nn.Module):
 
 
 @torch.no_grad()
-def score_images(model: RewardModel, images: np.ndarray, declared_classes: Sequence[str], batch_size: int = 256) -> np.ndarray:
+def score_images(
+    model: RewardModel, images: np.ndarray, declared_classes: Sequence[str], batch_size: int = 256
+) -> np.ndarray:
     """P(plausible) of (N, H, W, 3) uint8 images as their declared classes: (N,) float64.
 
     The one in-process scorer (the finetuning's reward function, uncertainty selection). Images of another

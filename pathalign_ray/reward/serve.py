@@ -318,7 +318,11 @@ def create_app(scorer: RewardScorer) -> FastAPI:
         "type": "object",
         "properties": {
             "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
-            "classes": {"type": "array", "items": {"type": "string"}, "description": "a field per file, or comma-separated"},
+            "classes": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "a field per file, or comma-separated",
+            },
         },
         "required": ["files", "classes"],
     }
@@ -327,7 +331,9 @@ def create_app(scorer: RewardScorer) -> FastAPI:
         "409": {"description": "the model version changed under the request and no longer knows a class"},
         "413": {"description": "body over max_body_bytes, or more images than max_images_per_request"},
         "415": {"description": "Content-Type is neither application/json nor multipart/form-data"},
-        "422": {"description": "bad base64, not an image, truncated, unknown class, lengths differ, empty, wrong types"},
+        "422": {
+            "description": "bad base64, not an image, truncated, unknown class, lengths differ, empty, wrong types"
+        },
     }
 
     @app.post(

@@ -224,12 +224,19 @@ def train_loop(loop_config: dict) -> None:
         losses = []
         for step, rows in enumerate(draws[:, rank::world_size]):
             for group in optimizer.param_groups:
-                group["lr"] = config.train.lr * lr_factor(epoch * steps + step, total_steps, config.train.lr_schedule, warmup_steps)
+                group["lr"] = config.train.lr * lr_factor(
+                    epoch * steps + step, total_steps, config.train.lr_schedule, warmup_steps
+                )
             batch = _tensors(train_set, rows, device, augment_rng if config.train.augment else None)
             logits, criteria_logits = net(batch["images"], batch["class_ids"])
             loss, _ = reward_loss(
-                logits, criteria_logits, batch["labels"], batch["criteria"], batch["criteria_mask"],
-                config.train.loss, config.train.criteria_weight,
+                logits,
+                criteria_logits,
+                batch["labels"],
+                batch["criteria"],
+                batch["criteria_mask"],
+                config.train.loss,
+                config.train.criteria_weight,
             )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
