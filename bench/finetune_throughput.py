@@ -94,8 +94,17 @@ def bare_loop(model_dir: Path, synthetic: tuple, real: tuple, steps: int, batch:
     return 2 * batch * len(steady) / sum(steady)
 
 
-def ray_run(model_dir: Path, samples: Path, dataset: Path, steps: int, batch: int, run_dir: Path) -> float:
-    """Steady-state images/s (synthetic + real) of jobs/finetune.py's rwl path, 1 worker x 2 threads."""
+def ray_history(
+    model_dir: str | Path,
+    samples: str | Path,
+    dataset: str | Path,
+    steps: int,
+    batch: int,
+    run_dir: str | Path,
+    checkpoint_every: int | None = None,
+) -> float:
+    """The logged windows of jobs/finetune.py's rwl path, 1 worker x 2 threads, every LOG_EVERY steps;
+    every location may be a URI (bench/storage_throughput.py); one checkpoint at the end by default."""
     config = load_config(
         FinetuneConfig,
         None,
@@ -110,7 +119,7 @@ def ray_run(model_dir: Path, samples: Path, dataset: Path, steps: int, batch: in
             f"train.steps={steps}",
             f"train.batch_size={batch}",
             f"train.log_every={LOG_EVERY}",
-            f"train.checkpoint_every={steps}",
+            f"train.checkpoint_every={checkpoint_every or steps}",
             "train.eval_every=0",
             "train.eval_per_class=1",
             "train.eval_ddim_steps=2",
@@ -118,8 +127,12 @@ def ray_run(model_dir: Path, samples: Path, dataset: Path, steps: int, batch: in
             "scale.threads_per_worker=2",
         ],
     )
-    history = finetune(config).history
-    windows = [row for row in history if row["step"] % LOG_EVERY == 0][1:]
+    return [row for row in finetune(config).history if row["step"] % LOG_EVERY == 0]
+
+
+def ray_run(model_dir: Path, samples: Path, dataset: Path, steps: int, batch: int, run_dir: Path) -> float:
+    """Steady-state images/s (synthetic + real) of jobs/finetune.py's rwl path: the median window after the first."""
+    windows = ray_history(model_dir, samples, dataset, steps, batch, run_dir)[1:]
     return statistics.median(2 * batch / row["step_time_s"] for row in windows)
 
 
@@ -136,6 +149,22 @@ def pools(samples: Path, dataset: Path, class_names: list[str]) -> tuple[tuple, 
     return (to_model_input(pixels), labels, rewards), (to_model_input(real.images), torch.from_numpy(real.labels))
 
 
+def benchmark_inputs(tmp: Path) -> tuple[Path, Path, Path, list[str]]:
+    """The freshly initialised 32 px model, a small procedural data set and a pool of 8 samples per class
+    (DDIM 2) in `tmp`: (model, dataset, samples, class names). Needs Ray up (sampling runs on it)."""
+    pretrain = load_config(PretrainConfig, "configs/pretrain.yaml")
+    dataset = write_dataset(
+        procedural.generate(40, pretrain.model.sample_size, seed=0), tmp / "data", 0.2, 0, source="procedural"
+    )
+    class_names = read_dataset(dataset, "train").class_names
+    torch.manual_seed(0)
+    unet = build_unet(pretrain.model, len(class_names))
+    ddim = DDIMScheduler.from_config(build_noise_scheduler(pretrain.model).config)
+    model_dir = export_model(unet, ddim, class_names, tmp / "model", {"model_id": "bench-init", "step": 0})
+    samples = sample(SampleConfig(model=str(model_dir), out_dir=str(tmp / "samples"), n_per_class=8, ddim_steps=2))
+    return model_dir, dataset, samples, class_names
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60)
@@ -144,19 +173,10 @@ def main() -> None:
     args = parser.parse_args()
     from pathalign_ray.cluster import init_ray
 
-    pretrain = load_config(PretrainConfig, "configs/pretrain.yaml")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        dataset = write_dataset(
-            procedural.generate(40, pretrain.model.sample_size, seed=0), tmp / "data", 0.2, 0, source="procedural"
-        )
-        class_names = read_dataset(dataset, "train").class_names
-        torch.manual_seed(0)
-        unet = build_unet(pretrain.model, len(class_names))
-        ddim = DDIMScheduler.from_config(build_noise_scheduler(pretrain.model).config)
-        model_dir = export_model(unet, ddim, class_names, tmp / "model", {"model_id": "bench-init", "step": 0})
         init_ray(num_cpus=2)
-        samples = sample(SampleConfig(model=str(model_dir), out_dir=str(tmp / "samples"), n_per_class=8, ddim_steps=2))
+        model_dir, dataset, samples, class_names = benchmark_inputs(tmp)
         synthetic, real = pools(samples, dataset, class_names)
         rounds = []
         for number in range(args.rounds):

@@ -1,6 +1,7 @@
-"""The feedback store's appends per second on a local S3 server against a local folder, and their ratio.
+"""The feedback store's appends/s and the finetuning step's images/s on a local S3 server against a local folder.
 
 Usage: python bench/storage_throughput.py [--appends 300] [--records 3200] [--dir /tmp]
+    [--finetune-steps 60] [--checkpoint-every 20] [--rounds 3]
 
 The S3 server is moto's (`python -m moto.server`, in-memory), started here in a process of its own on
 127.0.0.1 and stopped at the end; the store reaches it through pathalign_ray.storage (pyarrow's S3
@@ -9,7 +10,14 @@ with batches of 1 record (`--appends` of them) and of 32 records (`--records` in
 acknowledged only once durable (local: temp name, fsync, rename, fsync the folder; S3: one PUT),
 after listing the store and reading any new objects for the record_id check; then a cold read of
 every record.  ratio_s3_over_local is appends/s on S3 divided by appends/s locally.
-Finetuning images/s with checkpoints on S3 is not measured here yet (phase 2 of issue #24).
+
+Finetuning: bench/finetune_throughput.py's Ray Train + DeepSpeed run (32 px model, rwl, batch 16 + 16,
+1 worker x 2 threads), a checkpoint every `--checkpoint-every` steps, once with the model, pool, data
+set and run folder in a local folder and once with all four on the bucket (the worker downloads the
+inputs to its node cache once; checkpoints go to the bucket through Ray Train's storage_path).
+images/s is the images of every logged window after the first over their wall time, so the windows
+a checkpoint falls in count in full. The two runs alternate for `--rounds` rounds; the ratio is the
+median of the per-round ratios (the machine is shared and drifts).
 """
 
 import argparse
@@ -17,6 +25,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,6 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from bench_common import write_result
 from feedback_store import _batches, _records
+from finetune_throughput import LOG_EVERY, benchmark_inputs, ray_history
 
 from pathalign_ray.feedback import FeedbackStore
 
@@ -70,11 +80,48 @@ def _append_figures(location: str, batches: list[list]) -> dict:
     }
 
 
+def _finetune_images_per_s(inputs: tuple, run_dir: str, args: argparse.Namespace) -> float:
+    """Images/s over every logged window after the first, checkpoint windows included."""
+    model, dataset, samples = inputs
+    batch = 16
+    windows = ray_history(model, samples, dataset, args.finetune_steps, batch, run_dir, args.checkpoint_every)[1:]
+    return 2 * batch * LOG_EVERY * len(windows) / sum(row["step_time_s"] * LOG_EVERY for row in windows)
+
+
+def _finetune_figures(root: Path, args: argparse.Namespace) -> dict:
+    """Finetuning images/s with everything in a local folder against everything on s3://bench."""
+    from pathalign_ray import storage
+    from pathalign_ray.cluster import init_ray
+
+    init_ray(num_cpus=2)  # after the AWS_* variables are set: the local cluster's workers inherit them
+    model, dataset, samples, _ = benchmark_inputs(root / "inputs")
+    local_inputs = (model, dataset, samples)
+    s3_inputs = tuple(storage.upload_dir(path, f"s3://bench/inputs/{path.name}") for path in local_inputs)
+    rounds = []
+    for number in range(args.rounds):
+        local = _finetune_images_per_s(local_inputs, str(root / f"finetune-{number}"), args)
+        s3 = _finetune_images_per_s(s3_inputs, f"s3://bench/finetune-{number}", args)
+        rounds.append({"local": round(local, 2), "s3": round(s3, 2), "ratio_s3_over_local": round(s3 / local, 3)})
+        print(f"finetuning round {number + 1}: local {local:.1f}, S3 {s3:.1f} img/s")
+    return {
+        "model": "configs/pretrain.yaml (32 px), rwl, batch 16 synthetic + 16 real, 1 worker x 2 threads, ZeRO-2",
+        "steps": args.finetune_steps,
+        "checkpoint_every": args.checkpoint_every,
+        "rounds": rounds,
+        "local_images_per_s": round(statistics.median(r["local"] for r in rounds), 2),
+        "s3_images_per_s": round(statistics.median(r["s3"] for r in rounds), 2),
+        "ratio_s3_over_local": round(statistics.median(r["ratio_s3_over_local"] for r in rounds), 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--appends", type=int, default=300, help="appends of one record each, per backend")
     parser.add_argument("--records", type=int, default=3200, help="records appended in batches of 32, per backend")
     parser.add_argument("--dir", default=None, help="parent of the local scratch folder (default: the system temp dir)")
+    parser.add_argument("--finetune-steps", type=int, default=60, help="steps of each finetuning run")
+    parser.add_argument("--checkpoint-every", type=int, default=20, help="steps between finetuning checkpoints")
+    parser.add_argument("--rounds", type=int, default=3, help="local/S3 finetuning pairs")
     args = parser.parse_args()
 
     port = _free_port()
@@ -106,8 +153,8 @@ def main() -> None:
                 "s3": s3,
                 "ratio_s3_over_local": round(s3["appends_per_s"] / local["appends_per_s"], 3),
             }
+        figures["finetune"] = _finetune_figures(root, args)
         figures["s3_server"] = "moto.server (in-memory, Python) on 127.0.0.1, its own process"
-        figures["finetune_images_per_s"] = "not measured: phase 2 of issue #24"
     finally:
         server.send_signal(signal.SIGTERM)
         try:
