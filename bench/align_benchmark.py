@@ -43,6 +43,8 @@ EVAL_SAMPLING = {"namespace": "evaluation", "seed": 1000, "n_per_class": 32}
 # DDIM 50 eta 1: the pools' sampler and the base model's best; DDIM 10 eta 1: the one DDPO trains on
 EVAL_SAMPLERS = {"ddim50_eta1": (50, 1.0), "ddim10_eta1": (10, 1.0)}
 # One round: 256 samples (DDIM 50, eta 1) judged by 3 simulated pathologists (768 labels).
+ROUND_SAMPLES = 256
+UNCERTAIN_POOL = 3  # select=uncertain draws this many times the samples its experts judge
 ROUND = ["sample.n_per_class=32", "sample.ddim_steps=50", "sample.eta=1.0",
          "finetune.train.eval_ddim_steps=50", "finetune.train.eval_eta=1.0"]  # fmt: skip
 OBJECTIVES = {
@@ -63,17 +65,37 @@ def seed_overrides(seed: int) -> list[str]:
     return [f"{key}={seed}" for key in keys]
 
 
-def part_name(objective: str, seed: int | None, select: str, allocation: str) -> str:
-    """OBJ[-sSEED][-uncertain][-weakest_first]: a part's name, or (seed None) its table row's."""
-    choices = [c for c in (select, allocation) if c not in ("all", "even")]
+def part_name(objective: str, seed: int | None, select: str, allocation: str, tag: str = "") -> str:
+    """OBJ[-sSEED][-uncertain][-weakest_first][-TAG]: a part's name, or (seed None) its table row's."""
+    choices = [c for c in (select, allocation, tag) if c not in ("all", "even", "")]
     return "-".join([objective, *([f"s{seed}"] if seed is not None else []), *choices])
 
 
-def run_part(objective: str, seed: int, rounds: int, select: str, allocation: str, overrides: list[str]) -> Path:
-    """Rounds not yet in the part's file: run each (align resumes) and judge its model; returns the part file."""
-    name = part_name(objective, seed, select, allocation)
+def selection_overrides(samples: int, select: str, round_index: int, run_dir: Path) -> list[str]:
+    """A round whose experts judge `samples` images: a fresh pool of that many, or (select uncertain, from
+    round 1 on) the `samples` the last reward model is least sure of among UNCERTAIN_POOL times as many."""
+    per_class = samples // len(json.loads((BASE_MODEL / "class_names.json").read_text()))
+    if select == "all" or round_index == 0:
+        return [f"sample.n_per_class={per_class}"]
+    return ["sample.select=uncertain", f"sample.n_per_class={UNCERTAIN_POOL * per_class}", f"sample.k={samples}",
+            f"sample.reward_model={run_dir / 'reward'}"]  # fmt: skip
+
+
+def run_part(
+    objective: str,
+    seed: int,
+    round_samples: list[int],
+    select: str,
+    allocation: str,
+    overrides: list[str],
+    parts_dir: Path = PARTS,
+    tag: str = "",
+) -> Path:
+    """Rounds not yet in the part's file (round r's experts judge round_samples[r] images): run each (align
+    resumes) and judge its model; returns the part file, parts_dir/NAME.json."""
+    name = part_name(objective, seed, select, allocation, tag)
     overrides = [f"allocation={allocation}", *overrides]
-    run_dir, part_path = Path(f"runs/align32-{name}").resolve(), PARTS / f"{name}.json"
+    run_dir, part_path = Path(f"runs/align32-{name}").resolve(), parts_dir / f"{name}.json"
     part = (
         json.loads(part_path.read_text())
         if part_path.is_file()
@@ -82,22 +104,12 @@ def run_part(objective: str, seed: int, rounds: int, select: str, allocation: st
     if not (run_dir / "model").exists():
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "model").symlink_to(BASE_MODEL.resolve())
-    # uncertain: from round 1 on, the 256 of 768 fresh samples the last reward model is least sure of
-    selection = (
-        []
-        if select == "all"
-        else [
-            "sample.select=uncertain",
-            "sample.n_per_class=96",
-            "sample.k=256",
-            f"sample.reward_model={run_dir / 'reward'}",
-        ]
-    )
-    for round_index in range(len(part["rows"]), rounds):
+    for round_index in range(len(part["rows"]), len(round_samples)):
+        selection = selection_overrides(round_samples[round_index], select, round_index, run_dir)
         config = load_config(
             AlignConfig, "configs/align.yaml",
             [f"run_dir={run_dir}", f"reward.data.dataset={DATA.resolve()}", f"rounds={round_index + 1}",
-             *OBJECTIVES[objective], *seed_overrides(seed), *(selection if round_index else []), *overrides],
+             *OBJECTIVES[objective], *seed_overrides(seed), *selection, *overrides],
         )  # fmt: skip
         started = time.perf_counter()
         row = align(config)[round_index]
@@ -108,10 +120,9 @@ def run_part(objective: str, seed: int, rounds: int, select: str, allocation: st
              "evaluation_wall_s": time.perf_counter() - started - row["wall_s"],
              "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine()}
         )  # fmt: skip
-        part.update(
-            overrides=[*OBJECTIVES[objective], *seed_overrides(seed), *overrides], select=select, allocation=allocation
-        )
-        PARTS.mkdir(parents=True, exist_ok=True)
+        part.update(overrides=[*OBJECTIVES[objective], *seed_overrides(seed), *overrides], select=select,
+                    allocation=allocation, round_samples=round_samples[: round_index + 1])  # fmt: skip
+        parts_dir.mkdir(parents=True, exist_ok=True)
         part_path.write_text(json.dumps(part, indent=2) + "\n")
         print(
             f"[bench] {name} round {round_index}: "
@@ -266,7 +277,7 @@ def main() -> None:
     if not args.merge_only:
         for objective in args.objectives:
             for seed in args.seeds:
-                run_part(objective, seed, args.rounds, args.select, args.allocation, args.overrides)
+                run_part(objective, seed, [ROUND_SAMPLES] * args.rounds, args.select, args.allocation, args.overrides)
     parts = [json.loads(path.read_text()) for path in sorted(PARTS.glob("*.json"))]
     rows = [row for part in parts for row in part["rows"]]
     write_result("align_rounds", {
