@@ -12,15 +12,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import torch
-from diffusers import UNet2DModel
 
-from pathalign_ray.diffusion import export_model, load_model
+from pathalign_ray.generators import load_generator
+
+UNet = TypeVar("UNet", bound=torch.nn.Module)
 
 
-def extend_class_embedding(unet: UNet2DModel, init_rows: Sequence[int]) -> UNet2DModel:
-    """A copy of `unet` with one more class, whose embedding is the mean of the rows `init_rows`.
+def extend_class_embedding(unet: UNet, init_rows: Sequence[int]) -> UNet:
+    """A copy of `unet` (a UNet2DModel or UNet2DConditionModel with a class embedding table) with one more
+    class, whose embedding is the mean of the rows `init_rows`.
 
     Every existing class keeps its embedding, so the model draws exactly the same images for them.
     """
@@ -28,7 +31,7 @@ def extend_class_embedding(unet: UNet2DModel, init_rows: Sequence[int]) -> UNet2
         raise ValueError("init_rows must name at least one existing class")
     config = dict(unet.config)
     config["num_class_embeds"] = unet.config.num_class_embeds + 1
-    extended = UNet2DModel.from_config(config)
+    extended = type(unet).from_config(config)
     state = unet.state_dict()
     old = state["class_embedding.weight"]
     new_row = old[list(init_rows)].mean(dim=0, keepdim=True)
@@ -38,20 +41,25 @@ def extend_class_embedding(unet: UNet2DModel, init_rows: Sequence[int]) -> UNet2
 
 
 def add_class(model_dir: str | Path, new_class: str, out_dir: str | Path, init_from: Sequence[str] = ()) -> Path:
-    """Export model_dir with `new_class` appended to its classes; its embedding starts as the mean of
-    `init_from`'s (empty: of every class). Returns out_dir."""
-    unet, scheduler, class_names, info = load_model(model_dir)
+    """Export model_dir (a pixel or latent model, pathalign_ray.generators) with `new_class` appended to its
+    classes; its embedding starts as the mean of `init_from`'s (empty: of every class). Returns out_dir."""
+    generator = load_generator(model_dir)
+    class_names = generator.class_names
+    if generator.has_lora:
+        raise ValueError(
+            f"{model_dir} carries a LoRA adapter: add the class to its merged export (finetune.lora.merged_export)"
+        )
     if new_class in class_names:
         raise ValueError(f"{model_dir} already has class {new_class!r}: a new concept must be new")
     unknown = sorted(set(init_from) - set(class_names))
     if unknown:
         raise ValueError(f"init_from class {unknown[0]!r} is not among the model's classes {class_names}")
     rows = [class_names.index(name) for name in init_from] or list(range(len(class_names)))
-    extended = extend_class_embedding(unet, rows)
+    generator.set_unet(extend_class_embedding(generator.unet, rows), [*class_names, new_class])
     info = {
-        **info,
-        "model_id": f"{info.get('model_id', Path(model_dir).name)}+{new_class}",
+        **generator.info,
+        "model_id": f"{generator.info.get('model_id', Path(model_dir).name)}+{new_class}",
         "new_class": new_class,
         "new_class_init_from": list(init_from),
     }
-    return export_model(extended, scheduler, [*class_names, new_class], out_dir, info)
+    return generator.save(out_dir, info)

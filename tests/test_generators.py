@@ -371,3 +371,20 @@ def test_a_lora_round_of_each_objective_on_the_latent_model(objective):
     assert not torch.allclose(_predictions(generator), base)
     with torch.no_grad(), generator.reference():
         assert torch.equal(_predictions(generator), base)
+
+
+def test_add_class_on_either_kind_keeps_the_old_classes_images_and_refuses_an_adapter(generator, tmp_path):
+    """Algorithm 4 through the generator interface: the export has the concept last, its embedding the mean
+    of init_from's, and draws exactly the old images for the old classes; a LoRA export must be merged first."""
+    from pathalign_ray.concepts import add_class
+
+    base = generator.save(tmp_path / "base")
+    extended = load_generator(add_class(base, "band_neutrophil", tmp_path / "extended", init_from=CLASSES[:2]))
+    assert type(extended) is type(generator) and extended.class_names == [*CLASSES, "band_neutrophil"]
+    rows = generator.unet.class_embedding.weight
+    torch.testing.assert_close(extended.unet.class_embedding.weight[-1], rows[:2].mean(dim=0))
+    assert torch.equal(extended.sample(LABELS, SEEDS, 3), generator.sample(LABELS, SEEDS, 3))
+    assert extended.sample(torch.tensor([3]), SEEDS[:1], 3).shape[1:] == generator.sample(LABELS, SEEDS, 3).shape[1:]
+    generator.add_lora(lora.LoraSettings(rank=4, alpha=8.0))
+    with pytest.raises(ValueError, match="carries a LoRA adapter: add the class to its merged export"):
+        add_class(generator.save(tmp_path / "adapter"), "band_neutrophil", tmp_path / "refused")

@@ -74,16 +74,21 @@ class UNetGenerator:
     def __init__(self, unet: torch.nn.Module, ddim, class_names: list[str], info: dict | None = None):
         from diffusers import DDPMScheduler
 
+        self.ddim = ddim
+        self.noise_scheduler = DDPMScheduler.from_config(ddim.config)
+        self.info = dict(info or {})
+        self.set_unet(unet, class_names)
+
+    def set_unet(self, unet: torch.nn.Module, class_names: list[str]) -> None:
+        """The UNet (embedding one class per name) this generator draws with and trains; concepts.add_class
+        swaps in one with a class more. A reference copy kept before is dropped."""
         if getattr(unet.config, "num_class_embeds", None) != len(class_names):
             raise ValueError(
                 f"the UNet embeds {unet.config.num_class_embeds} classes, but {len(class_names)} class names were given"
             )
         self.unet = unet
         self.denoiser = unet
-        self.ddim = ddim
-        self.noise_scheduler = DDPMScheduler.from_config(ddim.config)
         self.class_names = list(class_names)
-        self.info = dict(info or {})
         self._reference: torch.nn.Module | None = None
 
     # ------------------------------------------------------------------ the model
