@@ -167,6 +167,13 @@ def figures(metrics: dict, column: str) -> dict:
         "domain_fid": metrics["fidelity"]["domain"][column]["frechet_distance"],
         "coverage": metrics["diversity"]["domain"][column]["coverage"],
         "utility_accuracy": metrics["utility"][column]["accuracy"],
+        # the real test images of each class the classifier trained on the model's images gets right
+        "utility_recall": {
+            name: row[i] / max(1, sum(row))
+            for i, (name, row) in enumerate(
+                zip(metrics["sets"][column]["per_class"], metrics["utility"][column]["confusion"])
+            )
+        },
     }
 
 

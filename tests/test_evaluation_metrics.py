@@ -10,6 +10,7 @@ import pytest
 from pathalign_ray.checklist import CRITERIA
 from pathalign_ray.evaluation.metrics import (
     classification_metrics,
+    confusion_counts,
     feature_statistics,
     fidelity_and_diversity,
     frechet_distance,
@@ -221,3 +222,9 @@ def test_mean_interval_of_three_seeds_by_hand():
     assert mean - low == pytest.approx(high - mean)
     mean, low, high = mean_interval([0.4])
     assert mean == 0.4 and math.isnan(low) and math.isnan(high)
+
+
+def test_confusion_counts_rows_are_true_classes_columns_predictions():
+    labels = np.array([0, 0, 1, 2, 2])
+    probabilities = np.array([[0.9, 0.1, 0], [0.2, 0.8, 0], [0.1, 0.9, 0], [0.5, 0.2, 0.3], [0, 0.1, 0.9]])
+    assert confusion_counts(labels, probabilities) == [[1, 1, 0], [0, 1, 0], [1, 0, 1]]

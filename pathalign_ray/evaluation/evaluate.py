@@ -224,7 +224,7 @@ def _train_and_test(
     import torch
 
     from pathalign_ray.evaluation.classifier import predict_proba, train_classifier
-    from pathalign_ray.evaluation.metrics import classification_metrics
+    from pathalign_ray.evaluation.metrics import classification_metrics, confusion_counts
     from pathalign_ray.images import decode_images
 
     torch.set_num_threads(config.threads)
@@ -232,6 +232,7 @@ def _train_and_test(
     probabilities = predict_proba(model, decode_images(test[0], size, "test"))
     out = {
         "metrics": classification_metrics(test[1], probabilities),
+        "confusion": confusion_counts(test[1], probabilities),
         "final_loss": float(np.mean(losses[-10:])),
         "n_train": len(train[0]),
     }
@@ -289,7 +290,9 @@ def domain_encoder(
 def _utility(
     config: EvaluateConfig, size: int, class_names: list[str], train: ImageSet, test: ImageSet, sets: list[ImageSet]
 ) -> dict:
-    """{set name: metrics} of a classifier trained on each set, plus "train_on_real"; all tested on real test images."""
+    """{set name: metrics} of a classifier trained on each set, plus "train_on_real"; all tested on real test images.
+    Each also holds `confusion` (rows: true class, columns: predicted, in class_names order), which shows the
+    classes a model's images teach the classifier to mistake."""
     test_ref = ray.put((test.png, test.labels))
     remote = _train_and_test.options(num_cpus=config.utility.threads)
     jobs = {"train_on_real": train, **{s.name: s for s in sets}}
@@ -307,7 +310,10 @@ def _utility(
             results[name] = ray.get(done[0])
             progress.set_postfix_str(f"{name}: accuracy {results[name]['metrics']['accuracy']:.3f}", refresh=False)
             progress.update()
-    return {name: {**results[name]["metrics"], "n_train": results[name]["n_train"]} for name in jobs}
+    return {
+        name: {**results[name]["metrics"], "n_train": results[name]["n_train"], "confusion": results[name]["confusion"]}
+        for name in jobs
+    }
 
 
 # ---------------------------------------------------------------- features and verdicts (Ray Data)

@@ -128,6 +128,17 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dic
     }
 
 
+def confusion_counts(labels: np.ndarray, probabilities: np.ndarray) -> list[list[int]]:
+    """(K, K) counts of a K-class classifier's predictions (the most probable class): row = true class,
+    column = predicted, so row c's diagonal share is class c's recall."""
+    labels = np.asarray(labels, dtype=np.int64)
+    predictions = np.asarray(probabilities).argmax(axis=1)
+    num_classes = np.asarray(probabilities).shape[1]
+    counts = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(counts, (labels, predictions), 1)
+    return counts.tolist()
+
+
 def mean_interval(values, confidence: float = 0.95) -> tuple[float, float, float]:
     """(mean, low, high): Student's t interval of the mean of independent runs (e.g. seeds); NaN bounds for one."""
     from scipy import stats
