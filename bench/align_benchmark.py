@@ -51,6 +51,10 @@ OBJECTIVES = {
     # centred reward weights, each synthetic loss relative to the round's starting model, clipped to 1 +- 0.3
     "rwl": [*ROUND, "finetune.objective.weighting=centred", "finetune.objective.ratio_clip=0.3",
             "finetune.train.lr=0.0001", "finetune.train.steps=600"],
+    # the control: rwl's run with every synthetic weight 0 (a threshold above any reward), so only the beta
+    # term trains: the same steps on real images alone, to tell what the feedback adds to more training
+    "real_only": [*ROUND, "finetune.objective.weighting=threshold", "finetune.objective.threshold=2.0",
+                  "finetune.train.lr=0.0001", "finetune.train.steps=600"],
     # 8 trajectories per class a step (2 workers x 32), lr 3e-5 after 5 warm-up steps, an EMA that follows
     "ddpo": [*ROUND, "finetune.objective.kind=ddpo", "finetune.objective.beta=0", "finetune.objective.kl_coef=0.1",
              "finetune.objective.clip_range=0.0001", "finetune.objective.trajectories_per_step=32",
