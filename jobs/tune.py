@@ -5,6 +5,8 @@ centred with the ratio clip) and ddpo, each with its own fields, lr and steps (c
     python jobs/tune.py --config configs/tune.yaml algorithm=tpe num_trials=24 out_dir=runs/pretrain32/tune_tpe
 
 Rerun the same command to resume a stopped search. Then: python jobs/finetune.py --config OUT_DIR/best_feedback.yaml
+out_dir and the finetune section's inputs may be URIs (s3://bucket/prefix, gs://..., file://...): the experiment,
+the trials' runs and the results then live on the bucket, and the search resumes from there.
 """
 
 import sys

@@ -60,7 +60,7 @@ class ConfigError(ValueError):
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     """Build `cls` from a YAML file (or its defaults when path is None) and `key.sub=value` overrides."""
-    data = _read_yaml(Path(path)) if path is not None else {}
+    data = _read_yaml(path) if path is not None else {}
     for override in overrides:
         _apply_override(data, override)
     source = str(path) if path is not None else cls.__name__
@@ -124,11 +124,23 @@ def refuse_overwritten(config: Any, keys: Sequence[str], why: str) -> None:
             raise ValueError(f"{key}: {why}; leave it out of the config (got {getattr(section, name)!r})")
 
 
-def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
+def _read_yaml(path: str | Path) -> dict:
+    """A YAML mapping from a file, or from a URI (s3://, gs://, file://: a config the Tune search wrote on a bucket)."""
+    if "://" in str(path):
+        from pathalign_ray.storage import StorageError, read_bytes
+
+        try:
+            text = read_bytes(path).decode()
+        except (FileNotFoundError, IsADirectoryError):
+            raise ConfigError(f"config file not found: {path}") from None
+        except StorageError as error:
+            raise ConfigError(f"config file: {error}") from None
+    elif not Path(path).is_file():
         raise ConfigError(f"config file not found: {path}")
+    else:
+        text = Path(path).read_text()
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
     if data is None:

@@ -12,7 +12,10 @@ trial with a message. Rerunning the same search resumes it (`Tuner.restore`).
 The config is `tune_config.SearchConfig`, whose conditional space Optuna draws define-by-run (random or
 TPE); what the search writes when its trials end, `tune_report`.
 Writes under OUT_DIR: search/ (Tune's experiment), trials/ID/ (each trial's finetuning run), and the
-tables, plot and best config of `tune_report.write_results`.
+tables, plot and best config of `tune_report.write_results`. OUT_DIR and the finetune section's inputs
+may be URIs (`pathalign_ray.storage`): Tune then keeps its experiment and checkpoints on the bucket
+(`RunConfig(storage_path=..., storage_filesystem=...)`, as Ray Train's runs), restores from there,
+and every trial's run and the result files go there too.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import shutil
 import tempfile
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from pathalign_ray import storage
 from pathalign_ray.evaluation.probe import Reference, build_reference, probe
 from pathalign_ray.finetune import FinetuneConfig
 from pathalign_ray.tune_config import (
@@ -42,6 +46,9 @@ from pathalign_ray.tune_config import (
 from pathalign_ray.tune_objective import objective_terms, report_steps, trial_concurrency
 from pathalign_ray.tune_report import trial_rows, write_results
 
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
+
 EXPERIMENT = "search"  # Tune's experiment folder inside out_dir
 
 
@@ -57,6 +64,7 @@ def search(config: SearchConfig) -> dict:
 
     config = _resolved(config)
     _check_optuna()
+    storage_path, filesystem, experiment = _tune_storage(config.out_dir)  # the bucket is checked before Ray starts
     init_ray(device=config.finetune.scale.device)
     scale = config.finetune.scale
     concurrency = trial_concurrency(
@@ -68,10 +76,16 @@ def search(config: SearchConfig) -> dict:
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, search=config, reference=reference), {"cpu": 0, "memory": 64 * 2**20}
     )
-    path = Path(config.out_dir) / EXPERIMENT
-    if tune.Tuner.can_restore(str(path)):
-        print(f"resuming the search in {path}: its space, algorithm, trial count and concurrency stay as started")
-        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, restart_errored=config.restart_errored)
+    if tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
+        where = storage.join(config.out_dir, EXPERIMENT)
+        print(f"resuming the search in {where}: its space, algorithm, trial count and concurrency stay as started")
+        tuner = tune.Tuner.restore(
+            experiment,
+            trainable,
+            resume_unfinished=True,
+            restart_errored=config.restart_errored,
+            storage_filesystem=filesystem,
+        )
     else:
         print(f"searching {config.num_trials} trials, {concurrency} at a time")
         tuner = tune.Tuner(
@@ -79,7 +93,8 @@ def search(config: SearchConfig) -> dict:
             tune_config=_tune_config(config, concurrency),
             run_config=tune.RunConfig(
                 name=EXPERIMENT,
-                storage_path=str(Path(config.out_dir).resolve()),
+                storage_path=storage_path,
+                storage_filesystem=filesystem,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 verbose=1,
             ),
@@ -89,9 +104,18 @@ def search(config: SearchConfig) -> dict:
 
 
 def _resolved(config: SearchConfig) -> SearchConfig:
-    """Absolute paths: Tune runs trials in their own working directories."""
-    finetune = map_input_paths(config.finetune, lambda path: str(Path(path).resolve()))
-    return dataclasses.replace(config, finetune=finetune, out_dir=str(Path(config.out_dir).resolve()))
+    """Absolute paths, URIs as they are: Tune runs trials in their own working directories."""
+    finetune = map_input_paths(config.finetune, storage.absolute)
+    return dataclasses.replace(config, finetune=finetune, out_dir=storage.absolute(config.out_dir))
+
+
+def _tune_storage(out_dir: str) -> tuple[str, pafs.FileSystem | None, str]:
+    """(storage_path, storage_filesystem, the experiment's folder) for Tune's RunConfig and Tuner.restore.
+
+    As Ray Train's runs take theirs (storage.ray_storage): a plain path absolute and no filesystem; a URI
+    the path on the bucket and storage.py's filesystem, which carries the endpoint to every trial."""
+    storage_path, filesystem = storage.ray_storage(out_dir)
+    return storage_path, filesystem, f"{storage_path.rstrip('/')}/{EXPERIMENT}"
 
 
 def _check_optuna() -> None:
@@ -163,7 +187,7 @@ def run_trial(params: dict, search: SearchConfig, reference: Reference) -> None:
         with checkpoint.as_directory() as folder:
             done = json.loads((Path(folder) / "progress.json").read_text())["reports"]
     else:
-        shutil.rmtree(run_dir, ignore_errors=True)  # a restarted trial starts from the base model
+        storage.delete_dir(run_dir)  # a restarted trial starts from the base model
     for index in range(done, len(targets)):
         chunk = dataclasses.replace(config, train=dataclasses.replace(config.train, steps=targets[index]))
         what = f"trial {trial_id}: finetuning to step {targets[index]} and probing"

@@ -22,8 +22,10 @@ from typing import Literal
 import numpy as np
 from pydantic import TypeAdapter, ValidationError
 
+from pathalign_ray import storage
 from pathalign_ray.config import (
     ConfigError,
+    Location,
     NonNegativeFloat,
     PositiveFloat,
     PositiveInt,
@@ -107,8 +109,10 @@ class SearchConfig:
     report_timeout_s: PositiveFloat = 1800.0
     time_budget_s: NonNegativeFloat = 0.0  # the whole search; 0: no limit
     restart_errored: bool = True  # on resume, rerun failed trials from scratch (a timeout may have been transient)
-    out_dir: str = "runs/pretrain32/tune"  # Tune's experiment, trial runs, tables and plot
-    best_config: str = ""  # the best trial's FinetuneConfig, for jobs/finetune.py; "": OUT_DIR/best_feedback.yaml
+    # a path or URI (s3://, gs://, file://): Tune's experiment, trial runs, tables and plot
+    out_dir: Location = "runs/pretrain32/tune"
+    # the best trial's FinetuneConfig (a path or URI), for jobs/finetune.py; "": OUT_DIR/best_feedback.yaml
+    best_config: Location = ""
     best_name: str = "tuned"  # `name` of the finetuning run the best config describes
     # the first trial runs the finetune section's own values (the paper's beta 0.3, raw reward weights, its lr
     # and steps) in the branch that fixes nothing else: the baseline the best trial is measured against
@@ -247,8 +251,9 @@ def trial_config(search: SearchConfig, params: dict, run_dir: str | Path, name: 
         raise ConfigError(f"params {params} make an invalid FinetuneConfig: {'; '.join(reasons)}") from None
 
 
-def trial_run_dir(out_dir: str | Path, trial_id: str) -> Path:
-    return Path(out_dir) / "trials" / trial_id
+def trial_run_dir(out_dir: str | Path, trial_id: str) -> str:
+    """A trial's finetuning run folder, OUT_DIR/trials/ID: a path, or a URI when out_dir is one."""
+    return storage.join(out_dir, "trials", trial_id)
 
 
 def longest_steps(search: SearchConfig) -> int:
@@ -261,7 +266,7 @@ def longest_steps(search: SearchConfig) -> int:
 
 
 def map_input_paths(finetune: FinetuneConfig, convert) -> FinetuneConfig:
-    """The finetune section with convert(path) applied to each input path that is set."""
+    """The finetune section with convert(location) applied to each input location (path or URI) that is set."""
 
     def each(path: str) -> str:
         return convert(path) if path else path

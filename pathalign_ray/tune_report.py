@@ -3,17 +3,19 @@
 Under OUT_DIR: trials.csv and trials.md (one row per trial: its branch and params, last report,
 status, error, Pareto flag, model folder), pareto.md and pareto.png (plausibility against FID, the
 front marked, beside the base model); and the best trial's FinetuneConfig at `best_config`, ready for
-jobs/finetune.py.
+jobs/finetune.py. Each is written through `pathalign_ray.storage`: with OUT_DIR a URI, the bucket holds them.
 """
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
 import numpy as np
 import yaml
 
+from pathalign_ray import storage
 from pathalign_ray.config import config_to_dict
 from pathalign_ray.finetune import FinetuneConfig
 from pathalign_ray.tune_config import (
@@ -56,7 +58,7 @@ def trial_rows(results, config: SearchConfig) -> list[dict]:
             "branch": params["branch"],
             **{k: params.get(k) for k in keys},
             "as_written": params == as_written,
-            "model": str(trial_run_dir(config.out_dir, trial) / f"{TRIAL_NAME}-model"),
+            "model": storage.join(trial_run_dir(config.out_dir, trial), f"{TRIAL_NAME}-model"),
             "error": _last_line(result.error) if result.error else "",
         }
         rows.append(row)
@@ -77,14 +79,14 @@ def write_results(rows: list[dict], config: SearchConfig, base: dict) -> dict:
     went, the rows, the best and as-written rows and the base model's probe."""
     import csv
 
-    out = Path(config.out_dir)
     columns = list(rows[0]) if rows else []
-    with (out / "trials.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    trials = _write(config.out_dir, "trials.csv", buffer.getvalue())
     table = markdown_table(rows, [c for c in columns if c not in ("error", "model")])
-    (out / "trials.md").write_text(table)
+    _write(config.out_dir, "trials.md", table)
     print(f"trials:\n{table}")
     errors = [f"trial {r['trial']}: {r['error']}" for r in rows if r["error"]]
     if errors:
@@ -92,16 +94,15 @@ def write_results(rows: list[dict], config: SearchConfig, base: dict) -> dict:
     front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["fid"])
     keys = [k for k in param_keys(config) if any(r[k] is not None for r in front)]
     pareto = markdown_table(front, ["trial", "branch", "step", "plausibility", "fid", "coverage", "objective", *keys])
-    (out / "pareto.md").write_text(pareto)
+    pareto_path = _write(config.out_dir, "pareto.md", pareto)
     print(
         f"Pareto front, plausibility against FID (base model: plausibility {base['plausibility']:.4g}, "
         f"FID {base['fid']:.4g}):\n{pareto}"
     )
-    plot = plot_pareto(rows, base, out / "pareto.png")
+    plot = plot_pareto(rows, base, storage.join(config.out_dir, "pareto.png"))
     scored = [r for r in rows if np.isfinite(r["objective"])]
     if not scored:
-        where = out / "trials.csv"
-        raise RuntimeError(f"no trial of the search reported an objective; see {where}: " + "; ".join(errors))
+        raise RuntimeError(f"no trial of the search reported an objective; see {trials}: " + "; ".join(errors))
     best = max(scored, key=lambda r: r["objective"])
     best_path = write_best_config(best, config)
     print(f"best trial {best['trial']}: objective {best['objective']:.4g}; its config: {best_path}")
@@ -112,8 +113,8 @@ def write_results(rows: list[dict], config: SearchConfig, base: dict) -> dict:
             f"objective {as_written['objective']:.4g}, status {as_written['status']}"
         )
     return {
-        "trials": out / "trials.csv",
-        "pareto": out / "pareto.md",
+        "trials": trials,
+        "pareto": pareto_path,
         "plot": plot,
         "best_config": best_path,
         "rows": rows,
@@ -121,6 +122,13 @@ def write_results(rows: list[dict], config: SearchConfig, base: dict) -> dict:
         "as_written": as_written,
         "base": base,
     }
+
+
+def _write(out_dir: str, name: str, text: str) -> str | Path:
+    """OUT_DIR/name (a file, or an object on the bucket); returns where, as storage.location gives it."""
+    location = storage.join(out_dir, name)
+    storage.write_bytes(location, text.encode())
+    return storage.location(location)
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
@@ -134,9 +142,9 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_pareto(rows: list[dict], base: dict, path: Path) -> Path:
+def plot_pareto(rows: list[dict], base: dict, path: str | Path) -> str | Path:
     """Plausibility against domain FID, one marker per branch, the Pareto front joined, the best trial starred,
-    the as-written trial ringed, the base model a cross."""
+    the as-written trial ringed, the base model a cross; a PNG at `path` (a path or URI)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -187,21 +195,27 @@ def plot_pareto(rows: list[dict], base: dict, path: Path) -> Path:
     axes.set_ylabel("plausibility on the probe's noise")
     axes.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(path)
+    png = io.BytesIO()
+    figure.savefig(png, format="png")
     plt.close(figure)
-    return path
+    storage.write_bytes(path, png.getvalue())
+    return storage.location(path)
 
 
 def _paths_relative_to_cwd(config: FinetuneConfig) -> FinetuneConfig:
     """The search made the input paths absolute for the trials (tune._resolved); those under the working
-    directory go back to relative, so the best config stays usable from another checkout of the project."""
+    directory go back to relative, so the best config stays usable from another checkout of the project.
+    URIs stay as they are."""
     cwd = Path.cwd()
-    return map_input_paths(
-        config, lambda path: str(Path(path).relative_to(cwd)) if Path(path).is_relative_to(cwd) else path
-    )
+
+    def relative(location: str) -> str:
+        path = storage.location(location)  # a Path for a plain path, the string itself for a URI
+        return str(path.relative_to(cwd)) if isinstance(path, Path) and path.is_relative_to(cwd) else location
+
+    return map_input_paths(config, relative)
 
 
-def write_best_config(best: dict, config: SearchConfig) -> Path:
+def write_best_config(best: dict, config: SearchConfig) -> str | Path:
     """The best trial's FinetuneConfig, at the step count its objective was measured at, for jobs/finetune.py."""
     params = {"branch": best["branch"], **{k: best[k] for k in flat_branch(config.space[best["branch"]])}}
     params["train.steps"] = int(best["step"])
@@ -212,7 +226,6 @@ def write_best_config(best: dict, config: SearchConfig) -> Path:
         f"coverage {best['coverage']:.4g}\n# run it: python jobs/finetune.py --config THIS_FILE\n"
     )
     # a search result, not a shipped config
-    path = Path(config.best_config or Path(config.out_dir) / "best_feedback.yaml")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(header + yaml.safe_dump(config_to_dict(finetune), sort_keys=False))
-    return path
+    path = config.best_config or storage.join(config.out_dir, "best_feedback.yaml")
+    storage.write_bytes(path, (header + yaml.safe_dump(config_to_dict(finetune), sort_keys=False)).encode())
+    return storage.location(path)

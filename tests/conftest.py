@@ -14,21 +14,28 @@ os.environ.update(job_env("cpu"))
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(s3_server):
+def ray_cluster(s3_server, tmp_path_factory):
     """A local Ray cluster on 127.0.0.1 for the whole session, stopped at the end.
 
     Four logical CPUs on a 2-core machine: two Ray Train workers plus the Ray Data and
     sampling tasks around them fit without waiting on each other. It starts after the S3 server,
     so every Ray process has the bucket's endpoint and credentials in its environment, as every
     node of a real cluster has its instance profile (Ray Train's controller checks the storage too).
+    The node's download cache of the bucket's files (PATHALIGN_STORAGE_CACHE) is a folder of the session.
     """
     import ray
 
     from pathalign_ray.cluster import init_ray
 
+    saved = os.environ.get("PATHALIGN_STORAGE_CACHE")
+    os.environ["PATHALIGN_STORAGE_CACHE"] = str(tmp_path_factory.mktemp("storage_cache"))
     init_ray(num_cpus=4)
     yield ray
     ray.shutdown()
+    if saved is None:
+        os.environ.pop("PATHALIGN_STORAGE_CACHE", None)
+    else:
+        os.environ["PATHALIGN_STORAGE_CACHE"] = saved
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """Ray Tune searches the feedback-loss weights: the conditional space, drawn as the search draws it; then
-jobs/tune.py on the session's Ray cluster, a tiny model, CPU.
+jobs/tune.py on the session's Ray cluster, a tiny model, CPU, with its inputs and out_dir on a bucket of
+the session's S3 server (moto).
 
 Each trial is a Tune function trial that runs Ray Train V2 finetuning (DeepSpeed, one worker here)
 in chunks and reports the probe's objective after each; the best config then runs with jobs/finetune.py.
@@ -8,14 +9,16 @@ in chunks and reports the probe's objective after each; the best config then run
 from __future__ import annotations
 
 import csv
+import io
 import json
 import runpy
-import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import pytest
 
+from pathalign_ray import storage
 from pathalign_ray.config import ConfigError, config_to_dict, get_dotted, load_config
 from pathalign_ray.finetune import FinetuneConfig, ObjectiveConfig
 from pathalign_ray.tune_config import (
@@ -55,12 +58,12 @@ def _job(name: str):
     return runpy.run_path(str(ROOT / "jobs" / f"{name}.py"), run_name="job")["main"]
 
 
-def _search_args(out_dir, model_dir, samples, dataset, *overrides) -> list[str]:
+def _search_args(out_dir: str, model_dir, samples, dataset, *overrides) -> list[str]:
     return [
         "--config",
         str(ROOT / "configs" / "tune.yaml"),
         f"out_dir={out_dir}",
-        f"best_config={out_dir / 'best_feedback.yaml'}",
+        f"best_config={storage.join(out_dir, 'best_feedback.yaml')}",
         "num_trials=3",
         "report_every=4",  # one report per trial: each report is a Ray Train run (~30 s here)
         "max_concurrent_trials=0",  # as many as the cluster's CPUs hold
@@ -72,7 +75,7 @@ def _search_args(out_dir, model_dir, samples, dataset, *overrides) -> list[str]:
         "seed=3",
         "finetune.train.lr=1.0e-4",  # the as-written trial's, with the paper's beta 0.3 and raw weights
         "finetune.train.steps=4",
-        f"finetune.run_dir={out_dir / 'best_run'}",
+        f"finetune.run_dir={storage.join(out_dir, 'best_run')}",
         f"finetune.base_model={model_dir}",
         f"finetune.data.samples=[{samples}]",
         f"finetune.data.real_dataset={dataset}",
@@ -88,29 +91,43 @@ def _search_args(out_dir, model_dir, samples, dataset, *overrides) -> list[str]:
     ]
 
 
+def _csv_rows(location: str) -> list[dict]:
+    return list(csv.DictReader(io.StringIO(storage.read_bytes(location).decode(), newline="")))
+
+
+# what the search writes under OUT_DIR besides search/ and trials/: none of it may land on a local disk
+RESULT_FILES = ("trials.csv", "trials.md", "pareto.md", "pareto.png", "best_feedback.yaml")
+
+
 @pytest.mark.ray
 def test_a_stuck_search_fails_with_a_message_then_resumes_three_trials_and_jobs_finetune_runs_the_best(
-    tiny_pretrained, tiny_samples, tiny_dataset, tmp_path, capsys
+    tiny_pretrained, tiny_samples, tiny_dataset, ray_cluster, bucket, tmp_path, capsys, monkeypatch
 ):
     """Too short a report timeout stands in for a stuck Ray Train run: every trial fails with a message
     and the search says so. Rerunning the command restores the search (Tuner.restore), reruns the
     failed trials to the end (one of each branch: rwl raw, rwl centred, ddpo), writes the tables, the
-    plot and the best config; jobs/finetune.py runs it."""
+    plot and the best config; jobs/finetune.py runs it. Everything is on the bucket: the model, samples
+    and data set the search reads, Tune's experiment (restored from there), each trial's finetuning run,
+    the result files and the best config's run; no local folder gets any of them."""
     _, _, model_dir = tiny_pretrained
-    out_dir, dataset = tmp_path / "tune", tmp_path / "data"
-    shutil.copytree(tiny_dataset, dataset)  # a copy: the search caches its domain encoder beside the data set
-    args = _search_args(out_dir, model_dir, tiny_samples, dataset)
+    inputs = f"{bucket}/inputs"
+    model = storage.upload_dir(model_dir, f"{inputs}/model")
+    samples = storage.upload_dir(tiny_samples, f"{inputs}/samples")
+    dataset = storage.upload_dir(tiny_dataset, f"{inputs}/data")
+    out_dir = f"{bucket}/tune"
+    monkeypatch.chdir(tmp_path)  # where the driver would write a URI taken for a relative path
+    args = _search_args(out_dir, model, samples, dataset)
     search_job = _job("tune")
     with pytest.raises(RuntimeError, match="no trial of the search reported an objective"):
         search_job([*args, "report_timeout_s=2"])
-    rows = list(csv.DictReader((out_dir / "trials.csv").open()))
+    rows = _csv_rows(f"{out_dir}/trials.csv")
     assert len(rows) == 3 and all(row["status"] == "error" for row in rows), rows
     assert all("did not finish within report_timeout_s=2 s" in row["error"] for row in rows), rows
 
     capsys.readouterr()
     written = search_job([*args, "report_timeout_s=600"])
-    assert "resuming the search" in capsys.readouterr().out
-    assert len(list(csv.DictReader((out_dir / "trials.csv").open()))) == 3
+    assert f"resuming the search in {out_dir}/search" in capsys.readouterr().out
+    assert len(_csv_rows(f"{out_dir}/trials.csv")) == 3
     rows = written["rows"]
     assert all(row["status"] == "done" and row["error"] == "" for row in rows), rows
     assert sorted(row["branch"] for row in rows) == ["ddpo", "rwl_centred", "rwl_raw"]
@@ -126,23 +143,40 @@ def test_a_stuck_search_fails_with_a_message_then_resumes_three_trials_and_jobs_
         assert row["step"] == row["train.steps"]
         assert 0.0 <= row["plausibility"] <= 1.0 and row["fid"] > 0.0
         assert row["objective"] == pytest.approx(row["gain"] - row["fid_penalty"] - row["coverage_penalty"])
-        assert (Path(row["model"]) / "unet").is_dir()  # the model its last report probed
+        assert row["model"] == f"{out_dir}/trials/{row['trial']}/finetune-model"  # the model its last report probed
     assert any(row["pareto"] for row in rows)
-    assert (out_dir / "pareto.md").read_text().count("\n") >= 3  # header, rule, at least one trial
-    assert (out_dir / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert written["pareto"] == f"{out_dir}/pareto.md" and written["plot"] == f"{out_dir}/pareto.png"
+    assert storage.read_bytes(written["pareto"]).decode().count("\n") >= 3  # header, rule, at least one trial
+    assert storage.read_bytes(written["plot"])[:8] == b"\x89PNG\r\n\x1a\n"
 
     best_path = written["best_config"]
-    assert best_path == out_dir / "best_feedback.yaml"
-    best = load_config(FinetuneConfig, best_path)
+    assert best_path == f"{out_dir}/best_feedback.yaml"
+    best = load_config(FinetuneConfig, best_path)  # read from the bucket
+    assert (best.base_model, best.data.samples, best.data.real_dataset) == (model, (samples,), dataset)
     best_row = max(rows, key=lambda row: row["objective"])
     space = load_config(SearchConfig, TUNE_YAML, args[2:]).space
     for key in flat_branch(space[best_row["branch"]]):
         assert get_dotted(config_to_dict(best), key) == pytest.approx(best_row[key]), key
     assert best.train.steps == best_row["step"] and best.name == "tuned"
 
-    _job("finetune")(["--config", str(best_path)])
-    model_info = json.loads((out_dir / "best_run" / "tuned-model" / "pathalign.json").read_text())
+    _job("finetune")(["--config", best_path])
+    model_info = json.loads(storage.read_bytes(f"{out_dir}/best_run/tuned-model/pathalign.json"))
     assert model_info["step"] == best.train.steps
+
+    files = storage.list_files(out_dir, recursive=True)  # the bucket holds the search
+    assert {*RESULT_FILES, "search/tuner.pkl"} <= set(files)
+    assert any(f.startswith("search/experiment_state") for f in files)
+    for row in rows:
+        trial = row["trial"]
+        assert any(f.startswith(f"search/trial_{trial}/checkpoint_") and f.endswith("progress.json") for f in files)
+        assert f"trials/{trial}/finetune-model/unet/config.json" in files
+        assert any(f.startswith(f"trials/{trial}/finetune/checkpoint_") for f in files), f"no checkpoint of {trial}"
+    assert "best_run/tuned-model/unet/config.json" in files
+    # a URI taken for a path would make an "s3:" folder in the driver's working folder or a trial's (in Ray's
+    # session folder, beside Tune's staging of its experiment)
+    session = Path(ray_cluster._private.worker._global_node.get_session_dir_path())
+    local = [p for folder in (tmp_path, session) for p in folder.rglob("*") if p.name in (*RESULT_FILES, "s3:")]
+    assert not local and not (ROOT / "s3:").exists(), f"search files on the local disk: {local}"
 
 
 @pytest.mark.parametrize("algorithm, draws", [("random", 500), ("tpe", 60)])
@@ -226,6 +260,56 @@ REFUSED = [
 def test_config_errors_before_ray_starts_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(SearchConfig, TUNE_YAML, [override])
+
+
+BAD_LOCATIONS = [
+    ("out_dir=ftp://host/tune", "out_dir: ftp://host/tune: unknown scheme 'ftp'"),
+    ("out_dir=s3:///tune", "out_dir: s3:///tune: no bucket"),
+    ("out_dir=s3://no-such-bucket/tune", "out_dir: s3://no-such-bucket/tune: bucket 'no-such-bucket' does not exist"),
+    ("best_config=gs:///best.yaml", "best_config: gs:///best.yaml: no bucket"),
+    ("finetune.base_model=s3://no-such-bucket/model", "finetune.base_model: s3://no-such-bucket/model: bucket"),
+]
+
+
+@pytest.mark.parametrize("override, message", BAD_LOCATIONS)
+def test_a_bad_uri_fails_naming_the_key_before_ray_starts(s3_server, override, message, monkeypatch, capsys):
+    """jobs/tune.py with an unknown scheme, or a bucket missing on the S3 server: the job exits with the key
+    and the URI, and neither the search nor Ray starts."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the search started")
+
+    monkeypatch.setattr("pathalign_ray.tune.search", refuse)
+    monkeypatch.setattr("ray.init", refuse)
+    with pytest.raises(SystemExit):
+        _job("tune")(["--config", str(TUNE_YAML), override])
+    assert message in capsys.readouterr().err
+
+
+def test_the_search_keeps_uris_makes_paths_absolute_and_puts_tune_s_experiment_where_out_dir_says(
+    bucket, tmp_path, monkeypatch
+):
+    """What the search hands Tune and its trials (no Ray run): plain paths made absolute as before, URIs as they
+    are; Tune's storage an absolute local folder, or the path on the bucket with storage.py's filesystem."""
+    from pathalign_ray.tune import _resolved, _tune_storage
+
+    monkeypatch.chdir(tmp_path)
+    local = _resolved(load_config(SearchConfig, TUNE_YAML, ["out_dir=runs/tune"]))
+    assert local.out_dir == str(tmp_path / "runs" / "tune")
+    assert local.finetune.base_model == str(tmp_path / "runs" / "pretrain32" / "model")
+    assert local.finetune.data.samples == (str(tmp_path / "runs" / "pretrain32" / "samples" / "pretrained"),)
+    assert _tune_storage(local.out_dir) == (local.out_dir, None, f"{local.out_dir}/search")
+
+    uris = [f"out_dir={bucket}/tune", f"finetune.base_model={bucket}/model", "finetune.data.real_dataset=file:///d",
+            f"finetune.data.samples=[{bucket}/samples, runs/samples]"]  # fmt: skip
+    remote = _resolved(load_config(SearchConfig, TUNE_YAML, uris))
+    assert (remote.out_dir, remote.finetune.base_model) == (f"{bucket}/tune", f"{bucket}/model")
+    assert remote.finetune.data.real_dataset == "file:///d"
+    assert remote.finetune.data.samples == (f"{bucket}/samples", str(tmp_path / "runs" / "samples"))
+    path, filesystem, experiment = _tune_storage(remote.out_dir)
+    name = bucket.removeprefix("s3://")
+    assert (path, experiment) == (f"{name}/tune", f"{name}/tune/search")
+    assert isinstance(filesystem, pafs.S3FileSystem)
 
 
 def test_a_space_of_one_branch():

@@ -7,15 +7,20 @@ code: the same domain encoder and its cache (`evaluate.domain_encoder`), the sam
 verdicts (`features.features_and_verdicts`), plausibility rate (`summarize_verdicts`) and Frechet
 distance and coverage (`metrics.fidelity_and_diversity`). Sampling and scoring run in the calling
 process (a Tune trial's, after its Ray Train run); the encoder, when it is not cached, in a Ray task.
+Models and the real data set may be URIs (`pathalign_ray.storage`): a trial's model is downloaded to a
+scratch folder for its probe, the base model and the data set once per node into the download cache
+(where a data set on a bucket keeps its domain encoder's cache).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from pathalign_ray import storage
 from pathalign_ray.config import NonNegativeFloat, PositiveInt, config_dataclass
 from pathalign_ray.evaluation.classifier import ClassifierConfig
 
@@ -50,8 +55,14 @@ class Reference:
 
 
 def probe(model_dir: str | Path, reference: Reference, config: ProbeConfig) -> dict:
-    """Sample n_per_class images per class from fixed seeds; score plausibility, FID and PRDC against the real set."""
+    """Sample n_per_class images per class from fixed seeds; score plausibility, FID and PRDC against the real set.
+
+    model_dir: an exported model folder, or a URI (downloaded to a scratch folder, removed afterwards)."""
     import torch
+
+    if storage.is_uri(model_dir):
+        with tempfile.TemporaryDirectory(prefix="pathalign-probe-") as scratch:
+            return probe(storage.download_dir(model_dir, scratch), reference, config)
 
     from pathalign_ray.evaluation.features import encoder_from_state, features_and_verdicts
     from pathalign_ray.evaluation.metrics import fidelity_and_diversity
@@ -84,7 +95,9 @@ def probe_seeds(num_classes: int, config: ProbeConfig) -> list[int]:
 
 
 def build_reference(real_dir: str, base_model: str, config: ProbeConfig) -> Reference:
-    """The domain encoder (cached with the data set, else trained and cached), real features, the base model's probe."""
+    """The domain encoder (cached with the data set, else trained and cached), real features, the base model's probe.
+
+    real_dir and base_model: folders or URIs."""
     import torch
 
     from pathalign_ray.data.shards import read_dataset_info
@@ -96,6 +109,10 @@ def build_reference(real_dir: str, base_model: str, config: ProbeConfig) -> Refe
 
     if not real_dir:
         raise ValueError("the search needs finetune.data.real_dataset: FID and coverage are measured against it")
+    if storage.is_uri(real_dir):  # read, and its encoder cached, in this node's download cache
+        real_dir = str(storage.download_dir(real_dir))
+    if storage.is_uri(base_model):
+        base_model = str(storage.download_dir(base_model))  # the copy finetuning on this node uses too
     torch.set_num_threads(config.encoder.threads)
     dataset = read_dataset_info(real_dir)
     class_names, size = list(dataset["class_names"]), int(dataset["image_size"])
