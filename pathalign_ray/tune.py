@@ -25,8 +25,9 @@ import tempfile
 import threading
 from pathlib import Path
 
+from pathalign_ray.cluster import init_ray
 from pathalign_ray.evaluation.probe import Reference, build_reference, probe
-from pathalign_ray.finetune import FinetuneConfig
+from pathalign_ray.finetune import FinetuneConfig, finetune
 from pathalign_ray.tune_config import (
     TRIAL_NAME,
     SearchConfig,
@@ -52,8 +53,6 @@ def search(config: SearchConfig) -> dict:
     """Run (or resume) the search; write the tables, the plot and the best config. Returns where they went."""
     import ray
     from ray import tune
-
-    from pathalign_ray.cluster import init_ray
 
     config = _resolved(config)
     _check_optuna()
@@ -90,8 +89,8 @@ def search(config: SearchConfig) -> dict:
 
 def _resolved(config: SearchConfig) -> SearchConfig:
     """Absolute paths: Tune runs trials in their own working directories."""
-    finetune = map_input_paths(config.finetune, lambda path: str(Path(path).resolve()))
-    return dataclasses.replace(config, finetune=finetune, out_dir=str(Path(config.out_dir).resolve()))
+    resolved = map_input_paths(config.finetune, lambda path: str(Path(path).resolve()))
+    return dataclasses.replace(config, finetune=resolved, out_dir=str(Path(config.out_dir).resolve()))
 
 
 def _check_optuna() -> None:
@@ -174,8 +173,6 @@ def run_trial(params: dict, search: SearchConfig, reference: Reference) -> None:
 
 
 def _chunk(config: FinetuneConfig, search: SearchConfig, reference: Reference) -> dict:
-    from pathalign_ray.finetune import finetune
-
     finetuned = finetune(config)
     scores = probe(finetuned.model_dir, reference, search.probe)
     base, penalties = reference.base, search.penalties
