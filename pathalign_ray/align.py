@@ -19,9 +19,10 @@ from pydantic import Field
 
 from pathalign_ray import storage
 from pathalign_ray.config import Location, config_dataclass, refuse_overwritten
+from pathalign_ray.feedback import FeedbackStore
 from pathalign_ray.finetune import FinetuneConfig, FinetuneDataConfig, FinetuneRecipe, finetune
 from pathalign_ray.reward.functions import RewardSourceConfig
-from pathalign_ray.reward.serve import ServeRewardConfig
+from pathalign_ray.reward.serve import ServeRewardConfig, start_reward_server
 from pathalign_ray.reward.train import TrainRewardConfig, train_reward
 from pathalign_ray.sampling import SampleConfig, read_manifest, sample
 from pathalign_ray.simulated_feedback import SimulateFeedbackConfig, simulate_feedback
@@ -126,8 +127,6 @@ def reward_source(config: AlignConfig, reward_dir: str, round_index: int) -> Rew
     """How the round's finetuning scores images: the reward model in-process, or its Serve endpoint over HTTP."""
     if config.serve is None:
         return RewardSourceConfig(kind="model", model=reward_dir)
-    from pathalign_ray.reward.serve import start_reward_server
-
     url = start_reward_server(dataclasses.replace(config.serve, model=reward_dir))  # redeploys from round 1 on
     print(f"[align] round {round_index}: reward model served at {url}v1/score")
     return RewardSourceConfig(kind="http", url=url.rstrip("/"))
@@ -159,8 +158,6 @@ def collect_feedback(config: AlignConfig, run_dir: str, round_index: int) -> dic
     Returns the round's row so far: model, labels (all verdicts stored), the plausibility of the
     round's samples (consensus), the reward model's id, held-out AUC and folder (reward_dir).
     """
-    from pathalign_ray.feedback import FeedbackStore
-
     model = model_of_round(run_dir, round_index)
     samples_rel = f"rounds/{round_index}/samples"
     store = FeedbackStore(storage.join(run_dir, "feedback"))
@@ -206,8 +203,6 @@ def round_verdicts(store, run_dir: str, round_index: int) -> list[dict]:
 
 def _wait_for_verdicts(run_dir: str, samples_rel: str, config: AlignConfig) -> None:
     """Block until people on the labelling page have judged the round's quota of samples."""
-    from pathalign_ray.feedback import FeedbackStore
-
     sample_ids = {row["sample_id"] for row in read_manifest(storage.join(run_dir, samples_rel)).to_pylist()}
     quota = config.quota or len(sample_ids)
     store = FeedbackStore(storage.join(run_dir, "feedback"))

@@ -121,7 +121,7 @@ def trainer_settings(scale: ScaleConfig, run_name: str, storage_path: str | Path
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
 
-    from pathalign_ray.storage import ray_storage
+    from pathalign_ray.storage import ray_storage  # heavy: storage imports pyarrow
 
     path, filesystem = ray_storage(storage_path)
 

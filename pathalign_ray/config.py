@@ -40,7 +40,7 @@ FractionBelowOne = Annotated[float, Field(ge=0, lt=1)]  # [0, 1): a held-out sha
 
 def _check_location(value: str) -> str:
     """A storage location's scheme, bucket and credentials, checked when the config loads (pathalign_ray.storage)."""
-    from pathalign_ray.storage import StorageError, check_bucket
+    from pathalign_ray.storage import StorageError, check_bucket  # heavy: storage imports pyarrow
 
     try:
         check_bucket(value)
@@ -77,7 +77,7 @@ def config_to_dict(config: Any) -> dict:
 
 def save_config(config: Any, path: str | Path) -> str | Path:
     """Write a config as YAML to a path or a URI (pathalign_ray.storage); return where it went."""
-    from pathalign_ray.storage import write_bytes
+    from pathalign_ray.storage import write_bytes  # heavy: storage imports pyarrow
 
     write_bytes(path, yaml.safe_dump(config_to_dict(config), sort_keys=False).encode())
     return path

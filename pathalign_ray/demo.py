@@ -22,6 +22,7 @@ from pathalign_ray.align import AlignConfig, align
 from pathalign_ray.cluster import RAY_TEMP_DIR, init_ray
 from pathalign_ray.config import Location, config_dataclass, refuse_overwritten
 from pathalign_ray.data.make import MakeDatasetConfig, make_dataset
+from pathalign_ray.demo_report import demo_summary, write_demo_report
 from pathalign_ray.evaluation.evaluate import EvaluateConfig, evaluate
 from pathalign_ray.pretrain import PretrainConfig, pretrain
 
@@ -63,8 +64,6 @@ class DemoResult:
 
 def run_demo(config: DemoConfig) -> DemoResult:
     """Run every stage not yet done; return the before/after figures and the report's path."""
-    from pathalign_ray.demo_report import demo_summary, write_demo_report
-
     started = time.perf_counter()
     run_dir = storage.absolute(config.run_dir)
     _start_ray(config, run_dir)

@@ -37,10 +37,14 @@ from pathalign_ray.config import (
     config_dataclass,
     save_config,
 )
-from pathalign_ray.generators.lora import LoraSettings
+from pathalign_ray.data.shards import ray_dataset, read_dataset, read_dataset_info
+from pathalign_ray.generators import load_generator
+from pathalign_ray.generators.lora import LoraSettings, adapter_config
+from pathalign_ray.images import decode_image
+from pathalign_ray.objectives import class_means
 from pathalign_ray.progress import watch
-from pathalign_ray.reward.functions import RewardSourceConfig
-from pathalign_ray.training import TrainResult
+from pathalign_ray.reward.functions import RewardSourceConfig, make_reward_fn
+from pathalign_ray.training import TrainResult, ema_weights, read_checkpoint
 
 
 @config_dataclass
@@ -142,8 +146,7 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     import ray.data
     from ray.train.torch import TorchTrainer
 
-    from pathalign_ray.finetune_worker import train_loop
-    from pathalign_ray.generators import load_generator
+    from pathalign_ray.finetune_worker import train_loop  # cycle: finetune_worker imports finetune
 
     run_dir = storage.absolute(config.run_dir)
     generator = load_generator(storage.download_dir(config.base_model))
@@ -179,8 +182,6 @@ def finetune(config: FinetuneConfig) -> TrainResult:
 def _prepare_lora(generator, lora: FinetuneLoraConfig | None, seed: int) -> None:
     """Add the adapter that trains (seeded: the same initial A on every worker, every rerun), or train on the one
     the base model holds (an earlier round's export, base folder + adapter)."""
-    from pathalign_ray.generators.lora import adapter_config
-
     if generator.has_lora:
         held = adapter_config(generator.unet)
         if lora is None or (held["r"], held["lora_alpha"]) != (lora.rank, lora.alpha):
@@ -199,8 +200,6 @@ def _check_real_dataset(dataset: str, generator) -> None:
     """Real labels index the model's classes: the data set's classes must be the model's first ones
     (a model with a new concept, pathalign_ray.concepts, has more classes than its real data); its
     images must have the model's size."""
-    from pathalign_ray.data.shards import read_dataset_info
-
     info = read_dataset_info(dataset)
     real_classes, class_names = list(info["class_names"]), generator.class_names
     if real_classes != class_names[: len(real_classes)]:
@@ -218,8 +217,6 @@ def _real_images(dataset: str, generator):
     rounds and runs (LatentGenerator.encode_cached names the file after the images and the VAE)."""
     import ray.data
 
-    from pathalign_ray.data.shards import ray_dataset, read_dataset
-
     if generator.kind == "pixel":
         return ray_dataset(dataset, "train").materialize()
     real = read_dataset(dataset, "train")
@@ -235,11 +232,8 @@ def _synthetic_pool(config: FinetuneConfig, generator):
     class over the pool, for centred weights)."""
     import ray.data
 
-    from pathalign_ray.diffusion import to_model_input
-    from pathalign_ray.images import decode_image
-    from pathalign_ray.objectives import class_means
-    from pathalign_ray.reward.functions import make_reward_fn
-    from pathalign_ray.sampling import read_manifest
+    from pathalign_ray.diffusion import to_model_input  # heavy: diffusion imports diffusers
+    from pathalign_ray.sampling import read_manifest  # heavy: sampling imports diffusers
 
     class_names, size = generator.class_names, generator.image_size
     images, classes = [], []
@@ -268,8 +262,6 @@ def _synthetic_pool(config: FinetuneConfig, generator):
 
 def _export(checkpoint_dir: Path, generator, config: FinetuneConfig, run_dir: str) -> TrainResult:
     """The checkpoint's EMA weights (every weight, or the adapter's) in the generator, saved (generator.save)."""
-    from pathalign_ray.training import ema_weights, read_checkpoint
-
     ema, state = read_checkpoint(checkpoint_dir)
     info = {
         "model_id": f"{Path(run_dir).name}-{config.name}",

@@ -14,18 +14,31 @@ import dataclasses
 import numpy as np
 import torch
 
-from pathalign_ray.diffusion import namespaced_seed
+from pathalign_ray.diffusion import draw_noise_and_timesteps, namespaced_seed, noise_prediction_loss, to_uint8
 from pathalign_ray.finetune import FinetuneConfig
+from pathalign_ray.objectives import PerClassRewardStats, clipped_policy_loss, reward_weighted_loss, reward_weights
+from pathalign_ray.pathologist import judge
 from pathalign_ray.progress import report_progress
+from pathalign_ray.reward.functions import make_reward_fn
+from pathalign_ray.training import (
+    MetricsWindow,
+    build_engine,
+    checkpoint_due,
+    cycle_batches,
+    ema_weights,
+    init_ema,
+    log_and_report,
+    mean_over_workers,
+    restore_checkpoint,
+    update_ema,
+    worker_setup,
+)
 
 
 def train_loop(loop_config: dict) -> None:
     """One Ray Train worker: take the generator (with its adapter, when LoRA is on), run the objective,
     checkpoint, resume."""
     import ray
-
-    from pathalign_ray.reward.functions import make_reward_fn
-    from pathalign_ray.training import build_engine, init_ema, restore_checkpoint, worker_setup
 
     config: FinetuneConfig = loop_config["config"]
     rank, world_size, device = worker_setup(config.scale)
@@ -84,16 +97,6 @@ class _Job:
     def run(self) -> None:
         import ray.train
 
-        from pathalign_ray.objectives import PerClassRewardStats
-        from pathalign_ray.training import (
-            MetricsWindow,
-            checkpoint_due,
-            cycle_batches,
-            log_and_report,
-            mean_over_workers,
-            update_ema,
-        )
-
         train = self.config.train
         self.dtype = self.generator.dtype
         seed = namespaced_seed("train", train.seed, self.rank, self.state["step"])
@@ -137,9 +140,6 @@ class _Job:
 
     def _rwl_step(self) -> dict:
         """The paper's objective on one batch of x_0 in model space: both terms at the same timesteps, one forward pass."""
-        from pathalign_ray.diffusion import draw_noise_and_timesteps, noise_prediction_loss
-        from pathalign_ray.objectives import reward_weighted_loss, reward_weights
-
         objective = self.config.objective
         model = self.generator
         batch = next(self.synthetic)
@@ -189,9 +189,6 @@ class _Job:
 
     def _ddpo_step(self) -> dict:
         """Sample trajectories, score their decoded images, normalise advantages per class, take clipped steps."""
-        from pathalign_ray.diffusion import to_uint8
-        from pathalign_ray.objectives import clipped_policy_loss
-
         objective = self.config.objective
         model = self.generator
         trajectory = self._sample_trajectories()
@@ -266,8 +263,6 @@ class _Job:
         "check" namespace) from the EMA weights, the model the job exports, and scores them."""
         if self.rank != 0:
             return {}
-        from pathalign_ray.training import ema_weights
-
         train = self.config.train
         class_names = self.generator.class_names
         labels = torch.arange(len(class_names)).repeat_interleave(train.eval_per_class)
@@ -285,7 +280,5 @@ class _Job:
 
     def _plausibility(self, images: np.ndarray, class_ids: list[int]) -> float:
         """The simulated pathologist's fraction of plausible images (about 2 ms an image)."""
-        from pathalign_ray.pathologist import judge
-
         class_names = self.generator.class_names
         return float(np.mean([judge(image, class_names[c]).plausible for image, c in zip(images, class_ids)]))

@@ -19,6 +19,7 @@ from diffusers import DDIMScheduler
 from pathalign_ray import storage
 from pathalign_ray.cluster import ScaleConfig, init_ray, trainer_settings
 from pathalign_ray.config import FractionBelowOne, Location, PositiveFloat, PositiveInt, config_dataclass, save_config
+from pathalign_ray.data.shards import ray_dataset, read_dataset_info
 from pathalign_ray.diffusion import (
     ModelConfig,
     build_noise_scheduler,
@@ -80,8 +81,6 @@ def pretrain(config: PretrainConfig) -> TrainResult:
     """Train on the cluster, then export the EMA model to RUN_DIR/model; return it with the metric history."""
     import ray.data
     from ray.train.torch import TorchTrainer
-
-    from pathalign_ray.data.shards import ray_dataset, read_dataset_info
 
     info = read_dataset_info(config.data.dataset)
     if info["image_size"] != config.model.sample_size:

@@ -20,9 +20,14 @@ import ray
 import torch
 
 from pathalign_ray import storage
+from pathalign_ray.cluster import init_ray
 from pathalign_ray.config import Location, NonNegativeFloat, PositiveInt, config_dataclass
 from pathalign_ray.diffusion import SeedNamespace, namespaced_seed
+from pathalign_ray.generators import load_generator
+from pathalign_ray.images import contact_sheet, encode_png
 from pathalign_ray.progress import bar
+from pathalign_ray.reward.model import load_reward_model, score_images
+from pathalign_ray.reward.selection import most_uncertain
 
 MANIFEST_FILE = "manifest.parquet"
 
@@ -57,10 +62,6 @@ class SampleConfig:
 
 def sample(config: SampleConfig) -> str | Path:
     """Sample, write the folder (a path or a URI), return it."""
-    from pathalign_ray.cluster import init_ray
-    from pathalign_ray.generators import load_generator
-    from pathalign_ray.images import contact_sheet, encode_png
-
     out_dir = storage.location(config.out_dir)
     if not config.overwrite and not storage.is_empty(out_dir):
         raise FileExistsError(f"{out_dir} already holds samples; choose another out_dir or set overwrite=true")
@@ -155,8 +156,6 @@ def seeds_drawn_under(run_dir: str | Path, seeds: set[int], skip: str | Path | N
 def _load_reward_model(config: SampleConfig, plan: list[dict]):
     if not config.reward_model:
         return None
-    from pathalign_ray.reward.model import load_reward_model
-
     model, _ = load_reward_model(config.reward_model)
     model.class_ids(sorted({row["declared_class"] for row in plan}))  # an unknown class is a ValueError naming it
     return model
@@ -164,9 +163,6 @@ def _load_reward_model(config: SampleConfig, plan: list[dict]):
 
 def _score_and_select(reward, config: SampleConfig, plan: list[dict], images: np.ndarray) -> tuple[list, np.ndarray]:
     """Score every image with the reward model; with select=uncertain keep the k most uncertain, in plan order."""
-    from pathalign_ray.reward.model import score_images
-    from pathalign_ray.reward.selection import most_uncertain
-
     scores = score_images(reward, images, [row["declared_class"] for row in plan])
     for row, score in zip(plan, scores):
         row["reward"] = float(score)

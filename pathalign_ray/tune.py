@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pathalign_ray import storage
+from pathalign_ray.cluster import init_ray
 from pathalign_ray.evaluation.probe import Reference, build_reference, probe
-from pathalign_ray.finetune import FinetuneConfig
+from pathalign_ray.finetune import FinetuneConfig, finetune
 from pathalign_ray.tune_config import (
     TRIAL_NAME,
     SearchConfig,
@@ -59,8 +60,6 @@ def search(config: SearchConfig) -> dict:
     """Run (or resume) the search; write the tables, the plot and the best config. Returns where they went."""
     import ray
     from ray import tune
-
-    from pathalign_ray.cluster import init_ray
 
     config = _resolved(config)
     _check_optuna()
@@ -105,8 +104,8 @@ def search(config: SearchConfig) -> dict:
 
 def _resolved(config: SearchConfig) -> SearchConfig:
     """Absolute paths, URIs as they are: Tune runs trials in their own working directories."""
-    finetune = map_input_paths(config.finetune, storage.absolute)
-    return dataclasses.replace(config, finetune=finetune, out_dir=storage.absolute(config.out_dir))
+    resolved = map_input_paths(config.finetune, storage.absolute)
+    return dataclasses.replace(config, finetune=resolved, out_dir=storage.absolute(config.out_dir))
 
 
 def _tune_storage(out_dir: str) -> tuple[str, pafs.FileSystem | None, str]:
@@ -198,8 +197,6 @@ def run_trial(params: dict, search: SearchConfig, reference: Reference) -> None:
 
 
 def _chunk(config: FinetuneConfig, search: SearchConfig, reference: Reference) -> dict:
-    from pathalign_ray.finetune import finetune
-
     finetuned = finetune(config)
     scores = probe(finetuned.model_dir, reference, search.probe)
     base, penalties = reference.base, search.penalties

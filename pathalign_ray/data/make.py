@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from pathalign_ray.config import FractionBelowOne, Location, config_dataclass
+from pathalign_ray.data import procedural, sources
 from pathalign_ray.data.labeled import LabeledImages, merge_classes
 
 SOURCES_WITH_PATH = ("folder", "parquet", "medmnist")
@@ -34,7 +35,7 @@ class MakeDatasetConfig:
 
 
 def load_source(config: MakeDatasetConfig) -> LabeledImages:
-    from pathalign_ray.data import procedural, shards, sources
+    from pathalign_ray.data import shards  # heavy: shards imports pyarrow
 
     classes = config.classes or None
     if config.source == "procedural":
@@ -51,7 +52,7 @@ def load_source(config: MakeDatasetConfig) -> LabeledImages:
 
 
 def make_dataset(config: MakeDatasetConfig) -> str | Path:
-    from pathalign_ray.data.shards import write_dataset
+    from pathalign_ray.data.shards import write_dataset  # heavy: shards imports pyarrow
 
     images = merge_classes(load_source(config), config.merge)
     source = config.source if not config.path else f"{config.source}:{config.path}"

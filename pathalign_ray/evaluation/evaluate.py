@@ -34,10 +34,37 @@ import ray
 from pydantic import Field
 
 from pathalign_ray import storage
+from pathalign_ray.checklist import SPECS
+from pathalign_ray.cluster import init_ray
 from pathalign_ray.config import Location, PositiveInt, config_dataclass, config_to_dict
-from pathalign_ray.evaluation.classifier import ClassifierConfig
+from pathalign_ray.data.shards import read_dataset_info
+from pathalign_ray.evaluation import report
+from pathalign_ray.evaluation.classifier import ClassifierConfig, predict_proba, train_classifier
+from pathalign_ray.evaluation.features import (
+    check_inception_available,
+    encoder_cache_key,
+    encoder_from_state,
+    features_and_verdicts,
+    load_cached_encoder,
+    load_inception,
+    save_encoder,
+)
+from pathalign_ray.evaluation.metrics import classification_metrics, confusion_counts, fidelity_and_diversity
+from pathalign_ray.evaluation.plausibility import plausibility_per_round, summarize_consensus, summarize_verdicts
 from pathalign_ray.evaluation.samples import EvalSamplingConfig, check_noise_held_out, sample_model
-from pathalign_ray.evaluation.sources import MODEL, ImageSet
+from pathalign_ray.evaluation.sources import (
+    MODEL,
+    REAL,
+    ImageSet,
+    model_kind,
+    model_names,
+    read_feedback,
+    read_real_split,
+    read_rounds,
+    read_sample_folder,
+    run_dir_of,
+)
+from pathalign_ray.images import contact_sheet, decode_image, decode_images
 from pathalign_ray.progress import bar
 
 SPACES = ("domain", "inception")  # feature spaces, in report order
@@ -87,11 +114,6 @@ def _local(location: str) -> str:
 
 def _evaluate(config: EvaluateConfig) -> Path:
     """evaluate() on local folders."""
-    from pathalign_ray.cluster import init_ray
-    from pathalign_ray.data.shards import read_dataset_info
-    from pathalign_ray.evaluation import report
-    from pathalign_ray.evaluation.sources import model_kind, model_names, read_real_split, read_sample_folder
-
     # Everything that can be wrong with the inputs fails here, before Ray starts.
     if not config.models:
         raise ValueError("name at least one model: an exported model folder or a sample folder (--models ...)")
@@ -100,8 +122,6 @@ def _evaluate(config: EvaluateConfig) -> Path:
     kinds = [model_kind(path) for path in config.models]
     names = model_names(list(config.models))
     if config.inception_weights:
-        from pathalign_ray.evaluation.features import check_inception_available
-
         check_inception_available(config.inception_weights)
     train, test = read_real_split(config.real, "train", class_names), read_real_split(config.real, "test", class_names)
     if len(train) < 2 or len(test) < 1:
@@ -146,8 +166,6 @@ def _evaluate(config: EvaluateConfig) -> Path:
         f"domain encoder: {'cached' if encoder_info['cached'] else 'trained'}, real test accuracy "
         f"{encoder_info['test_metrics']['accuracy']:.3f} ({timings['domain_encoder_s']:.1f} s)"
     )
-
-    from pathalign_ray.checklist import SPECS
 
     judged = all(name in SPECS for name in class_names)
     if not judged:
@@ -223,10 +241,6 @@ def _train_and_test(
     """Train a classifier on `train` (PNG bytes, labels), score it on `test`: {"metrics", "final_loss", "state"?}."""
     import torch
 
-    from pathalign_ray.evaluation.classifier import predict_proba, train_classifier
-    from pathalign_ray.evaluation.metrics import classification_metrics, confusion_counts
-    from pathalign_ray.images import decode_images
-
     torch.set_num_threads(config.threads)
     model, losses = train_classifier(decode_images(train[0], size, "train"), train[1], num_classes, config, seed)
     probabilities = predict_proba(model, decode_images(test[0], size, "test"))
@@ -248,14 +262,6 @@ def domain_encoder(
     probe share: from REAL/.cache when the key (dataset.json, recipe, seed) matches, else trained on `train`
     and scored on `test` (the real splits) in a Ray task, then cached unless `cache` is False.
     info is the cache record plus "cached": whether it came from the cache."""
-    from pathalign_ray.data.shards import read_dataset_info
-    from pathalign_ray.evaluation.features import (
-        encoder_cache_key,
-        encoder_from_state,
-        load_cached_encoder,
-        save_encoder,
-    )
-
     key = encoder_cache_key(real, encoder, seed)
     cached = load_cached_encoder(real, key) if cache else None
     if cached is not None:
@@ -334,17 +340,12 @@ class _Featurizer:
     ):
         import torch
 
-        from pathalign_ray.evaluation.features import encoder_from_state, load_inception
-
         torch.set_num_threads(threads)
         self.encoder = encoder_from_state(channels, num_classes, encoder_state)
         self.inception = load_inception(inception_weights) if inception_weights else None
         self.size, self.strictness = size, strictness
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from pathalign_ray.evaluation.features import features_and_verdicts
-        from pathalign_ray.images import decode_image
-
         names = [f"{s} image {i}" for s, i in zip(batch["set"], batch["index"])]
         images = np.stack([decode_image(data, self.size, name) for data, name in zip(batch["image"], names)])
         outputs = features_and_verdicts(
@@ -406,8 +407,6 @@ def _features_and_verdicts(
 
 def _fidelity_and_diversity(outputs, spaces, sets: list[ImageSet], reference: str, k: int, notes: list[str]):
     """Per space and set: {"frechet_distance"} and {precision, recall, density, coverage} against `reference`."""
-    from pathalign_ray.evaluation.metrics import fidelity_and_diversity
-
     fidelity, diversity = {}, {}
     for space in spaces:
         real = outputs[reference][space]
@@ -423,9 +422,6 @@ def _fidelity_and_diversity(outputs, spaces, sets: list[ImageSet], reference: st
 
 def _plausibility(config, class_names, sets: list[ImageSet], outputs, judged: bool, notes: list[str]):
     """({"simulated": {set: summary}, "experts": {set: summary}}, {run name: rounds}) ."""
-    from pathalign_ray.evaluation.plausibility import plausibility_per_round, summarize_consensus, summarize_verdicts
-    from pathalign_ray.evaluation.sources import REAL, read_feedback, read_rounds, run_dir_of
-
     simulated, experts, runs = {}, {}, {}
     for s in sets:
         if judged:
@@ -454,8 +450,6 @@ def _plausibility(config, class_names, sets: list[ImageSet], outputs, judged: bo
 
 def _grids(config, size, class_names, sets: list[ImageSet], out_dir: Path) -> dict[str, Path]:
     """One contact sheet per set (rows: classes, grid_per_class images each): {set name: PNG path}."""
-    from pathalign_ray.images import contact_sheet, decode_images
-
     grids = {}
     for s in sets:
         chosen = np.concatenate(

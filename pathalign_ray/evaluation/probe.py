@@ -22,7 +22,14 @@ import numpy as np
 
 from pathalign_ray import storage
 from pathalign_ray.config import NonNegativeFloat, PositiveInt, config_dataclass
-from pathalign_ray.evaluation.classifier import ClassifierConfig
+from pathalign_ray.data.shards import read_dataset_info
+from pathalign_ray.evaluation.classifier import ClassifierConfig, extract_features
+from pathalign_ray.evaluation.features import encoder_from_state, features_and_verdicts
+from pathalign_ray.evaluation.metrics import fidelity_and_diversity
+from pathalign_ray.evaluation.plausibility import summarize_verdicts
+from pathalign_ray.evaluation.sources import read_real_split
+from pathalign_ray.generators import load_generator
+from pathalign_ray.images import decode_images
 
 BATCH = 64  # probe images sampled at once
 
@@ -64,11 +71,6 @@ def probe(model_dir: str | Path, reference: Reference, config: ProbeConfig) -> d
         with tempfile.TemporaryDirectory(prefix="pathalign-probe-") as scratch:
             return probe(storage.download_dir(model_dir, scratch), reference, config)
 
-    from pathalign_ray.evaluation.features import encoder_from_state, features_and_verdicts
-    from pathalign_ray.evaluation.metrics import fidelity_and_diversity
-    from pathalign_ray.evaluation.plausibility import summarize_verdicts
-    from pathalign_ray.generators import load_generator
-
     torch.set_num_threads(config.threads)
     generator = load_generator(model_dir)  # a LoRA export with its adapter
     class_names = generator.class_names
@@ -89,7 +91,7 @@ def probe(model_dir: str | Path, reference: Reference, config: ProbeConfig) -> d
 
 def probe_seeds(num_classes: int, config: ProbeConfig) -> list[int]:
     """The probe's noise seeds, class by class: (class c, index j) draws namespaced_seed("probe", seed, c, j)."""
-    from pathalign_ray.diffusion import namespaced_seed
+    from pathalign_ray.diffusion import namespaced_seed  # heavy: diffusion imports diffusers
 
     return [namespaced_seed("probe", config.seed, c, j) for c in range(num_classes) for j in range(config.n_per_class)]
 
@@ -100,12 +102,7 @@ def build_reference(real_dir: str, base_model: str, config: ProbeConfig) -> Refe
     real_dir and base_model: folders or URIs."""
     import torch
 
-    from pathalign_ray.data.shards import read_dataset_info
-    from pathalign_ray.evaluation.classifier import extract_features
-    from pathalign_ray.evaluation.evaluate import domain_encoder
-    from pathalign_ray.evaluation.features import encoder_from_state
-    from pathalign_ray.evaluation.sources import read_real_split
-    from pathalign_ray.images import decode_images
+    from pathalign_ray.evaluation.evaluate import domain_encoder  # heavy: evaluate imports ray and diffusers
 
     if not real_dir:
         raise ValueError("the search needs finetune.data.real_dataset: FID and coverage are measured against it")

@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pathalign_ray.data.shards import SCHEMA, split_files
+from pathalign_ray.feedback import FeedbackStore
 
 MODEL = "model"
 SAMPLES = "samples"
@@ -111,7 +112,7 @@ def read_real_split(dataset_dir: str | Path, split: str, class_names: list[str])
 
 def read_sample_folder(path: str | Path, name: str, class_names: list[str], kind: str = SAMPLES) -> ImageSet:
     """A sample folder's images with their declared classes; a class the data set lacks is a ValueError."""
-    from pathalign_ray.sampling import read_manifest
+    from pathalign_ray.sampling import read_manifest  # heavy: sampling imports ray, torch and diffusers
 
     path = Path(path)
     rows = read_manifest(path).to_pylist()
@@ -155,8 +156,6 @@ def read_feedback(run_dir: str | Path, images: ImageSet) -> tuple[list[dict], li
     """(consensus rows on these very images, latest verdict rows of the whole store) from RUN_DIR/feedback,
     or None when the run has no feedback store. A verdict counts for an image only when both its
     sample_id and its image SHA-256 match."""
-    from pathalign_ray.feedback import FeedbackStore
-
     directory = Path(run_dir) / "feedback"
     if not directory.is_dir():
         return None

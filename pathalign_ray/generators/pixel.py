@@ -13,6 +13,7 @@ import torch
 
 from pathalign_ray.generators import lora as _lora
 from pathalign_ray.generators.base import UNetGenerator
+from pathalign_ray.objectives import ddim_trajectories
 
 
 class PixelGenerator(UNetGenerator):
@@ -42,20 +43,18 @@ class PixelGenerator(UNetGenerator):
         self, labels: torch.Tensor, seeds: list[int], num_inference_steps: int, eta: float = 0.0
     ) -> torch.Tensor:
         """`diffusion.ddim_sample`: labels (B,) on the model's device -> images (B, 3, H, W) in [-1, 1]."""
-        from pathalign_ray.diffusion import ddim_sample
+        from pathalign_ray.diffusion import ddim_sample  # heavy: diffusion imports diffusers
 
         return ddim_sample(self.unet, self.ddim, labels, seeds, num_inference_steps, eta)
 
     def trajectories(self, labels: torch.Tensor, ddim_steps: int, eta: float, generator: torch.Generator) -> dict:
         """`objectives.ddim_trajectories`: x_T..x_0 (B, 3, H, W) on the CPU, x_0 clamped, and step log-probs (B,)."""
-        from pathalign_ray.objectives import ddim_trajectories
-
         return ddim_trajectories(self.unet, self.ddim, labels, ddim_steps, eta, generator, self.dtype)
 
     def save(self, out_dir: str | Path, info: dict | None = None, merged: bool = False) -> Path:
         """`diffusion.export_model`'s folder, with the base weights; plus the adapter file when the UNet holds
         one (merged=True: the adapter folded into the weights instead, a plain model)."""
-        from pathalign_ray.diffusion import export_model
+        from pathalign_ray.diffusion import export_model  # heavy: diffusion imports diffusers
 
         unet = _lora.plain_copy(self.unet, merged) if self.has_lora else self.unet
         out_dir = export_model(unet, self.ddim, self.class_names, out_dir, self._save_info(info, merged))
@@ -67,7 +66,7 @@ class PixelGenerator(UNetGenerator):
     @classmethod
     def load(cls, model_dir: str | Path) -> PixelGenerator:
         """What `save` (or `diffusion.export_model`) wrote; the adapter too when the folder holds one."""
-        from pathalign_ray.diffusion import load_model
+        from pathalign_ray.diffusion import load_model  # heavy: diffusion imports diffusers
 
         unet, ddim, class_names, info = load_model(model_dir)
         generator = cls(unet, ddim, class_names, info)

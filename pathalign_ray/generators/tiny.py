@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from pathalign_ray.config import config_dataclass
+from pathalign_ray.data import procedural
 from pathalign_ray.generators.latent import LatentGenerator
 
 
@@ -111,7 +112,7 @@ def train_tiny_latent(
 
     images: (N, H, W, 3) uint8; labels: (N,) int64. Returns the loss per step of each stage.
     """
-    from pathalign_ray.diffusion import to_model_input
+    from pathalign_ray.diffusion import to_model_input  # heavy: diffusion imports diffusers
 
     rng = torch.Generator().manual_seed(config.seed)
     pixels = to_model_input(images)
@@ -166,8 +167,6 @@ def make_tiny_latent_model(
     train: TinyTrainConfig | None = None,
 ) -> Path:
     """Procedural cells -> a trained tiny latent model folder at out_dir (LatentGenerator.load reads it)."""
-    from pathalign_ray.data import procedural
-
     model = model or TinyLatentConfig()
     train = train or TinyTrainConfig()
     data = procedural.generate(

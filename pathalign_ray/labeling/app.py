@@ -23,9 +23,12 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from pydantic import BaseModel, Field
 
 from pathalign_ray import storage
+from pathalign_ray.agreement import agreement_table
 from pathalign_ray.checklist import CRITERIA
 from pathalign_ray.config import Location, config_dataclass
+from pathalign_ray.data.shards import read_dataset
 from pathalign_ray.feedback import FeedbackRecord, FeedbackStore
+from pathalign_ray.images import encode_png
 
 SESSION_COOKIE = "pathalign_session"
 COMPACT_EVERY = 200  # appends between compactions of the feedback store: reads stay fast, files stay few
@@ -70,9 +73,7 @@ class VerdictRequest(BaseModel):
 
 
 def create_app(config: LabelConfig) -> FastAPI:
-    from pathalign_ray.data.shards import read_dataset
-    from pathalign_ray.images import encode_png
-    from pathalign_ray.sampling import read_manifest
+    from pathalign_ray.sampling import read_manifest  # heavy: sampling imports ray, torch and diffusers
 
     samples_dir = storage.join(config.run_dir, config.samples)
     manifest = {row["sample_id"]: row for row in read_manifest(samples_dir).to_pylist()}
@@ -215,8 +216,6 @@ def create_app(config: LabelConfig) -> FastAPI:
 
 def summarise(store: FeedbackStore, samples: list[dict]) -> dict:
     """Counts and plausibility per declared class, failed criteria, and agreement between experts."""
-    from pathalign_ray.agreement import agreement_table
-
     latest = store.latest()
     rows = latest.to_pylist()
     per_class: dict[str, dict] = {}

@@ -16,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from pathalign_ray.images import encode_png
+
 Images = np.ndarray | Sequence[bytes]
 
 
@@ -80,8 +82,6 @@ class RewardClient:
         if n == 0:
             return np.zeros(0)
         if isinstance(images, np.ndarray):
-            from pathalign_ray.images import encode_png
-
             encoded = [encode_png(np.ascontiguousarray(image)) for image in images]
         else:
             encoded = [bytes(item) for item in images]

@@ -38,6 +38,9 @@ from pathalign_ray.config import (
     NonNegativeInt,
     config_dataclass,
 )
+from pathalign_ray.data.shards import read_dataset
+from pathalign_ray.feedback import FeedbackStore
+from pathalign_ray.images import decode_image, normalise_array
 
 SOURCES = ("expert", "weak_true", "weak_wrong")
 
@@ -120,9 +123,6 @@ def build_examples(config: RewardDataConfig, run_dir: str | Path, image_size: in
     A feedback store that does not exist, or holds no verdicts (in `rounds`), is an error: to train
     on weak feedback alone, set feedback to [].
     """
-    from pathalign_ray.data.shards import read_dataset
-    from pathalign_ray.images import normalise_array
-
     real = read_dataset(config.dataset, config.dataset_split) if config.dataset else None
     parts = []
     if config.feedback:
@@ -169,8 +169,6 @@ def read_votes(stores: Sequence[str | Path], rounds: Sequence[int] = ()) -> list
 
     Rows of FeedbackStore.records(); as FeedbackStore.latest, over several stores at once.
     """
-    from pathalign_ray.feedback import FeedbackStore
-
     rows = []
     for store in stores:
         if not storage.exists(store):
@@ -198,8 +196,6 @@ def expert_examples(
     votes: list[dict], run_dir: str | Path, class_names: Sequence[str], image_size: int, label: str = "consensus"
 ) -> RewardExamples:
     """Examples from votes (read_votes rows): one per sample (consensus) or one per vote (verdict)."""
-    from pathalign_ray.images import decode_image
-
     unknown = sorted({v["declared_class"] for v in votes} - set(class_names))
     if unknown:
         raise ValueError(f"feedback declares class {unknown[0]!r}, not among the data set's {list(class_names)}")

@@ -15,6 +15,7 @@ from typing import Literal
 import numpy as np
 
 from pathalign_ray.config import Location, config_dataclass
+from pathalign_ray.reward.client import HandleRewardClient, RewardClient
 
 RewardFn = Callable[[np.ndarray, list[str]], tuple[np.ndarray, dict]]
 
@@ -38,8 +39,6 @@ def make_reward_fn(config: RewardSourceConfig) -> RewardFn:
 
 
 def _http(config: RewardSourceConfig) -> RewardFn:
-    from pathalign_ray.reward.client import RewardClient
-
     client = RewardClient(config.url, timeout=config.timeout_s, max_batch=config.batch_size)
 
     def score(images: np.ndarray, classes: list[str]) -> tuple[np.ndarray, dict]:
@@ -49,8 +48,6 @@ def _http(config: RewardSourceConfig) -> RewardFn:
 
 
 def _handle(config: RewardSourceConfig) -> RewardFn:
-    from pathalign_ray.reward.client import HandleRewardClient
-
     client = HandleRewardClient.from_app(config.app, max_batch=config.batch_size)
 
     def score(images: np.ndarray, classes: list[str]) -> tuple[np.ndarray, dict]:
@@ -60,7 +57,7 @@ def _handle(config: RewardSourceConfig) -> RewardFn:
 
 
 def _model(config: RewardSourceConfig) -> RewardFn:
-    from pathalign_ray.reward.model import load_reward_model, score_images
+    from pathalign_ray.reward.model import load_reward_model, score_images  # heavy: reward.model imports diffusers
 
     model, meta = load_reward_model(config.model)
 
@@ -71,7 +68,7 @@ def _model(config: RewardSourceConfig) -> RewardFn:
 
 
 def _pathologist(config: RewardSourceConfig) -> RewardFn:
-    from pathalign_ray.pathologist import judge
+    from pathalign_ray.pathologist import judge  # heavy: pathologist imports scipy
 
     def score(images: np.ndarray, classes: list[str]) -> tuple[np.ndarray, dict]:
         verdicts = [judge(image, name) for image, name in zip(images, classes)]

@@ -25,7 +25,7 @@ from torch import nn
 
 from pathalign_ray import storage
 from pathalign_ray.checklist import CRITERIA
-from pathalign_ray.config import Location, config_dataclass
+from pathalign_ray.config import Location, config_dataclass, config_to_dict
 from pathalign_ray.images import normalise_array, to_model_range
 
 WEIGHTS_FILE = "reward.safetensors"
@@ -191,8 +191,6 @@ def score_images(
 
 def save_reward_model(model: RewardModel, out_dir: str | Path, info: dict) -> Path:
     """Write reward.safetensors and reward.json (config, class names, and `info`: id, version, metrics)."""
-    from pathalign_ray.config import config_to_dict
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}

@@ -35,7 +35,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from ray import serve
 
-from pathalign_ray.cluster import keep_serving
+from pathalign_ray.cluster import init_ray, keep_serving
 from pathalign_ray.config import (
     Location,
     NonNegativeFloat,
@@ -43,6 +43,7 @@ from pathalign_ray.config import (
     PositiveFloat,
     PositiveInt,
     config_dataclass,
+    config_to_dict,
 )
 from pathalign_ray.images import ImageError, decode_image, normalise_array, to_model_range
 from pathalign_ray.metrics import record_endpoint_batch, record_endpoint_latency
@@ -114,7 +115,7 @@ class _LoadedModel:
 
 
 def _load(path: str) -> _LoadedModel:
-    from pathalign_ray.reward.model import load_reward_model
+    from pathalign_ray.reward.model import load_reward_model  # heavy: reward.model imports torch and diffusers
 
     model, meta = load_reward_model(path)
     info = {"id": str(meta.get("id", Path(path).name)), "version": meta.get("version")}
@@ -433,8 +434,7 @@ def build_app(config: ServeRewardConfig, user_config: dict | None = None):
 
 
 def _code_version(config: ServeRewardConfig) -> str:
-    from pathalign_ray.config import config_to_dict
-    from pathalign_ray.reward import model
+    from pathalign_ray.reward import model  # heavy: reward.model imports torch and diffusers
 
     digest = hashlib.sha256(json.dumps(config_to_dict(config), sort_keys=True).encode())
     for module in (__file__, fast_path.__file__, model.__file__):
@@ -452,8 +452,6 @@ def app_builder(args: dict):
 
 def start_reward_server(config: ServeRewardConfig) -> str:
     """Deploy the reward endpoint and return its base URL. It outlives this call; `serve.delete(APP_NAME)` ends it."""
-    from pathalign_ray.cluster import init_ray
-
     _check_model(config.model)  # here, before Ray: a replica failing to load would be retried over and over
     init_ray()
     serve.start(http_options={"host": config.host, "port": config.port})
@@ -462,7 +460,7 @@ def start_reward_server(config: ServeRewardConfig) -> str:
 
 
 def _check_model(model: str) -> None:
-    from pathalign_ray.reward.model import reward_model_folder
+    from pathalign_ray.reward.model import reward_model_folder  # heavy: reward.model imports torch and diffusers
 
     try:
         reward_model_folder(model)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from pathalign_ray import storage
+from pathalign_ray.cluster import init_ray, trainer_settings
 from pathalign_ray.config import (
     Location,
     NonNegativeFloat,
@@ -37,10 +38,20 @@ from pathalign_ray.config import (
     config_to_dict,
     save_config,
 )
+from pathalign_ray.images import to_model_range
 from pathalign_ray.progress import report_progress, watch
-from pathalign_ray.reward.data import RewardDataConfig, RewardExamples, balanced_weights, label_counts
-from pathalign_ray.reward.metrics import auc_text
+from pathalign_ray.reward.data import (
+    RewardDataConfig,
+    RewardExamples,
+    balanced_weights,
+    build_examples,
+    label_counts,
+    split_examples,
+)
+from pathalign_ray.reward.metrics import auc_text, classification_report
 from pathalign_ray.reward.model import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
     RewardModel,
     RewardModelConfig,
     backbone_folder,
@@ -107,9 +118,6 @@ def train_reward(config: TrainRewardConfig) -> RewardTrainResult:
     """Train on the cluster; write the best epoch's model to RUN_DIR/reward; return that folder and its metadata."""
     import ray
     from ray.train.torch import TorchTrainer
-
-    from pathalign_ray.cluster import init_ray, trainer_settings
-    from pathalign_ray.reward.data import build_examples, split_examples
 
     run_dir = storage.absolute(config.run_dir)
     if config.model.backbone:  # every worker reads it: an absolute path or a URI, and a wrong one fails here
@@ -284,8 +292,6 @@ def evaluate(
     accuracy, ECE are over rows with a verdict: consensus ties (label 0.5) are left out, a soft
     label counts as plausible above 0.5. Keys: test/{all,expert,weak}/{auc,accuracy,...}.
     """
-    from pathalign_ray.reward.metrics import classification_report
-
     loss, parts = math.nan, {"plausible_loss": math.nan, "criteria_loss": math.nan}
     if selection.any():
         pick = torch.from_numpy(selection)
@@ -333,8 +339,6 @@ class _Heads(torch.nn.Module):
 
 def _tensors(examples: RewardExamples, rows: np.ndarray, device, rng: np.random.Generator | None) -> dict:
     """Rows of the examples as model-ready tensors; rng: a random flip and quarter turn per image."""
-    from pathalign_ray.images import to_model_range
-
     images = examples.images[rows]
     if rng is not None and len(images):
         turns, flips = rng.integers(0, 4, len(images)), rng.integers(0, 2, len(images))
@@ -423,8 +427,6 @@ def _finite(value):
 
 def _publish(checkpoint_dir: Path, model_dir: str) -> str | Path:
     """Copy the checkpoint's model files to model_dir (a path: replaced in one rename; a URI: uploaded over it)."""
-    from pathalign_ray.reward.model import CONFIG_FILE, WEIGHTS_FILE
-
     with storage.output_dir(model_dir) as staging:
         for name in (WEIGHTS_FILE, CONFIG_FILE):
             shutil.copy2(checkpoint_dir / name, staging / name)
