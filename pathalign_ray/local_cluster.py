@@ -32,7 +32,7 @@ from pathlib import Path
 
 # A node's start on a loaded 2-core machine (three Ray clusters and a benchmark at once) took over 90 s.
 NODE_START_S = 240.0
-START_ATTEMPTS = 2  # a node's tries: `ray start` gives up after its own 30 s when a loaded machine is slow
+START_ATTEMPTS = 3  # a node's tries: `ray start` gives up after its own 30 s when a loaded machine is slow
 STARTUP_TIMEOUT_MARK = "timed out during startup"  # what `ray start` then logs (ray/_private/node.py)
 
 _WORKER_PORT_SPAN = 200  # ports per node for its worker processes, below the kernel's ephemeral range

@@ -167,7 +167,7 @@ def test_the_reward_models_cosine_schedule_warms_up_peaks_and_decays_to_zero():
     assert warmup == 10 and factors[0] == pytest.approx(1 / 10)  # 5 % warm-up: 10 steps
     assert factors[9] == pytest.approx(1.0)
     assert factors[10] == pytest.approx(1.0)
-    assert all(a >= b for a, b in itertools.pairwise(factors))
+    assert all(a >= b for a, b in itertools.pairwise(factors[9:]))
     assert factors[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 189 / 190)))
     assert lr_factor(total, total, "cosine", warmup) == pytest.approx(0.0)
     assert warmup_steps_of("constant", total) == 0
