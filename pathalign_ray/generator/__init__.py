@@ -1,11 +1,18 @@
-"""Generators the feedback loop aligns: pixel-space and latent diffusion models, optionally with LoRA adapters.
+"""The generator and the steps that train, run and change it: the paper's pretraining, sampling and finetuning.
 
-Only re-exports, each imported on first use, so `import pathalign_ray.generators` stays light:
-    Generator, UNetGenerator, load_generator   generators.base
-    PixelGenerator                             generators.pixel
-    LatentGenerator                            generators.latent
-    LoraSettings                               generators.lora
-    TinyLatentConfig, build_tiny_latent, ...   generators.tiny
+The interface the feedback loop talks to (base: Generator, load_generator) and its two implementations:
+pixel (this project's class-conditional UNet, diffusion) and latent (a VAE around a conditional UNet; tiny
+builds a small one), optionally with LoRA adapters (lora); ddim samples and records DDPO trajectories in
+either space. The steps: pretrain (Ray Train + DeepSpeed), sampling (a model into a folder of PNGs, over
+Ray tasks), finetune and finetune_worker (the reward-weighted finetuning, driver and worker), objectives
+(its losses, as pure functions) and concepts (a new class from feedback alone, the paper's Algorithm 4).
+
+Only re-exports, each imported on first use, so `import pathalign_ray.generator` stays light:
+    Generator, UNetGenerator, load_generator   generator.base
+    PixelGenerator                             generator.pixel
+    LatentGenerator                            generator.latent
+    LoraSettings                               generator.lora
+    TinyLatentConfig, build_tiny_latent, ...   generator.tiny
 """
 
 from __future__ import annotations
