@@ -14,7 +14,7 @@ noise (evaluation namespace, EVAL_SAMPLING) under both EVAL_SAMPLERS, beside the
 The parts merge into bench/results/align_rounds.json: per objective and round, the labels spent,
 plausibility (mean over seeds, 95% t-interval), domain FID and coverage relative to the base model,
 the change in utility accuracy, wall time; eval_noise_disjoint is checked against every manifest
-of every part's run (pathalign_ray.sampling.seeds_drawn_under).
+of every part's run (pathalign_ray.generator.sampling.seeds_drawn_under).
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from bench_common import RESULTS_DIR, machine, write_result
 from pathalign_ray.align import AlignConfig, align
 from pathalign_ray.config import load_config
 from pathalign_ray.data.make import MakeDatasetConfig, make_dataset
-from pathalign_ray.diffusion import namespaced_seed
 from pathalign_ray.evaluation.evaluate import EvaluateConfig, evaluate
 from pathalign_ray.evaluation.metrics import mean_interval
-from pathalign_ray.sampling import SampleConfig, sample, seeds_drawn_under
+from pathalign_ray.generator.diffusion import namespaced_seed
+from pathalign_ray.generator.sampling import SampleConfig, sample, seeds_drawn_under
 
 BASE_MODEL = Path("models/cells32")
 DATA = Path("runs/pretrain32/data")

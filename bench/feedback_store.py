@@ -32,8 +32,8 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from bench_common import write_result
 
-from pathalign_ray.checklist import CRITERIA
-from pathalign_ray.feedback import SCHEMA, FeedbackRecord, FeedbackStore
+from pathalign_ray.experts.checklist import CRITERIA
+from pathalign_ray.experts.feedback import SCHEMA, FeedbackRecord, FeedbackStore
 
 EXPERTS = ("ann", "bob", "cat", "dan")
 

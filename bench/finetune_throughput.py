@@ -30,7 +30,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from pathalign_ray.config import load_config
 from pathalign_ray.data import procedural
 from pathalign_ray.data.shards import read_dataset, write_dataset
-from pathalign_ray.diffusion import (
+from pathalign_ray.generator.diffusion import (
     build_noise_scheduler,
     build_unet,
     diffusion_loss_per_sample,
@@ -39,10 +39,10 @@ from pathalign_ray.diffusion import (
     load_model,
     to_model_input,
 )
-from pathalign_ray.finetune import FinetuneConfig, finetune
-from pathalign_ray.objectives import reward_weighted_loss, reward_weights
-from pathalign_ray.pretrain import PretrainConfig
-from pathalign_ray.sampling import SampleConfig, read_manifest, sample
+from pathalign_ray.generator.finetune import FinetuneConfig, finetune
+from pathalign_ray.generator.objectives import reward_weighted_loss, reward_weights
+from pathalign_ray.generator.pretrain import PretrainConfig
+from pathalign_ray.generator.sampling import SampleConfig, read_manifest, sample
 
 LOG_EVERY = 10
 
@@ -138,8 +138,8 @@ def ray_run(model_dir: Path, samples: Path, dataset: Path, steps: int, batch: in
 
 def pools(samples: Path, dataset: Path, class_names: list[str]) -> tuple[tuple, tuple]:
     """The same synthetic pool (with the simulated pathologist's rewards) and real set, in memory."""
+    from pathalign_ray.experts.pathologist import judge
     from pathalign_ray.images import decode_image
-    from pathalign_ray.pathologist import judge
 
     rows = read_manifest(samples).to_pylist()
     pixels = np.stack([decode_image((samples / row["path"]).read_bytes(), 32, row["path"]) for row in rows])

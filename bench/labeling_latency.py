@@ -34,10 +34,10 @@ from ray import serve
 
 from pathalign_ray.data import procedural
 from pathalign_ray.data.shards import write_dataset
+from pathalign_ray.experts.labeling.app import LabelConfig
+from pathalign_ray.experts.labeling.serve import start_labeling
+from pathalign_ray.generator.sampling import MANIFEST_FILE
 from pathalign_ray.images import encode_png
-from pathalign_ray.labeling.app import LabelConfig
-from pathalign_ray.labeling.serve import start_labeling
-from pathalign_ray.sampling import MANIFEST_FILE
 
 SIZE = 32  # px, as the pretrained model's samples
 TOKEN = "bench-token-0123456789abcdef"

@@ -29,8 +29,8 @@ import time
 import torch
 from bench_common import write_result
 
-from pathalign_ray.generators.lora import LoraSettings
-from pathalign_ray.generators.tiny import TinyLatentConfig, build_tiny_latent
+from pathalign_ray.generator.lora import LoraSettings
+from pathalign_ray.generator.tiny import TinyLatentConfig, build_tiny_latent
 
 SIZES = {  # decoded image side, VAE levels (latent side = image / 2^(levels - 1)), UNet channels, layers a level
     "sd15": TinyLatentConfig(image_size=512, vae_channels=(32, 32, 32, 32), unet_channels=(320, 640, 1280, 1280),

@@ -8,7 +8,7 @@ per finished round), merged into bench/results/new_concept.json:
 - merged (the paper's setting): the pretraining data draws band neutrophils but labels them as their
   parent, segmented neutrophils (MakeDatasetConfig.merge), so the generator can already draw bands
   under the parent's label. The model gets a band class started from the parent's embedding
-  (pathalign_ray.concepts.add_class); the loop samples the band class and the parent, simulated
+  (pathalign_ray.generator.concepts.add_class); the loop samples the band class and the parent, simulated
   pathologists judge each against its own criteria, the reward model learns both.
 - unseen: no band neutrophil anywhere in pretraining; the class starts between its neighbours in
   maturation (metamyelocyte and segmented neutrophil) and the loop samples it alone.
@@ -31,15 +31,15 @@ from align_benchmark import OBJECTIVES
 from bench_common import RESULTS_DIR, machine, write_result
 
 from pathalign_ray.align import AlignConfig, align
-from pathalign_ray.concepts import add_class
 from pathalign_ray.config import load_config
 from pathalign_ray.data import procedural
 from pathalign_ray.data.make import MakeDatasetConfig, make_dataset
 from pathalign_ray.evaluation.metrics import wilson_interval
+from pathalign_ray.experts.pathologist import judge
+from pathalign_ray.generator.concepts import add_class
+from pathalign_ray.generator.pretrain import PretrainConfig, pretrain
+from pathalign_ray.generator.sampling import SampleConfig, read_manifest, sample
 from pathalign_ray.images import decode_image
-from pathalign_ray.pathologist import judge
-from pathalign_ray.pretrain import PretrainConfig, pretrain
-from pathalign_ray.sampling import SampleConfig, read_manifest, sample
 
 CONCEPT, PARENT = "band_neutrophil", "segmented_neutrophil"
 PARTS = RESULTS_DIR / "new_concept_parts"

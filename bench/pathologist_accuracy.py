@@ -24,7 +24,7 @@ import numpy as np
 from bench_common import write_result
 
 from pathalign_ray.data.procedural import BROKEN_KINDS, CELL_TYPES, generate, render_broken
-from pathalign_ray.pathologist import judge, judge_measurements, measure
+from pathalign_ray.experts.pathologist import judge, judge_measurements, measure
 
 FRESH_SEED = 31_415  # the tests use 1-2024; pathologist_speed.py uses 0
 SIZES = (32, 64)

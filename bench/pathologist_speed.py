@@ -24,7 +24,7 @@ import numpy as np
 from bench_common import write_result
 
 from pathalign_ray.data.procedural import CELL_TYPES, generate
-from pathalign_ray.pathologist import judge_batch
+from pathalign_ray.experts.pathologist import judge_batch
 
 IMAGES_PER_CLASS = {32: 40, 64: 30}  # per repeat: a fraction of a second each
 DIFFUSION_SAMPLES = Path(__file__).resolve().parent.parent / "tests" / "data" / "diffusion_samples_32px.npz"

@@ -25,8 +25,8 @@ from bench_common import RESULTS_DIR, write_result
 
 from pathalign_ray.config import load_config
 from pathalign_ray.data.make import MakeDatasetConfig, make_dataset
-from pathalign_ray.pretrain import PretrainConfig, pretrain
-from pathalign_ray.sampling import SampleConfig, sample
+from pathalign_ray.generator.pretrain import PretrainConfig, pretrain
+from pathalign_ray.generator.sampling import SampleConfig, sample
 
 KEPT_MODEL = Path(__file__).resolve().parent.parent / "models" / "cells32"
 

@@ -7,7 +7,7 @@ The overrides apply to configs/train_reward.yaml. Needs the 32 px model of bench
 
 1. Samples n_per_class images per class from it (DDIM, 50 steps by default) into
    runs/reward_auc/samples/pretrained (reused when there, with the same count and steps).
-2. Simulated pathologists (pathalign_ray.pathologist, through simulated_feedback) judge them into
+2. Simulated pathologists (pathalign_ray.experts.pathologist, through simulated_feedback) judge them into
    runs/reward_auc/feedback.
 3. Trains the reward model on 2 Ray Train workers on those verdicts plus weak feedback from the real
    set (runs/pretrain32/data): two weak examples per expert example, half with a wrong class.
@@ -33,10 +33,10 @@ from pathlib import Path
 from bench_common import write_result
 
 from pathalign_ray.config import load_config
+from pathalign_ray.experts.simulated_feedback import SimulateFeedbackConfig, simulate_feedback
+from pathalign_ray.generator.sampling import SampleConfig, read_manifest, sample
 from pathalign_ray.reward.data import build_examples, read_votes, split_examples
 from pathalign_ray.reward.train import TrainRewardConfig, train_reward
-from pathalign_ray.sampling import SampleConfig, read_manifest, sample
-from pathalign_ray.simulated_feedback import SimulateFeedbackConfig, simulate_feedback
 
 MODEL = Path("runs/pretrain32/model")
 DATASET = Path("runs/pretrain32/data")

@@ -37,7 +37,7 @@ from bench_common import write_result
 from feedback_store import _batches, _records
 from finetune_throughput import LOG_EVERY, benchmark_inputs, ray_history
 
-from pathalign_ray.feedback import FeedbackStore
+from pathalign_ray.experts.feedback import FeedbackStore
 
 
 def _free_port() -> int:

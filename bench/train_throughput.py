@@ -29,14 +29,14 @@ from bench_common import write_result
 from pathalign_ray.config import load_config
 from pathalign_ray.data import procedural
 from pathalign_ray.data.shards import read_dataset, write_dataset
-from pathalign_ray.diffusion import (
+from pathalign_ray.generator.diffusion import (
     build_noise_scheduler,
     build_unet,
     diffusion_loss_per_sample,
     draw_noise_and_timesteps,
     to_model_input,
 )
-from pathalign_ray.pretrain import PretrainConfig, pretrain
+from pathalign_ray.generator.pretrain import PretrainConfig, pretrain
 
 
 def bare_loop(config: PretrainConfig, dataset: Path, steps: int, threads: int) -> float:

@@ -34,8 +34,8 @@ from bench_common import RESULTS_DIR, write_result
 
 from pathalign_ray.align import AlignConfig, align
 from pathalign_ray.config import config_to_dict, load_config
-from pathalign_ray.tune import search
-from pathalign_ray.tune_config import SearchConfig, flat_branch
+from pathalign_ray.tune.config import SearchConfig, flat_branch
+from pathalign_ray.tune.search import search
 
 RUN_DIR = Path("runs/tune32")
 SAMPLER = "ddim50_eta1"  # align_benchmark.EVAL_SAMPLERS: the pools' sampler and the base model's best

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from pathalign_ray.diffusion import load_model
-from pathalign_ray.objectives import (
+from pathalign_ray.generator.diffusion import load_model
+from pathalign_ray.generator.objectives import (
     PerClassRewardStats,
     clipped_policy_loss,
     ddim_step_with_log_prob,

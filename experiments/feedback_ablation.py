@@ -46,7 +46,7 @@ import numpy as np
 from pathalign_ray.align import AlignConfig, collect_feedback
 from pathalign_ray.config import load_config
 from pathalign_ray.evaluation.plausibility import rate
-from pathalign_ray.finetune import FinetuneConfig, finetune
+from pathalign_ray.generator.finetune import FinetuneConfig, finetune
 
 # bench_common (it writes bench/results/NAME.json) is in bench/, off the path when run as experiments/NAME.py
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -122,7 +122,7 @@ def feedback_round() -> dict:
 
 def make_pool(pool: Path) -> None:
     """The base model's samples drawn with the pool's sampler, made once."""
-    from pathalign_ray.sampling import SampleConfig, sample
+    from pathalign_ray.generator.sampling import SampleConfig, sample
 
     ddim_steps, eta = POOLS[pool]
     if not (pool / "manifest.parquet").is_file():
@@ -166,7 +166,7 @@ def finetune_variant(name: str, overrides: list[str], reward_dir: str) -> tuple[
 
 def fresh_plausibility(model_dir: Path) -> dict:
     """{sampler: the simulated pathologist on FRESH_PER_CLASS samples per class}, the same seeds for every model."""
-    from pathalign_ray.diffusion import load_model
+    from pathalign_ray.generator.diffusion import load_model
 
     unet, ddim, class_names, _ = load_model(model_dir)
     unet.eval()
@@ -177,8 +177,8 @@ def _plausibility(unet, ddim, class_names: list[str], ddim_steps: int, eta: floa
     import torch
     from diffusers import DDIMScheduler
 
-    from pathalign_ray.diffusion import ddim_sample, derive_seed, to_uint8
-    from pathalign_ray.pathologist import judge
+    from pathalign_ray.experts.pathologist import judge
+    from pathalign_ray.generator.diffusion import ddim_sample, derive_seed, to_uint8
 
     per_class = {}
     for class_id, name in enumerate(class_names):

@@ -33,7 +33,7 @@ import torch
 from sklearn.ensemble import HistGradientBoostingClassifier
 
 from pathalign_ray.config import load_config
-from pathalign_ray.pathologist import _TOLERANCES, measure
+from pathalign_ray.experts.pathologist import _TOLERANCES, measure
 from pathalign_ray.reward.data import build_examples, split_examples
 from pathalign_ray.reward.metrics import roc_auc
 from pathalign_ray.reward.model import RewardModel

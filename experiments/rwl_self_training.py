@@ -26,7 +26,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from pathalign_ray.data.shards import read_dataset
-from pathalign_ray.diffusion import (
+from pathalign_ray.experts.pathologist import judge
+from pathalign_ray.generator.diffusion import (
     ddim_sample,
     derive_seed,
     diffusion_loss_per_sample,
@@ -34,8 +35,7 @@ from pathalign_ray.diffusion import (
     to_model_input,
     to_uint8,
 )
-from pathalign_ray.objectives import class_means, reward_weighted_loss, reward_weights
-from pathalign_ray.pathologist import judge
+from pathalign_ray.generator.objectives import class_means, reward_weighted_loss, reward_weights
 
 # bench_common (it writes bench/results/NAME.json) is in bench/, off the path when run as experiments/NAME.py
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))

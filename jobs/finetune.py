@@ -8,7 +8,7 @@ python jobs/finetune.py --config configs/finetune.yaml lora.rank=8 base_model=MO
 import sys
 
 from pathalign_ray.config import parse_job_args
-from pathalign_ray.finetune import FinetuneConfig, finetune
+from pathalign_ray.generator.finetune import FinetuneConfig, finetune
 
 
 def main(argv=None) -> None:

@@ -9,8 +9,8 @@ it keeps its local Ray cluster up until Ctrl-C.
 import sys
 
 from pathalign_ray.config import parse_job_args
-from pathalign_ray.labeling.app import LabelConfig
-from pathalign_ray.labeling.serve import serve_until_interrupted
+from pathalign_ray.experts.labeling.app import LabelConfig
+from pathalign_ray.experts.labeling.serve import serve_until_interrupted
 
 
 def main(argv=None) -> None:

@@ -6,7 +6,7 @@ python jobs/pretrain.py --config configs/pretrain.yaml train.steps=4000 scale.nu
 import sys
 
 from pathalign_ray.config import parse_job_args
-from pathalign_ray.pretrain import PretrainConfig, pretrain
+from pathalign_ray.generator.pretrain import PretrainConfig, pretrain
 
 
 def main(argv=None) -> None:

@@ -8,7 +8,7 @@ python jobs/sample.py --select uncertain --k 32 reward_model=runs/x/reward   # t
 import sys
 
 from pathalign_ray.config import parse_job_args
-from pathalign_ray.sampling import SampleConfig, sample
+from pathalign_ray.generator.sampling import SampleConfig, sample
 
 
 def main(argv=None) -> None:

@@ -6,7 +6,7 @@ python jobs/simulate_feedback.py --config configs/simulate_feedback.yaml run_dir
 import sys
 
 from pathalign_ray.config import parse_job_args
-from pathalign_ray.simulated_feedback import SimulateFeedbackConfig, simulate_feedback
+from pathalign_ray.experts.simulated_feedback import SimulateFeedbackConfig, simulate_feedback
 
 
 def main(argv=None) -> None:

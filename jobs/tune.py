@@ -12,8 +12,8 @@ the trials' runs and the results then live on the bucket, and the search resumes
 import sys
 
 from pathalign_ray.config import parse_job_args
-from pathalign_ray.tune import search
-from pathalign_ray.tune_config import SearchConfig
+from pathalign_ray.tune.config import SearchConfig
+from pathalign_ray.tune.search import search
 
 
 def main(argv=None) -> dict:

@@ -19,13 +19,13 @@ from pydantic import Field
 
 from pathalign_ray import storage
 from pathalign_ray.config import Location, config_dataclass, refuse_overwritten
-from pathalign_ray.feedback import FeedbackStore
-from pathalign_ray.finetune import FinetuneConfig, FinetuneDataConfig, FinetuneRecipe, finetune
+from pathalign_ray.experts.feedback import FeedbackStore
+from pathalign_ray.experts.simulated_feedback import SimulateFeedbackConfig, simulate_feedback
+from pathalign_ray.generator.finetune import FinetuneConfig, FinetuneDataConfig, FinetuneRecipe, finetune
+from pathalign_ray.generator.sampling import SampleConfig, read_manifest, sample
 from pathalign_ray.reward.functions import RewardSourceConfig
 from pathalign_ray.reward.serve import ServeRewardConfig, start_reward_server
 from pathalign_ray.reward.train import TrainRewardConfig, train_reward
-from pathalign_ray.sampling import SampleConfig, read_manifest, sample
-from pathalign_ray.simulated_feedback import SimulateFeedbackConfig, simulate_feedback
 
 ROUNDS_FILE = "rounds.jsonl"
 ALLOCATION_FLOOR = 0.25  # weakest_first: a class's weight is at least this (a solved class keeps a quarter share)

@@ -24,7 +24,7 @@ from pathalign_ray.config import Location, config_dataclass, refuse_overwritten
 from pathalign_ray.data.make import MakeDatasetConfig, make_dataset
 from pathalign_ray.demo_report import demo_summary, write_demo_report
 from pathalign_ray.evaluation.evaluate import EvaluateConfig, evaluate
-from pathalign_ray.pretrain import PretrainConfig, pretrain
+from pathalign_ray.generator.pretrain import PretrainConfig, pretrain
 
 SUMMARY_FILE = "demo.json"
 REPORT_FILE = "report.html"

@@ -6,7 +6,7 @@ The three training loops (pretrain, finetune: DeepSpeed; the reward model: DDP) 
 classifiers all take their schedule and reduction from here. A diffusion checkpoint holds each rank's
 DeepSpeed shard, the EMA weights (rank 0) and a JSON train state (step, metric history, and whatever
 the job adds). Only ray.train and deepspeed wiring lives here; the objectives are in
-pathalign_ray.objectives and pathalign_ray.diffusion.
+pathalign_ray.generator.objectives and pathalign_ray.generator.diffusion.
 """
 
 from __future__ import annotations

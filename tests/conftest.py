@@ -8,7 +8,7 @@ import os
 import pytest
 
 from pathalign_ray.cluster import job_env
-from pathalign_ray.diffusion import ModelConfig
+from pathalign_ray.generator.diffusion import ModelConfig
 
 os.environ.update(job_env("cpu"))
 
@@ -66,7 +66,7 @@ def unet():
     """A seeded 3-class UNet of TINY_MODEL's size, in eval mode."""
     import torch
 
-    from pathalign_ray.diffusion import build_unet
+    from pathalign_ray.generator.diffusion import build_unet
 
     torch.manual_seed(0)
     return build_unet(TINY_MODEL, num_classes=3).eval()
@@ -104,7 +104,7 @@ def tiny_pretrained(ray_cluster, tiny_dataset, tmp_path_factory):
     Returns (run_dir, metric history of the first run, exported model folder).
     """
     from pathalign_ray.config import load_config
-    from pathalign_ray.pretrain import PretrainConfig, pretrain
+    from pathalign_ray.generator.pretrain import PretrainConfig, pretrain
 
     run_dir = tmp_path_factory.mktemp("run")
 
@@ -119,7 +119,7 @@ def tiny_pretrained(ray_cluster, tiny_dataset, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_samples(tiny_pretrained):
     """3 samples per class (12 in all) from the tiny model, in RUN_DIR/samples/pretrained."""
-    from pathalign_ray.sampling import SampleConfig, sample
+    from pathalign_ray.generator.sampling import SampleConfig, sample
 
     run_dir, _, model_dir = tiny_pretrained
     return sample(

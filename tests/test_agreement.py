@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from pathalign_ray.agreement import agreement_table, cohen_kappa, fleiss_kappa
+from pathalign_ray.experts.agreement import agreement_table, cohen_kappa, fleiss_kappa
 
 # Wikipedia, "Fleiss' kappa", worked example: 10 subjects, 14 raters, 5 categories; kappa = 0.210.
 WIKIPEDIA_COUNTS = [
@@ -154,7 +154,7 @@ def test_agreement_table_with_no_shared_items_and_with_repeated_votes():
 
 
 def test_agreement_table_reads_the_store_latest_view(tmp_path):
-    from pathalign_ray.feedback import FeedbackRecord, FeedbackStore
+    from pathalign_ray.experts.feedback import FeedbackRecord, FeedbackStore
 
     store = FeedbackStore(tmp_path / "feedback")
     sha = hashlib.sha256(b"image").hexdigest()

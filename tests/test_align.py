@@ -9,7 +9,7 @@ from conftest import TINY_ALIGN_OVERRIDES
 from test_evaluation import TINY_CLASSIFIER
 
 from pathalign_ray.align import plausibility_per_class, pool_allocation, pool_seed, round_verdicts
-from pathalign_ray.diffusion import SEED_NAMESPACES, derive_seed, namespaced_seed
+from pathalign_ray.generator.diffusion import SEED_NAMESPACES, derive_seed, namespaced_seed
 
 
 def test_each_namespace_draws_other_seeds_than_every_other_and_than_plain_keys():
@@ -37,7 +37,7 @@ def test_pool_seeds_are_one_per_seed_and_round():
 
 
 def test_weakest_first_gives_rejected_classes_more_of_the_pool_and_solved_ones_a_floor():
-    from pathalign_ray.sampling import SampleConfig, plan_samples
+    from pathalign_ray.generator.sampling import SampleConfig, plan_samples
 
     counts = pool_allocation({"a": 1.0, "b": 0.75, "c": 0.0, "d": 0.5}, total=100)
     assert sum(counts.values()) == 100
@@ -66,8 +66,8 @@ def test_two_rounds_compound_and_the_evaluation_refuses_a_pools_noise(tiny_pretr
     from pathalign_ray.align import AlignConfig, align
     from pathalign_ray.config import load_config
     from pathalign_ray.evaluation.evaluate import EvaluateConfig, evaluate
-    from pathalign_ray.feedback import FeedbackStore
-    from pathalign_ray.sampling import read_manifest
+    from pathalign_ray.experts.feedback import FeedbackStore
+    from pathalign_ray.generator.sampling import read_manifest
 
     _, _, model_dir = tiny_pretrained
     run = tmp_path / "run"

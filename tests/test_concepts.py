@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import TINY_ALIGN_OVERRIDES
 
-from pathalign_ray.concepts import add_class, extend_class_embedding
 from pathalign_ray.data import procedural
 from pathalign_ray.data.labeled import merge_classes
-from pathalign_ray.diffusion import ddim_sample, export_model, load_model
+from pathalign_ray.generator.concepts import add_class, extend_class_embedding
+from pathalign_ray.generator.diffusion import ddim_sample, export_model, load_model
 
 # the tiny model's 4 classes, with band neutrophils drawn among the metamyelocytes under their label
 MERGED = (*procedural.DEFAULT_CELL_TYPES[:4], "band_neutrophil")
@@ -71,8 +71,8 @@ def test_one_round_of_the_loop_teaches_a_concept_its_data_drew_under_the_parents
     from pathalign_ray.align import AlignConfig, align
     from pathalign_ray.config import load_config
     from pathalign_ray.data.make import MakeDatasetConfig, make_dataset
+    from pathalign_ray.generator.sampling import read_manifest
     from pathalign_ray.reward.model import load_reward_model
-    from pathalign_ray.sampling import read_manifest
 
     _, _, model_dir = tiny_pretrained
     data = make_dataset(MakeDatasetConfig(out_dir=str(tmp_path / "data"), image_size=16, n_per_class=8, classes=MERGED,

@@ -17,7 +17,7 @@ from pathalign_ray.config import (
     save_config,
     set_dotted,
 )
-from pathalign_ray.pretrain import PretrainConfig
+from pathalign_ray.generator.pretrain import PretrainConfig
 
 
 def test_defaults_load_without_a_file():
@@ -157,7 +157,7 @@ def test_cross_field_rules_name_their_key():
 
 def test_top_level_keys_are_also_flags(capsys):
     from pathalign_ray.evaluation.evaluate import EvaluateConfig
-    from pathalign_ray.sampling import SampleConfig
+    from pathalign_ray.generator.sampling import SampleConfig
 
     # a list takes values up to the next flag or key=value; paths stay strings, whatever they look like
     argv = ["--models", "runs/a/model", "1e3", "prdc_k=3", "--real", "true", "--config", "configs/evaluate.yaml"]

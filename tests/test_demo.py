@@ -44,16 +44,16 @@ CONFIG_INPUTS = {
     "demo.yaml": ("pathalign_ray.demo:DemoConfig", ["model"]),
     "demo_pretrain.yaml": ("pathalign_ray.demo:DemoConfig", []),
     "evaluate.yaml": ("pathalign_ray.evaluation.evaluate:EvaluateConfig", ["models", "real"]),
-    "finetune.yaml": ("pathalign_ray.finetune:FinetuneConfig", ["base_model", "data.samples", "data.real_dataset"]),
-    "label.yaml": ("pathalign_ray.labeling.app:LabelConfig", ["run_dir", "run_dir/samples", "run_dir/reference_data"]),
+    "finetune.yaml": ("pathalign_ray.generator.finetune:FinetuneConfig", ["base_model", "data.samples", "data.real_dataset"]),
+    "label.yaml": ("pathalign_ray.experts.labeling.app:LabelConfig", ["run_dir", "run_dir/samples", "run_dir/reference_data"]),
     "make_dataset.yaml": ("pathalign_ray.data.make:MakeDatasetConfig", []),
-    "pretrain.yaml": ("pathalign_ray.pretrain:PretrainConfig", ["data.dataset"]),
-    "pretrain_64_gpu.yaml": ("pathalign_ray.pretrain:PretrainConfig", ["data.dataset"]),
-    "sample.yaml": ("pathalign_ray.sampling:SampleConfig", ["model"]),
+    "pretrain.yaml": ("pathalign_ray.generator.pretrain:PretrainConfig", ["data.dataset"]),
+    "pretrain_64_gpu.yaml": ("pathalign_ray.generator.pretrain:PretrainConfig", ["data.dataset"]),
+    "sample.yaml": ("pathalign_ray.generator.sampling:SampleConfig", ["model"]),
     "serve_reward.yaml": ("pathalign_ray.reward.serve:ServeRewardConfig", ["model"]),
-    "simulate_feedback.yaml": ("pathalign_ray.simulated_feedback:SimulateFeedbackConfig", ["run_dir", "run_dir/samples"]),
+    "simulate_feedback.yaml": ("pathalign_ray.experts.simulated_feedback:SimulateFeedbackConfig", ["run_dir", "run_dir/samples"]),
     "train_reward.yaml": ("pathalign_ray.reward.train:TrainRewardConfig", ["run_dir/data.feedback", "data.dataset"]),
-    "tune.yaml": ("pathalign_ray.tune_config:SearchConfig", ["finetune.base_model", "finetune.data.samples", "finetune.data.real_dataset", "finetune.reward.model"]),
+    "tune.yaml": ("pathalign_ray.tune.config:SearchConfig", ["finetune.base_model", "finetune.data.samples", "finetune.data.real_dataset", "finetune.reward.model"]),
 }  # fmt: skip
 
 

@@ -4,7 +4,7 @@ import torch
 from conftest import TINY_MODEL
 from diffusers import DDIMScheduler
 
-from pathalign_ray.diffusion import (
+from pathalign_ray.generator.diffusion import (
     ModelConfig,
     build_noise_scheduler,
     ddim_sample,

@@ -174,7 +174,7 @@ def test_report_for_the_tiny_model_its_samples_and_real_images(
 ):
     from pathalign_ray.config import load_config
     from pathalign_ray.evaluation.evaluate import EvaluateConfig, evaluate
-    from pathalign_ray.simulated_feedback import SimulateFeedbackConfig, simulate_feedback
+    from pathalign_ray.experts.simulated_feedback import SimulateFeedbackConfig, simulate_feedback
 
     _, _, model_dir = tiny_pretrained
     dataset = tmp_path / "data"  # a copy: the encoder cache is written beside it

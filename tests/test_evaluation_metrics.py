@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 
-from pathalign_ray.checklist import CRITERIA
 from pathalign_ray.evaluation.metrics import (
     classification_metrics,
     confusion_counts,
@@ -19,6 +18,7 @@ from pathalign_ray.evaluation.metrics import (
     wilson_interval,
 )
 from pathalign_ray.evaluation.plausibility import plausibility_per_round, rate, summarize_consensus, summarize_verdicts
+from pathalign_ray.experts.checklist import CRITERIA
 
 # ---------------------------------------------------------------- Frechet distance
 

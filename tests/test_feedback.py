@@ -24,8 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pathalign_ray.checklist import CRITERIA
-from pathalign_ray.feedback import FeedbackRecord, FeedbackStore, FeedbackStoreError
+from pathalign_ray.experts.checklist import CRITERIA
+from pathalign_ray.experts.feedback import FeedbackRecord, FeedbackStore, FeedbackStoreError
 
 SHA = hashlib.sha256(b"an image").hexdigest()
 BATCH_SIZES = (1, 2, 3, 4)  # writers cycle through these, so the batch boundaries are known

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from pathalign_ray.config import ConfigError, load_config
-from pathalign_ray.finetune import FinetuneConfig, finetune
+from pathalign_ray.generator.finetune import FinetuneConfig, finetune
 
 pytestmark = pytest.mark.ray
 
@@ -46,7 +46,7 @@ def reward_endpoint(serve_port, tiny_pretrained, tmp_path_factory):
     import torch
     from ray import serve
 
-    from pathalign_ray.diffusion import load_model
+    from pathalign_ray.generator.diffusion import load_model
     from pathalign_ray.reward.model import RewardModel, RewardModelConfig, save_reward_model
     from pathalign_ray.reward.serve import APP_NAME, ServeRewardConfig, start_reward_server
 
@@ -73,9 +73,9 @@ def test_each_objective_finetunes_on_two_zero2_workers_scored_over_http(
     import torch
     from diffusers import UNet2DModel
 
+    from pathalign_ray.generator.sampling import read_manifest
     from pathalign_ray.images import decode_image
     from pathalign_ray.reward.functions import RewardSourceConfig, make_reward_fn
-    from pathalign_ray.sampling import read_manifest
 
     url, reward_dir = reward_endpoint
     _, _, model_dir = tiny_pretrained
@@ -132,8 +132,8 @@ def tiny_latent(ray_cluster, tiny_dataset, tmp_path_factory):
     """A tiny latent model (VAE + class-embedding UNet2DConditionModel) of the tiny data set's classes and size,
     briefly trained, and 2 samples per class from it through jobs/sample.py's sampler: (model folder, samples)."""
     from pathalign_ray.data.shards import read_dataset_info
-    from pathalign_ray.generators.tiny import TinyLatentConfig, TinyTrainConfig, make_tiny_latent_model
-    from pathalign_ray.sampling import SampleConfig, sample
+    from pathalign_ray.generator.sampling import SampleConfig, sample
+    from pathalign_ray.generator.tiny import TinyLatentConfig, TinyTrainConfig, make_tiny_latent_model
 
     root = tmp_path_factory.mktemp("latent")
     model = TinyLatentConfig(
@@ -162,10 +162,10 @@ def test_lora_on_the_latent_model_checkpoints_the_adapter_and_exports_what_it_sa
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from safetensors.torch import load_file
 
-    from pathalign_ray.diffusion import namespaced_seed, to_uint8
-    from pathalign_ray.generators import ddim as gddim
-    from pathalign_ray.generators import load_generator
-    from pathalign_ray.generators.lora import LORA_WEIGHT_NAME
+    from pathalign_ray.generator import ddim as gddim
+    from pathalign_ray.generator import load_generator
+    from pathalign_ray.generator.diffusion import namespaced_seed, to_uint8
+    from pathalign_ray.generator.lora import LORA_WEIGHT_NAME
     from pathalign_ray.reward.functions import RewardSourceConfig, make_reward_fn
     from pathalign_ray.training import DEEPSPEED_TAG, EMA_FILE
 

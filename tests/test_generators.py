@@ -10,13 +10,13 @@ pytest.importorskip("peft")
 
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
-from pathalign_ray.diffusion import ModelConfig, build_noise_scheduler, build_unet, ddim_sample
-from pathalign_ray.generators import ddim as gddim
-from pathalign_ray.generators import lora
-from pathalign_ray.generators.base import Generator, load_generator
-from pathalign_ray.generators.latent import LatentGenerator
-from pathalign_ray.generators.pixel import PixelGenerator
-from pathalign_ray.generators.tiny import TinyLatentConfig, TinyTrainConfig, build_tiny_latent, train_tiny_latent
+from pathalign_ray.generator import ddim as gddim
+from pathalign_ray.generator import lora
+from pathalign_ray.generator.base import Generator, load_generator
+from pathalign_ray.generator.diffusion import ModelConfig, build_noise_scheduler, build_unet, ddim_sample
+from pathalign_ray.generator.latent import LatentGenerator
+from pathalign_ray.generator.pixel import PixelGenerator
+from pathalign_ray.generator.tiny import TinyLatentConfig, TinyTrainConfig, build_tiny_latent, train_tiny_latent
 
 CLASSES = ["myeloblast", "lymphocyte", "eosinophil"]
 PIXEL = ModelConfig(sample_size=16, block_out_channels=(8, 16), norm_num_groups=4, num_train_timesteps=100)
@@ -100,7 +100,7 @@ def test_pixel_generator_samples_as_ddim_sample(eta):
 
 
 def test_generic_trajectory_follows_ddim_trajectories():
-    from pathalign_ray.objectives import ddim_trajectories
+    from pathalign_ray.generator.objectives import ddim_trajectories
 
     generator = _pixel()
     expected = ddim_trajectories(generator.unet, generator.ddim, LABELS, 4, 1.0, torch.Generator().manual_seed(3))
@@ -145,7 +145,7 @@ def test_trajectory_log_probs_are_rescored_exactly(generator):
 
 
 def test_pixel_loss_is_diffusion_loss_per_sample():
-    from pathalign_ray.diffusion import diffusion_loss_per_sample
+    from pathalign_ray.generator.diffusion import diffusion_loss_per_sample
 
     generator = _pixel()
     latents, noise, timesteps = _inputs(generator)
@@ -177,7 +177,7 @@ def test_latent_loss_matches_diffusers_training_loss(prediction_type):
 
 def test_v_prediction_steps_as_the_scheduler():
     """to_epsilon + ddim_step_with_log_prob land where DDIMScheduler.step(prediction_type=v_prediction) lands."""
-    from pathalign_ray.objectives import ddim_step_with_log_prob
+    from pathalign_ray.generator.objectives import ddim_step_with_log_prob
 
     ddim = DDIMScheduler(
         num_train_timesteps=100, beta_schedule="scaled_linear", clip_sample=False, prediction_type="v_prediction"
@@ -334,7 +334,7 @@ def test_tiny_latent_trainer_and_latent_cache(tmp_path):
 @pytest.mark.parametrize("objective", ["rwl", "ddpo"])
 def test_a_lora_round_of_each_objective_on_the_latent_model(objective):
     """What finetune.py's steps will do through the interface: the adapter moves, the reference stays the base."""
-    from pathalign_ray.objectives import clipped_policy_loss, reward_weighted_loss
+    from pathalign_ray.generator.objectives import clipped_policy_loss, reward_weighted_loss
 
     generator = _latent()
     base = _predictions(generator)
@@ -376,7 +376,7 @@ def test_a_lora_round_of_each_objective_on_the_latent_model(objective):
 def test_add_class_on_either_kind_keeps_the_old_classes_images_and_refuses_an_adapter(generator, tmp_path):
     """Algorithm 4 through the generator interface: the export has the concept last, its embedding the mean
     of init_from's, and draws exactly the old images for the old classes; a LoRA export must be merged first."""
-    from pathalign_ray.concepts import add_class
+    from pathalign_ray.generator.concepts import add_class
 
     base = generator.save(tmp_path / "base")
     extended = load_generator(add_class(base, "band_neutrophil", tmp_path / "extended", init_from=CLASSES[:2]))

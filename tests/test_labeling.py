@@ -8,9 +8,9 @@ import shutil
 import httpx
 import pytest
 
-from pathalign_ray.feedback import FeedbackStore
-from pathalign_ray.labeling.app import LabelConfig
-from pathalign_ray.labeling.serve import start_labeling
+from pathalign_ray.experts.feedback import FeedbackStore
+from pathalign_ray.experts.labeling.app import LabelConfig
+from pathalign_ray.experts.labeling.serve import start_labeling
 
 pytestmark = pytest.mark.ray
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from pathalign_ray.objectives import (
+from pathalign_ray.generator.objectives import (
     PerClassRewardStats,
     class_means,
     clipped_policy_loss,

@@ -10,8 +10,6 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from pathalign_ray import pathologist
-from pathalign_ray.checklist import CRITERIA
 from pathalign_ray.data.procedural import (
     BROKEN_KINDS,
     CELL_TYPES,
@@ -22,7 +20,9 @@ from pathalign_ray.data.procedural import (
     render_broken,
     render_cell,
 )
-from pathalign_ray.pathologist import (
+from pathalign_ray.experts import pathologist
+from pathalign_ray.experts.checklist import CRITERIA
+from pathalign_ray.experts.pathologist import (
     Measurements,
     SimulatedExpert,
     judge,

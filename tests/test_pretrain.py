@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from pathalign_ray.sampling import SampleConfig, read_manifest, sample
+from pathalign_ray.generator.sampling import SampleConfig, read_manifest, sample
 
 pytestmark = pytest.mark.ray
 

@@ -8,8 +8,6 @@ import pytest
 from scipy.ndimage import binary_dilation, binary_erosion, binary_fill_holes
 from skimage.measure import label
 
-from pathalign_ray import checklist
-from pathalign_ray.checklist import SPECS
 from pathalign_ray.data.procedural import (
     CELL_TYPES,
     DEFAULT_CELL_TYPES,
@@ -18,6 +16,8 @@ from pathalign_ray.data.procedural import (
     generate,
     render_cell,
 )
+from pathalign_ray.experts import checklist
+from pathalign_ray.experts.checklist import SPECS
 
 BACKGROUND = np.array([236, 226, 228])
 NUCLEUS_LUMINANCE = 120  # the nucleus is darker, cytoplasm and lobe filaments are lighter

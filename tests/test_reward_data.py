@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 import numpy as np
 import pytest
 
-from pathalign_ray.feedback import FeedbackRecord, FeedbackStore
+from pathalign_ray.experts.feedback import FeedbackRecord, FeedbackStore
 from pathalign_ray.images import encode_png
 from pathalign_ray.reward.data import (
     RewardDataConfig,

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from diffusers import UNet2DModel
 from safetensors import safe_open
 
-from pathalign_ray.checklist import CRITERIA
+from pathalign_ray.experts.checklist import CRITERIA
+from pathalign_ray.generator.sampling import SampleConfig
 from pathalign_ray.reward.model import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -27,7 +28,6 @@ from pathalign_ray.reward.model import (
 )
 from pathalign_ray.reward.selection import most_uncertain
 from pathalign_ray.reward.train import _Heads, reward_loss
-from pathalign_ray.sampling import SampleConfig
 
 CLASSES = ["myeloblast", "lymphocyte", "band_neutrophil"]
 

@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 
-from pathalign_ray.checklist import CRITERIA
-from pathalign_ray.feedback import FeedbackStore
-from pathalign_ray.simulated_feedback import SimulateFeedbackConfig, simulate_feedback, simulated_experts
+from pathalign_ray.experts.checklist import CRITERIA
+from pathalign_ray.experts.feedback import FeedbackStore
+from pathalign_ray.experts.simulated_feedback import SimulateFeedbackConfig, simulate_feedback, simulated_experts
 
 pytestmark = pytest.mark.ray
 

@@ -31,7 +31,7 @@ from test_feedback import (
 )
 
 from pathalign_ray import storage
-from pathalign_ray.feedback import FeedbackRecord, FeedbackStore, FeedbackStoreError
+from pathalign_ray.experts.feedback import FeedbackRecord, FeedbackStore, FeedbackStoreError
 from pathalign_ray.storage import StorageError
 
 SHA = hashlib.sha256(b"an image").hexdigest()
@@ -261,7 +261,7 @@ def test_an_align_config_names_the_key_and_the_uri_of_a_bad_location(s3_server, 
 
 def test_a_config_with_a_uri_and_no_credentials_fails_as_it_loads(bucket, monkeypatch, tmp_path):
     from pathalign_ray.config import ConfigError, load_config
-    from pathalign_ray.pretrain import PretrainConfig
+    from pathalign_ray.generator.pretrain import PretrainConfig
 
     config = load_config(PretrainConfig, None, [f"run_dir={bucket}/run", f"data.dataset={bucket}/data"])
     assert config.run_dir == f"{bucket}/run"  # the bucket exists and the credentials are the server's

@@ -19,13 +19,13 @@ import pytest
 import torch
 
 from pathalign_ray.config import load_config
-from pathalign_ray.diffusion import load_model
+from pathalign_ray.experts.simulated_feedback import SimulateFeedbackConfig, simulate_feedback
+from pathalign_ray.generator.diffusion import load_model
+from pathalign_ray.generator.sampling import read_manifest
 from pathalign_ray.reward.data import build_examples, split_examples
 from pathalign_ray.reward.model import load_reward_model
 from pathalign_ray.reward.selection import most_uncertain
 from pathalign_ray.reward.train import TrainRewardConfig, evaluate, train_reward, warmup_steps_of
-from pathalign_ray.sampling import read_manifest
-from pathalign_ray.simulated_feedback import SimulateFeedbackConfig, simulate_feedback
 from pathalign_ray.training import lr_factor
 
 pytestmark = pytest.mark.ray

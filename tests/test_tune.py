@@ -20,8 +20,8 @@ import pytest
 
 from pathalign_ray import storage
 from pathalign_ray.config import ConfigError, config_to_dict, get_dotted, load_config
-from pathalign_ray.finetune import FinetuneConfig, ObjectiveConfig
-from pathalign_ray.tune_config import (
+from pathalign_ray.generator.finetune import FinetuneConfig, ObjectiveConfig
+from pathalign_ray.tune.config import (
     KIND_FIELDS,
     WEIGHTING_FIELDS,
     ParamRange,
@@ -186,7 +186,7 @@ def test_every_draw_of_the_conditional_space_is_a_valid_config_with_only_its_bra
     ddpo field without kind ddpo, no rwl field with it. The first draw is the as-written trial. TPE is
     told a result after each draw, so its draws after the first 10 come from its model."""
     config = load_config(SearchConfig, TUNE_YAML, [f"algorithm={algorithm}"])
-    from pathalign_ray.tune import _tune_config
+    from pathalign_ray.tune.search import _tune_config
 
     tune_config = _tune_config(config, concurrency=1)
     assert tune_config.scheduler._max_t == 3  # 600 steps at most, a report every 200
@@ -220,8 +220,8 @@ def test_every_objective_field_belongs_to_one_kind():
 
 
 def test_the_probe_draws_noise_no_pool_check_or_evaluation_draws():
-    from pathalign_ray.diffusion import namespaced_seed
     from pathalign_ray.evaluation.probe import probe_seeds
+    from pathalign_ray.generator.diffusion import namespaced_seed
 
     config = load_config(SearchConfig, TUNE_YAML)
     probe = set(probe_seeds(8, config.probe))
@@ -279,7 +279,7 @@ def test_a_bad_uri_fails_naming_the_key_before_ray_starts(s3_server, override, m
     def refuse(*args, **kwargs):
         raise AssertionError("the search started")
 
-    monkeypatch.setattr("pathalign_ray.tune.search", refuse)
+    monkeypatch.setattr("pathalign_ray.tune.search.search", refuse)
     monkeypatch.setattr("ray.init", refuse)
     with pytest.raises(SystemExit):
         _job("tune")(["--config", str(TUNE_YAML), override])
@@ -291,7 +291,7 @@ def test_the_search_keeps_uris_makes_paths_absolute_and_puts_tune_s_experiment_w
 ):
     """What the search hands Tune and its trials (no Ray run): plain paths made absolute as before, URIs as they
     are; Tune's storage an absolute local folder, or the path on the bucket with storage.py's filesystem."""
-    from pathalign_ray.tune import _resolved, _tune_storage
+    from pathalign_ray.tune.search import _resolved, _tune_storage
 
     monkeypatch.chdir(tmp_path)
     local = _resolved(load_config(SearchConfig, TUNE_YAML, ["out_dir=runs/tune"]))
@@ -319,7 +319,7 @@ def test_a_space_of_one_branch():
 
 def test_results_tables_plot_and_best_config_from_trial_rows(tmp_path):
     """write_results on rows as trial_rows makes them: a failed trial is listed, never best, never on the front."""
-    from pathalign_ray.tune_report import param_keys, write_results
+    from pathalign_ray.tune.report import param_keys, write_results
 
     config = load_config(SearchConfig, TUNE_YAML, [
         f"out_dir={tmp_path}", f"best_config={tmp_path / 'best.yaml'}", f"finetune.run_dir={tmp_path / 'run'}",

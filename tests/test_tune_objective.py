@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pathalign_ray.tune_objective import objective_terms, pareto_front, report_steps, trial_concurrency
+from pathalign_ray.tune.objective import objective_terms, pareto_front, report_steps, trial_concurrency
 
 
 def test_objective_is_gain_less_fid_and_coverage_penalties():

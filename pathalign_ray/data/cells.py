@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pathalign_ray import checklist
-from pathalign_ray.checklist import NUCLEUS_DENSE_RGB, NUCLEUS_OPEN_RGB, SMEAR_RGB, cytoplasm_rgb
 from pathalign_ray.data import raster
+from pathalign_ray.experts import checklist
+from pathalign_ray.experts.checklist import NUCLEUS_DENSE_RGB, NUCLEUS_OPEN_RGB, SMEAR_RGB, cytoplasm_rgb
 
 MIN_SIZE = 16  # px, the smallest image side drawn
 

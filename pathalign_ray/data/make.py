@@ -24,7 +24,7 @@ class MakeDatasetConfig:
     n_per_class: int = 160  # procedural and ihc: images per class (the paper: 128 train + 32 held out)
     classes: tuple[str, ...] = ()  # procedural: cell types (empty: the 8 defaults); folder/parquet: expected classes
     # class -> parent: that class's images are labelled as the parent's, e.g. {band_neutrophil: segmented_neutrophil}
-    # (a concept in the images that no label names: the paper's Algorithm 4, pathalign_ray.concepts)
+    # (a concept in the images that no label names: the paper's Algorithm 4, pathalign_ray.generator.concepts)
     merge: dict[str, str] = dataclasses.field(default_factory=dict)
     test_fraction: FractionBelowOne = 0.2  # held-out share of each class
     seed: int = 0  # generation and the train/test split

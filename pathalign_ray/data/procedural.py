@@ -3,7 +3,7 @@
 A stand-in for the paper's private bone-marrow aspirate images. Each image holds one nucleated
 cell, centred with a small random offset, on a pale pinkish-grey smear with a few red cells
 around it (never overlapping it). Each cell type draws the six checklist features from its own
-ranges (`checklist.SPECS`, tabulated in pathalign_ray/checklist.py).
+ranges (`checklist.SPECS`, tabulated in pathalign_ray/experts/checklist.py).
 
 The colours are chosen so that a program can measure the features back from pixels (luminance
 Y = 0.299 R + 0.587 G + 0.114 B, at 64 px):
@@ -35,8 +35,6 @@ from dataclasses import replace
 
 import numpy as np
 
-from pathalign_ray import checklist
-from pathalign_ray.checklist import CELL_TYPES, CRITERIA, SPECS, cytoplasm_rgb
 from pathalign_ray.data import raster
 from pathalign_ray.data.cells import (
     MIN_SIZE,
@@ -50,6 +48,8 @@ from pathalign_ray.data.cells import (
     smear_image,
 )
 from pathalign_ray.data.labeled import LabeledImages
+from pathalign_ray.experts import checklist
+from pathalign_ray.experts.checklist import CELL_TYPES, CRITERIA, SPECS, cytoplasm_rgb
 
 DEFAULT_CELL_TYPES: tuple[str, ...] = CELL_TYPES[:8]  # pretraining; the last two are the "new concept" types
 

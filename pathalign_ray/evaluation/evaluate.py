@@ -34,7 +34,6 @@ import ray
 from pydantic import Field
 
 from pathalign_ray import storage
-from pathalign_ray.checklist import SPECS
 from pathalign_ray.cluster import init_ray
 from pathalign_ray.config import Location, PositiveInt, config_dataclass, config_to_dict
 from pathalign_ray.data.shards import read_dataset_info
@@ -64,6 +63,7 @@ from pathalign_ray.evaluation.sources import (
     read_sample_folder,
     run_dir_of,
 )
+from pathalign_ray.experts.checklist import SPECS
 from pathalign_ray.images import contact_sheet, decode_image, decode_images
 from pathalign_ray.progress import bar
 

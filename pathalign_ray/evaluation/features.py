@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from pathalign_ray.checklist import CRITERIA
 from pathalign_ray.config import config_to_dict
 from pathalign_ray.evaluation.classifier import CellClassifier, ClassifierConfig, extract_features
+from pathalign_ray.experts.checklist import CRITERIA
 
 CACHE_DIR = ".cache"
 ENCODER_WEIGHTS = "domain_encoder.safetensors"
@@ -130,7 +130,7 @@ def features_and_verdicts(
     """images (N, S, S, 3) uint8 with their declared classes (N,) -> {"domain": (N, D), "inception"?: (N, 2048),
     "plausible": (N,), "found_cell": (N,), "failed": (N, 6) in CRITERIA order}; the simulated pathologist judges
     the rows where judged (N,) is true, the others stay False."""
-    from pathalign_ray.pathologist import judge  # heavy: pathologist imports scipy
+    from pathalign_ray.experts.pathologist import judge  # heavy: pathologist imports scipy
 
     out = {"domain": extract_features(encoder, images)}
     if inception is not None:

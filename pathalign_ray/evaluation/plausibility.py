@@ -16,8 +16,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from pathalign_ray.checklist import CRITERIA
 from pathalign_ray.evaluation.metrics import wilson_interval
+from pathalign_ray.experts.checklist import CRITERIA
 
 
 def rate(successes: int, n: int, confidence: float) -> dict:

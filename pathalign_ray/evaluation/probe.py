@@ -28,7 +28,7 @@ from pathalign_ray.evaluation.features import encoder_from_state, features_and_v
 from pathalign_ray.evaluation.metrics import fidelity_and_diversity
 from pathalign_ray.evaluation.plausibility import summarize_verdicts
 from pathalign_ray.evaluation.sources import read_real_split
-from pathalign_ray.generators import load_generator
+from pathalign_ray.generator import load_generator
 from pathalign_ray.images import decode_images
 
 BATCH = 64  # probe images sampled at once
@@ -91,7 +91,7 @@ def probe(model_dir: str | Path, reference: Reference, config: ProbeConfig) -> d
 
 def probe_seeds(num_classes: int, config: ProbeConfig) -> list[int]:
     """The probe's noise seeds, class by class: (class c, index j) draws namespaced_seed("probe", seed, c, j)."""
-    from pathalign_ray.diffusion import namespaced_seed  # heavy: diffusion imports diffusers
+    from pathalign_ray.generator.diffusion import namespaced_seed  # heavy: diffusion imports diffusers
 
     return [namespaced_seed("probe", config.seed, c, j) for c in range(num_classes) for j in range(config.n_per_class)]
 

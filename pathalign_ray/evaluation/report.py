@@ -16,7 +16,7 @@ import json
 import math
 from pathlib import Path
 
-from pathalign_ray.checklist import CRITERIA
+from pathalign_ray.experts.checklist import CRITERIA
 
 REAL_COLUMN = "real_test"
 SPACE_TITLES = {"domain": "domain encoder", "inception": "InceptionV3"}

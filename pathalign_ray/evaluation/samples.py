@@ -1,7 +1,7 @@
 """The evaluation's own samples of each exported model: drawn on held-out noise, reused while still valid.
 
 Held-out means noise that no feedback pool, finetuning check or Tune probe of the model's run drew
-(the seed namespaces of pathalign_ray.diffusion); `check_noise_held_out` refuses anything else.
+(the seed namespaces of pathalign_ray.generator.diffusion); `check_noise_held_out` refuses anything else.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from pathalign_ray.config import PositiveInt, config_dataclass
-from pathalign_ray.diffusion import CLASS_NAMES_FILE, MODEL_INFO_FILE, SeedNamespace
 from pathalign_ray.evaluation.sources import run_dir_of
-from pathalign_ray.sampling import SampleConfig, plan_samples, read_manifest, sample, seeds_drawn_under
+from pathalign_ray.generator.diffusion import CLASS_NAMES_FILE, MODEL_INFO_FILE, SeedNamespace
+from pathalign_ray.generator.sampling import SampleConfig, plan_samples, read_manifest, sample, seeds_drawn_under
 
 
 @config_dataclass

@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pathalign_ray.data.shards import SCHEMA, split_files
-from pathalign_ray.feedback import FeedbackStore
+from pathalign_ray.experts.feedback import FeedbackStore
 
 MODEL = "model"
 SAMPLES = "samples"
@@ -112,7 +112,7 @@ def read_real_split(dataset_dir: str | Path, split: str, class_names: list[str])
 
 def read_sample_folder(path: str | Path, name: str, class_names: list[str], kind: str = SAMPLES) -> ImageSet:
     """A sample folder's images with their declared classes; a class the data set lacks is a ValueError."""
-    from pathalign_ray.sampling import read_manifest  # heavy: sampling imports ray, torch and diffusers
+    from pathalign_ray.generator.sampling import read_manifest  # heavy: sampling imports ray, torch and diffusers
 
     path = Path(path)
     rows = read_manifest(path).to_pylist()

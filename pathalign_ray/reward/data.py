@@ -29,7 +29,6 @@ from typing import Literal
 import numpy as np
 
 from pathalign_ray import storage
-from pathalign_ray.checklist import CRITERIA
 from pathalign_ray.config import (
     Fraction,
     FractionBelowOne,
@@ -39,7 +38,8 @@ from pathalign_ray.config import (
     config_dataclass,
 )
 from pathalign_ray.data.shards import read_dataset
-from pathalign_ray.feedback import FeedbackStore
+from pathalign_ray.experts.checklist import CRITERIA
+from pathalign_ray.experts.feedback import FeedbackStore
 from pathalign_ray.images import decode_image, normalise_array
 
 SOURCES = ("expert", "weak_true", "weak_wrong")
@@ -157,7 +157,7 @@ def build_examples(config: RewardDataConfig, run_dir: str | Path, image_size: in
 def known_and_new_classes(real_classes: Sequence[str], votes: list[dict]) -> tuple[str, ...]:
     """The real data set's classes, then (sorted) the declared classes only feedback knows of.
 
-    A new concept (pathalign_ray.concepts) has verdicts but no real image; the real classes keep
+    A new concept (pathalign_ray.generator.concepts) has verdicts but no real image; the real classes keep
     their indices, so weak feedback's labels still point at the right names.
     """
     new = sorted({v["declared_class"] for v in votes} - set(real_classes))

@@ -68,7 +68,7 @@ def _model(config: RewardSourceConfig) -> RewardFn:
 
 
 def _pathologist(config: RewardSourceConfig) -> RewardFn:
-    from pathalign_ray.pathologist import judge  # heavy: pathologist imports scipy
+    from pathalign_ray.experts.pathologist import judge  # heavy: pathologist imports scipy
 
     def score(images: np.ndarray, classes: list[str]) -> tuple[np.ndarray, dict]:
         verdicts = [judge(image, name) for image, name in zip(images, classes)]

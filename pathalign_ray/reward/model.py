@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pathalign_ray import storage
-from pathalign_ray.checklist import CRITERIA
 from pathalign_ray.config import Location, config_dataclass, config_to_dict
+from pathalign_ray.experts.checklist import CRITERIA
 from pathalign_ray.images import normalise_array, to_model_range
 
 WEIGHTS_FILE = "reward.safetensors"

@@ -37,7 +37,7 @@ from pathalign_ray.config import (
     set_dotted,
 )
 from pathalign_ray.evaluation.probe import ProbeConfig
-from pathalign_ray.finetune import FinetuneConfig, ObjectiveConfig
+from pathalign_ray.generator.finetune import FinetuneConfig, ObjectiveConfig
 
 # The objective fields each kind reads (finetune.train_loop); in a trial of the other kind they keep their defaults.
 KIND_FIELDS = {

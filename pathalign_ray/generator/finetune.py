@@ -1,7 +1,7 @@
 """Finetuning the diffusion model with the reward, on Ray Train with DeepSpeed: the driver's side.
 
-Any generator (pathalign_ray.generators: a pixel UNet, or a latent model with its VAE) and two objectives
-(pathalign_ray.objectives), whose steps the workers run (pathalign_ray.finetune_worker):
+Any generator (pathalign_ray.generator: a pixel UNet, or a latent model with its VAE) and two objectives
+(pathalign_ray.generator.objectives), whose steps the workers run (pathalign_ray.generator.finetune_worker):
 - rwl, the paper's reward-weighted likelihood: a pool of synthetic samples scored once by the
   reward (over HTTP from the Serve endpoint, or in-process), and real images for the beta term;
   both reach the workers in the generator's model space (a latent model's encoded here, once).
@@ -38,10 +38,10 @@ from pathalign_ray.config import (
     save_config,
 )
 from pathalign_ray.data.shards import ray_dataset, read_dataset, read_dataset_info
-from pathalign_ray.generators import load_generator
-from pathalign_ray.generators.lora import LoraSettings, adapter_config
+from pathalign_ray.generator import load_generator
+from pathalign_ray.generator.lora import LoraSettings, adapter_config
+from pathalign_ray.generator.objectives import class_means
 from pathalign_ray.images import decode_image
-from pathalign_ray.objectives import class_means
 from pathalign_ray.progress import watch
 from pathalign_ray.reward.functions import RewardSourceConfig, make_reward_fn
 from pathalign_ray.training import TrainResult, ema_weights, read_checkpoint
@@ -146,7 +146,7 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     import ray.data
     from ray.train.torch import TorchTrainer
 
-    from pathalign_ray.finetune_worker import train_loop  # cycle: finetune_worker imports finetune
+    from pathalign_ray.generator.finetune_worker import train_loop  # cycle: finetune_worker imports finetune
 
     run_dir = storage.absolute(config.run_dir)
     generator = load_generator(storage.download_dir(config.base_model))
@@ -198,7 +198,7 @@ def _prepare_lora(generator, lora: FinetuneLoraConfig | None, seed: int) -> None
 
 def _check_real_dataset(dataset: str, generator) -> None:
     """Real labels index the model's classes: the data set's classes must be the model's first ones
-    (a model with a new concept, pathalign_ray.concepts, has more classes than its real data); its
+    (a model with a new concept, pathalign_ray.generator.concepts, has more classes than its real data); its
     images must have the model's size."""
     info = read_dataset_info(dataset)
     real_classes, class_names = list(info["class_names"]), generator.class_names
@@ -232,8 +232,8 @@ def _synthetic_pool(config: FinetuneConfig, generator):
     class over the pool, for centred weights)."""
     import ray.data
 
-    from pathalign_ray.diffusion import to_model_input  # heavy: diffusion imports diffusers
-    from pathalign_ray.sampling import read_manifest  # heavy: sampling imports diffusers
+    from pathalign_ray.generator.diffusion import to_model_input  # heavy: diffusion imports diffusers
+    from pathalign_ray.generator.sampling import read_manifest  # heavy: sampling imports diffusers
 
     class_names, size = generator.class_names, generator.image_size
     images, classes = [], []

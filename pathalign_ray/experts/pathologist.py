@@ -41,9 +41,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pathalign_ray import checklist
-from pathalign_ray.cell_measurement import Measurements, measure
-from pathalign_ray.checklist import CRITERIA, CellTypeSpec
+from pathalign_ray.experts import checklist
+from pathalign_ray.experts.cell_measurement import Measurements, measure
+from pathalign_ray.experts.checklist import CRITERIA, CellTypeSpec
 
 # ---------------------------------------------------------------- the rules
 

@@ -17,8 +17,8 @@ import yaml
 
 from pathalign_ray import storage
 from pathalign_ray.config import config_to_dict
-from pathalign_ray.finetune import FinetuneConfig
-from pathalign_ray.tune_config import (
+from pathalign_ray.generator.finetune import FinetuneConfig
+from pathalign_ray.tune.config import (
     TRIAL_NAME,
     SearchConfig,
     as_written_params,
@@ -28,7 +28,7 @@ from pathalign_ray.tune_config import (
     trial_config,
     trial_run_dir,
 )
-from pathalign_ray.tune_objective import pareto_front
+from pathalign_ray.tune.objective import pareto_front
 
 METRICS = ("objective", "gain", "plausibility", "fid", "coverage", "fid_penalty", "coverage_penalty")
 
@@ -203,7 +203,7 @@ def plot_pareto(rows: list[dict], base: dict, path: str | Path) -> str | Path:
 
 
 def _paths_relative_to_cwd(config: FinetuneConfig) -> FinetuneConfig:
-    """The search made the input paths absolute for the trials (tune._resolved); those under the working
+    """The search made the input paths absolute for the trials (search._resolved); those under the working
     directory go back to relative, so the best config stays usable from another checkout of the project.
     URIs stay as they are."""
     cwd = Path.cwd()

@@ -53,7 +53,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull, QhullError
 
-from pathalign_ray.cell_segmentation import (
+from pathalign_ray.experts.cell_segmentation import (
     CROSS,
     FOREGROUND_DISTANCE,
     LUMA,
@@ -67,7 +67,7 @@ from pathalign_ray.cell_segmentation import (
     segment_nucleus,
     smear_colour,
 )
-from pathalign_ray.checklist import NUCLEUS_DENSE_RGB, NUCLEUS_OPEN_RGB, SMEAR_RGB, cytoplasm_rgb
+from pathalign_ray.experts.checklist import NUCLEUS_DENSE_RGB, NUCLEUS_OPEN_RGB, SMEAR_RGB, cytoplasm_rgb
 
 MIN_SIZE = 16  # px, the smallest image side measured
 _SQUARE = np.ones((3, 3), bool)  # 8-connectivity

@@ -34,7 +34,7 @@ Modules: records (FeedbackRecord, the schemas, CSV rows), files (the local and
 object-storage backends), store (FeedbackStore).
 """
 
-from pathalign_ray.feedback.records import (
+from pathalign_ray.experts.feedback.records import (
     CONSENSUS_SCHEMA,
     CSV_COLUMNS,
     MAX_ID_CHARS,
@@ -45,7 +45,7 @@ from pathalign_ray.feedback.records import (
     FeedbackRecord,
     FeedbackStoreError,
 )
-from pathalign_ray.feedback.store import FeedbackStore
+from pathalign_ray.experts.feedback.store import FeedbackStore
 
 __all__ = [
     "CONSENSUS_SCHEMA",

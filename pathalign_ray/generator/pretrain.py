@@ -20,7 +20,7 @@ from pathalign_ray import storage
 from pathalign_ray.cluster import ScaleConfig, init_ray, trainer_settings
 from pathalign_ray.config import FractionBelowOne, Location, PositiveFloat, PositiveInt, config_dataclass, save_config
 from pathalign_ray.data.shards import ray_dataset, read_dataset_info
-from pathalign_ray.diffusion import (
+from pathalign_ray.generator.diffusion import (
     ModelConfig,
     build_noise_scheduler,
     build_unet,

@@ -1,4 +1,4 @@
-"""The pixel-space generator: this project's class-conditional UNet2DModel (pathalign_ray.diffusion).
+"""The pixel-space generator: this project's class-conditional UNet2DModel (pathalign_ray.generator.diffusion).
 
 Sampling and DDPO trajectories delegate to `diffusion.ddim_sample` and `objectives.ddim_trajectories`,
 so the same seeds give the same images bit for bit. Model space is pixel space: encode and decode
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from pathalign_ray.generators import lora as _lora
-from pathalign_ray.generators.base import UNetGenerator
-from pathalign_ray.objectives import ddim_trajectories
+from pathalign_ray.generator import lora as _lora
+from pathalign_ray.generator.base import UNetGenerator
+from pathalign_ray.generator.objectives import ddim_trajectories
 
 
 class PixelGenerator(UNetGenerator):
@@ -43,7 +43,7 @@ class PixelGenerator(UNetGenerator):
         self, labels: torch.Tensor, seeds: list[int], num_inference_steps: int, eta: float = 0.0
     ) -> torch.Tensor:
         """`diffusion.ddim_sample`: labels (B,) on the model's device -> images (B, 3, H, W) in [-1, 1]."""
-        from pathalign_ray.diffusion import ddim_sample  # heavy: diffusion imports diffusers
+        from pathalign_ray.generator.diffusion import ddim_sample  # heavy: diffusion imports diffusers
 
         return ddim_sample(self.unet, self.ddim, labels, seeds, num_inference_steps, eta)
 
@@ -54,7 +54,7 @@ class PixelGenerator(UNetGenerator):
     def save(self, out_dir: str | Path, info: dict | None = None, merged: bool = False) -> Path:
         """`diffusion.export_model`'s folder, with the base weights; plus the adapter file when the UNet holds
         one (merged=True: the adapter folded into the weights instead, a plain model)."""
-        from pathalign_ray.diffusion import export_model  # heavy: diffusion imports diffusers
+        from pathalign_ray.generator.diffusion import export_model  # heavy: diffusion imports diffusers
 
         unet = _lora.plain_copy(self.unet, merged) if self.has_lora else self.unet
         out_dir = export_model(unet, self.ddim, self.class_names, out_dir, self._save_info(info, merged))
@@ -66,7 +66,7 @@ class PixelGenerator(UNetGenerator):
     @classmethod
     def load(cls, model_dir: str | Path) -> PixelGenerator:
         """What `save` (or `diffusion.export_model`) wrote; the adapter too when the folder holds one."""
-        from pathalign_ray.diffusion import load_model  # heavy: diffusion imports diffusers
+        from pathalign_ray.generator.diffusion import load_model  # heavy: diffusion imports diffusers
 
         unet, ddim, class_names, info = load_model(model_dir)
         generator = cls(unet, ddim, class_names, info)

@@ -16,7 +16,7 @@ from pydantic import Field
 
 from pathalign_ray import storage
 from pathalign_ray.config import Fraction, Location, PositiveInt, config_dataclass
-from pathalign_ray.feedback import FeedbackRecord, FeedbackStore
+from pathalign_ray.experts.feedback import FeedbackRecord, FeedbackStore
 from pathalign_ray.images import decode_image
 from pathalign_ray.progress import bar
 
@@ -35,7 +35,7 @@ class SimulateFeedbackConfig:
 
 
 def simulated_experts(config: SimulateFeedbackConfig):
-    from pathalign_ray.pathologist import SimulatedExpert  # heavy: pathologist imports scipy
+    from pathalign_ray.experts.pathologist import SimulatedExpert  # heavy: pathologist imports scipy
 
     offsets = np.linspace(-0.5, 0.5, config.experts) if config.experts > 1 else np.zeros(1)
     return [
@@ -48,8 +48,8 @@ def simulated_experts(config: SimulateFeedbackConfig):
 
 def simulate_feedback(config: SimulateFeedbackConfig) -> dict:
     """Judge every sample each expert has not judged yet; return counts and the plausibility seen."""
-    from pathalign_ray.pathologist import measure  # heavy: pathologist imports scipy
-    from pathalign_ray.sampling import read_manifest  # heavy: sampling imports torch and diffusers
+    from pathalign_ray.experts.pathologist import measure  # heavy: pathologist imports scipy
+    from pathalign_ray.generator.sampling import read_manifest  # heavy: sampling imports torch and diffusers
 
     samples_dir = storage.join(config.run_dir, config.samples)
     rows = read_manifest(samples_dir).to_pylist()

@@ -1,6 +1,6 @@
 """Sampling a model into a folder of PNGs, a parquet manifest and a contact sheet, spread over Ray tasks.
 
-Any generator (pathalign_ray.generators: a pixel UNet, or a latent model with its VAE) samples through its
+Any generator (pathalign_ray.generator: a pixel UNet, or a latent model with its VAE) samples through its
 own `sample_uint8`. It travels through Ray's object store, so workers on other nodes need no shared storage;
 the model and the output folder may be URIs (pathalign_ray.storage).
 Each image's noise comes from its own seed (base seed, class, index), so the same seed gives the
@@ -22,8 +22,8 @@ import torch
 from pathalign_ray import storage
 from pathalign_ray.cluster import init_ray
 from pathalign_ray.config import Location, NonNegativeFloat, PositiveInt, config_dataclass
-from pathalign_ray.diffusion import SeedNamespace, namespaced_seed
-from pathalign_ray.generators import load_generator
+from pathalign_ray.generator import load_generator
+from pathalign_ray.generator.diffusion import SeedNamespace, namespaced_seed
 from pathalign_ray.images import contact_sheet, encode_png
 from pathalign_ray.progress import bar
 from pathalign_ray.reward.model import load_reward_model, score_images

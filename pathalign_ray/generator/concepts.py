@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import torch
 
-from pathalign_ray.generators import load_generator
+from pathalign_ray.generator import load_generator
 
 UNet = TypeVar("UNet", bound=torch.nn.Module)
 
@@ -41,7 +41,7 @@ def extend_class_embedding(unet: UNet, init_rows: Sequence[int]) -> UNet:
 
 
 def add_class(model_dir: str | Path, new_class: str, out_dir: str | Path, init_from: Sequence[str] = ()) -> Path:
-    """Export model_dir (a pixel or latent model, pathalign_ray.generators) with `new_class` appended to its
+    """Export model_dir (a pixel or latent model, pathalign_ray.generator) with `new_class` appended to its
     classes; its embedding starts as the mean of `init_from`'s (empty: of every class). Returns out_dir."""
     generator = load_generator(model_dir)
     class_names = generator.class_names

@@ -23,11 +23,11 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from pydantic import BaseModel, Field
 
 from pathalign_ray import storage
-from pathalign_ray.agreement import agreement_table
-from pathalign_ray.checklist import CRITERIA
 from pathalign_ray.config import Location, config_dataclass
 from pathalign_ray.data.shards import read_dataset
-from pathalign_ray.feedback import FeedbackRecord, FeedbackStore
+from pathalign_ray.experts.agreement import agreement_table
+from pathalign_ray.experts.checklist import CRITERIA
+from pathalign_ray.experts.feedback import FeedbackRecord, FeedbackStore
 from pathalign_ray.images import encode_png
 
 SESSION_COOKIE = "pathalign_session"
@@ -73,7 +73,7 @@ class VerdictRequest(BaseModel):
 
 
 def create_app(config: LabelConfig) -> FastAPI:
-    from pathalign_ray.sampling import read_manifest  # heavy: sampling imports ray, torch and diffusers
+    from pathalign_ray.generator.sampling import read_manifest  # heavy: sampling imports ray, torch and diffusers
 
     samples_dir = storage.join(config.run_dir, config.samples)
     manifest = {row["sample_id"]: row for row in read_manifest(samples_dir).to_pylist()}

@@ -18,9 +18,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pathalign_ray.checklist import CRITERIA
-from pathalign_ray.feedback.files import FILE_PREFIX, TEMP_PREFIX, LocalFiles, batch_files
-from pathalign_ray.feedback.records import (
+from pathalign_ray.experts.checklist import CRITERIA
+from pathalign_ray.experts.feedback.files import FILE_PREFIX, TEMP_PREFIX, LocalFiles, batch_files
+from pathalign_ray.experts.feedback.records import (
     _CSV_REQUIRED,
     _MAX_CSV_ERRORS,
     CONSENSUS_SCHEMA,

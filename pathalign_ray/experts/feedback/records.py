@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pathalign_ray.checklist import CRITERIA
+from pathalign_ray.experts.checklist import CRITERIA
 
 VERDICTS = ("plausible", "implausible")
 MAX_NOTE_CHARS = 2000  # a free-text remark, not a report

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ray import serve
 
 from pathalign_ray.cluster import init_ray, keep_serving
-from pathalign_ray.labeling.app import LabelConfig, create_app
+from pathalign_ray.experts.labeling.app import LabelConfig, create_app
 
 APP_NAME = "labeling"
 

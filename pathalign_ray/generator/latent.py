@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pathalign_ray.generators import ddim as _ddim
-from pathalign_ray.generators import lora as _lora
-from pathalign_ray.generators.base import UNetGenerator
+from pathalign_ray.generator import ddim as _ddim
+from pathalign_ray.generator import lora as _lora
+from pathalign_ray.generator.base import UNetGenerator
 
 _PIPELINE_CLASS = "StableDiffusionPipeline"
 _ABSENT_COMPONENTS = ("text_encoder", "tokenizer", "safety_checker", "feature_extractor", "image_encoder")
@@ -105,7 +105,7 @@ class LatentGenerator(UNetGenerator):
     def encode_cached(self, images: np.ndarray, cache_dir: str | Path, batch_size: int = 64) -> torch.Tensor:
         """Real images (N, H, W, 3) uint8 -> latents (N, C, h, w), encoded once: the file in cache_dir is named
         after the images' bytes and the VAE's config and weights, so a changed VAE never reads stale latents."""
-        from pathalign_ray.diffusion import to_model_input  # heavy: diffusion imports diffusers
+        from pathalign_ray.generator.diffusion import to_model_input  # heavy: diffusion imports diffusers
 
         digest = hashlib.sha256(images.tobytes())
         digest.update(json.dumps(dict(self.vae.config), sort_keys=True, default=str).encode())
@@ -163,7 +163,10 @@ class LatentGenerator(UNetGenerator):
         (merged=True) the adapter folded into the UNet's weights."""
         from safetensors.torch import save_file
 
-        from pathalign_ray.diffusion import CLASS_NAMES_FILE, MODEL_INFO_FILE  # heavy: diffusion imports diffusers
+        from pathalign_ray.generator.diffusion import (  # heavy: diffusion imports diffusers
+            CLASS_NAMES_FILE,
+            MODEL_INFO_FILE,
+        )
 
         out_dir = Path(out_dir)
         self.vae.save_pretrained(out_dir / "vae", safe_serialization=True)
@@ -188,7 +191,10 @@ class LatentGenerator(UNetGenerator):
         """A diffusers folder with vae/, unet/, scheduler/ and class_names.json; its adapter too, if it has one."""
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-        from pathalign_ray.diffusion import CLASS_NAMES_FILE, MODEL_INFO_FILE  # heavy: diffusion imports diffusers
+        from pathalign_ray.generator.diffusion import (  # heavy: diffusion imports diffusers
+            CLASS_NAMES_FILE,
+            MODEL_INFO_FILE,
+        )
 
         model_dir = Path(model_dir)
         for needed in ("vae/config.json", "unet/config.json", "scheduler/scheduler_config.json", CLASS_NAMES_FILE):

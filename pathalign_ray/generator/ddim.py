@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from pathalign_ray.objectives import ddim_step_with_log_prob
+from pathalign_ray.generator.objectives import ddim_step_with_log_prob
 
 Denoiser = Callable[[torch.Tensor, int], torch.Tensor]
 

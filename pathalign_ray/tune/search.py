@@ -1,18 +1,18 @@
 """The Ray Tune driver of the feedback-weight search: the objective's form and weights, lr and steps.
 
-Each trial is a Tune function trial that finetunes with `finetune.finetune` (a Ray Train V2
+Each trial is a Tune function trial that finetunes with `generator.finetune.finetune` (a Ray Train V2
 TorchTrainer, the supported way to tune Train V2 runs) in chunks of `report_every` steps: a rerun
 of the same run with more steps resumes from its checkpoint. After each chunk it probes the model
 (`evaluation.probe`: plausibility, domain FID and coverage of fresh samples) and reports the
-objective of `tune_objective`, so ASHA can stop poor trials early. The trial process reserves no
+objective of tune/objective.py, so ASHA can stop poor trials early. The trial process reserves no
 CPU; its Ray Train workers reserve theirs, and no more trials run at once than their CPUs fit, so a
 small cluster never deadlocks. A chunk that does not finish within `report_timeout_s` fails its
 trial with a message. Rerunning the same search resumes it (`Tuner.restore`).
 
-The config is `tune_config.SearchConfig`, whose conditional space Optuna draws define-by-run (random or
-TPE); what the search writes when its trials end, `tune_report`.
+The config is `SearchConfig` (tune/config.py), whose conditional space Optuna draws define-by-run (random or
+TPE); what the search writes when its trials end, tune/report.py.
 Writes under OUT_DIR: search/ (Tune's experiment), trials/ID/ (each trial's finetuning run), and the
-tables, plot and best config of `tune_report.write_results`. OUT_DIR and the finetune section's inputs
+tables, plot and best config of `write_results` (tune/report.py). OUT_DIR and the finetune section's inputs
 may be URIs (`pathalign_ray.storage`): Tune then keeps its experiment and checkpoints on the bucket
 (`RunConfig(storage_path=..., storage_filesystem=...)`, as Ray Train's runs), restores from there,
 and every trial's run and the result files go there too.
@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING
 from pathalign_ray import storage
 from pathalign_ray.cluster import init_ray
 from pathalign_ray.evaluation.probe import Reference, build_reference, probe
-from pathalign_ray.finetune import FinetuneConfig, finetune
-from pathalign_ray.tune_config import (
+from pathalign_ray.generator.finetune import FinetuneConfig, finetune
+from pathalign_ray.tune.config import (
     TRIAL_NAME,
     SearchConfig,
     as_written_params,
@@ -44,8 +44,8 @@ from pathalign_ray.tune_config import (
     trial_config,
     trial_run_dir,
 )
-from pathalign_ray.tune_objective import objective_terms, report_steps, trial_concurrency
-from pathalign_ray.tune_report import trial_rows, write_results
+from pathalign_ray.tune.objective import objective_terms, report_steps, trial_concurrency
+from pathalign_ray.tune.report import trial_rows, write_results
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs

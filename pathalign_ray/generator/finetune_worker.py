@@ -1,5 +1,5 @@
-"""One Ray Train worker of the finetuning job (pathalign_ray.finetune): the generator under a DeepSpeed engine,
-each objective's step through the generator interface (pathalign_ray.generators), checkpoints and resume.
+"""One Ray Train worker of the finetuning job (generator.finetune): the generator under a DeepSpeed engine, each
+objective's step through the generator interface (pathalign_ray.generator), checkpoints and resume.
 
 The steps work in the generator's model space: pixels for a pixel model, VAE latents for a latent one (the
 data sets arrive encoded); DDPO decodes its final latents to images for the reward. The reference model (the
@@ -14,10 +14,15 @@ import dataclasses
 import numpy as np
 import torch
 
-from pathalign_ray.diffusion import draw_noise_and_timesteps, namespaced_seed, noise_prediction_loss, to_uint8
-from pathalign_ray.finetune import FinetuneConfig
-from pathalign_ray.objectives import PerClassRewardStats, clipped_policy_loss, reward_weighted_loss, reward_weights
-from pathalign_ray.pathologist import judge
+from pathalign_ray.experts.pathologist import judge
+from pathalign_ray.generator.diffusion import draw_noise_and_timesteps, namespaced_seed, noise_prediction_loss, to_uint8
+from pathalign_ray.generator.finetune import FinetuneConfig
+from pathalign_ray.generator.objectives import (
+    PerClassRewardStats,
+    clipped_policy_loss,
+    reward_weighted_loss,
+    reward_weights,
+)
 from pathalign_ray.progress import report_progress
 from pathalign_ray.reward.functions import make_reward_fn
 from pathalign_ray.training import (
@@ -85,7 +90,7 @@ class _Job:
     """The state of one worker's finetuning loop, so each objective's step is a short method."""
 
     config: FinetuneConfig
-    generator: object  # a generators.Generator whose denoiser is `engine`
+    generator: object  # a generator.Generator whose denoiser is `engine`
     rank: int
     world_size: int
     device: torch.device

@@ -17,7 +17,7 @@ import torch
 
 from pathalign_ray.config import config_dataclass
 from pathalign_ray.data import procedural
-from pathalign_ray.generators.latent import LatentGenerator
+from pathalign_ray.generator.latent import LatentGenerator
 
 
 @config_dataclass
@@ -112,7 +112,7 @@ def train_tiny_latent(
 
     images: (N, H, W, 3) uint8; labels: (N,) int64. Returns the loss per step of each stage.
     """
-    from pathalign_ray.diffusion import to_model_input  # heavy: diffusion imports diffusers
+    from pathalign_ray.generator.diffusion import to_model_input  # heavy: diffusion imports diffusers
 
     rng = torch.Generator().manual_seed(config.seed)
     pixels = to_model_input(images)

@@ -23,8 +23,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from pathalign_ray.generators import ddim as _ddim
-from pathalign_ray.generators import lora as _lora
+from pathalign_ray.generator import ddim as _ddim
+from pathalign_ray.generator import lora as _lora
 
 GENERATOR_KINDS = ("pixel", "latent")
 
@@ -178,7 +178,7 @@ class UNetGenerator:
     def loss_per_sample(self, latents, labels, noise, timesteps, reference: bool = False) -> torch.Tensor:
         """L_diff per sample (Ho et al. 2020, eq. 14) in model space, (B,) float32; the mean over the batch is
         diffusers' training loss (train_text_to_image.py) on the same latents, noise and timesteps."""
-        from pathalign_ray.diffusion import noise_prediction_loss  # heavy: diffusion imports diffusers
+        from pathalign_ray.generator.diffusion import noise_prediction_loss  # heavy: diffusion imports diffusers
 
         _, predicted = self.predict_noise(latents, labels, noise, timesteps, reference)
         return noise_prediction_loss(predicted, self.loss_target(latents, noise, timesteps))
@@ -202,7 +202,7 @@ class UNetGenerator:
         self, labels: torch.Tensor, seeds: list[int], num_inference_steps: int, eta: float = 0.0
     ) -> np.ndarray:
         """`sample` as (B, H, W, 3) uint8, what the reward model, the endpoint and the store take."""
-        from pathalign_ray.diffusion import to_uint8  # heavy: diffusion imports diffusers
+        from pathalign_ray.generator.diffusion import to_uint8  # heavy: diffusion imports diffusers
 
         return to_uint8(self.sample(labels, seeds, num_inference_steps, eta))
 
@@ -220,15 +220,15 @@ class UNetGenerator:
 def load_generator(model_dir: str | Path):
     """A PixelGenerator or LatentGenerator from an exported folder (a vae/ subfolder means latent)."""
     model_dir = Path(model_dir)
-    from pathalign_ray.diffusion import MODEL_INFO_FILE  # heavy: diffusion imports diffusers
+    from pathalign_ray.generator.diffusion import MODEL_INFO_FILE  # heavy: diffusion imports diffusers
 
     info_path = model_dir / MODEL_INFO_FILE
     kind = json.loads(info_path.read_text()).get("generator") if info_path.is_file() else None
     kind = kind or ("latent" if (model_dir / "vae").is_dir() else "pixel")
     if kind == "latent":
-        from pathalign_ray.generators.latent import LatentGenerator  # cycle: latent imports base
+        from pathalign_ray.generator.latent import LatentGenerator  # cycle: latent imports base
 
         return LatentGenerator.load(model_dir)
-    from pathalign_ray.generators.pixel import PixelGenerator  # cycle: pixel imports base
+    from pathalign_ray.generator.pixel import PixelGenerator  # cycle: pixel imports base
 
     return PixelGenerator.load(model_dir)
