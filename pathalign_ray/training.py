@@ -246,13 +246,20 @@ def read_latest_checkpoint(read: Callable[[Path], T]) -> T | None:
 
 
 def report_with_checkpoint(metrics: dict, write: Callable[[Path], None]) -> None:
-    """ray.train.report the metrics with a checkpoint of what write(folder) puts in a fresh folder."""
-    import ray.train
-    from ray.train import Checkpoint
+    """ray.train.report the metrics with a checkpoint of what write(folder) puts in a fresh folder.
 
-    with tempfile.TemporaryDirectory() as tmp:
-        write(Path(tmp))
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+    The folder is written here, then uploaded to the run's storage_path in Ray Train's background thread
+    (which deletes it once uploaded), so a bucket's upload overlaps the next training steps; Ray Train
+    waits for the last upload before the run ends.
+    """
+    import ray.train
+    from ray.train import Checkpoint, CheckpointUploadMode
+
+    folder = tempfile.mkdtemp(prefix="pathalign_checkpoint_")
+    write(Path(folder))
+    ray.train.report(
+        metrics, checkpoint=Checkpoint.from_directory(folder), checkpoint_upload_mode=CheckpointUploadMode.ASYNC
+    )
 
 
 def restore_checkpoint(engine, ema: dict[str, torch.Tensor]) -> dict | None:
