@@ -5,7 +5,8 @@
 Runs, with pytest and outside CI (so the slow ones run too):
   (b) tests/test_serve_faults.py: a reward replica SIGKILLed under load; failed requests and recovery time;
   (c) tests/test_cluster.py: a submitted job stopped with `ray job stop`, submitted again, resumed;
-  (d) tests/test_cluster.py: a worker node SIGKILLed mid-run, a replacement node added, the run finished;
+  (d) tests/test_cluster.py: a worker node SIGKILLed mid-run with its run and checkpoints on the bucket, a
+      replacement node added, the run resumed from the bucket and finished;
 and, since they share the two-node cluster, the multi-node `ray job submit` test. (a) is
 tests/test_finetune.py's killed Ray Train worker.
 """

@@ -79,7 +79,7 @@ def cluster(s3_server):
     shutil.rmtree(root, ignore_errors=True)
 
 
-def _pretrain(run_dir: Path, dataset: Path, steps: int, *overrides: str) -> list[str]:
+def _pretrain(run_dir: str | Path, dataset: str | Path, steps: int, *overrides: str) -> list[str]:
     overrides = [
         *TINY_PRETRAIN_OVERRIDES,
         f"run_dir={run_dir}",
@@ -117,22 +117,22 @@ def _history(run_dir: str | Path) -> list[int]:
     return [json.loads(line)["step"] for line in text.splitlines()]
 
 
-def _wait_for_checkpoint(run_dir: Path, timeout: float = JOB_TIMEOUT_S) -> None:
+def _wait_for_checkpoint(run_dir: str | Path, timeout: float = JOB_TIMEOUT_S) -> None:
     """Until Ray Train has committed a checkpoint of the run to its snapshot, the one a rerun resumes from.
 
     A checkpoint folder appears before the commit: a job stopped in between resumes from the
     previous committed checkpoint (here none), as Ray Train intends.
     """
-    snapshot = run_dir / "pretrain" / "checkpoint_manager_snapshot.json"
+    snapshot = storage.join(run_dir, "pretrain", "checkpoint_manager_snapshot.json")
     deadline = time.time() + timeout
-    while not (snapshot.is_file() and _committed_checkpoint(snapshot)):
+    while not (storage.exists(snapshot) and _committed_checkpoint(snapshot)):
         assert time.time() < deadline, f"no committed checkpoint in {snapshot} after {timeout} s"
         time.sleep(0.2)
 
 
-def _committed_checkpoint(snapshot: Path) -> bool:
+def _committed_checkpoint(snapshot: str) -> bool:
     try:
-        return json.loads(snapshot.read_text()).get("latest_checkpoint_result") is not None
+        return json.loads(storage.read_bytes(snapshot)).get("latest_checkpoint_result") is not None
     except json.JSONDecodeError:  # caught mid-write
         return False
 
@@ -266,10 +266,12 @@ def test_a_stopped_job_sent_again_resumes_from_its_checkpoint(cluster, tiny_data
 
 @pytest.mark.slow  # bench/faults.py
 @pytest.mark.timeout(1500)
-def test_training_survives_the_loss_of_a_worker_node(cluster, tiny_dataset, tmp_path):
-    entrypoint = _pretrain(tmp_path, tiny_dataset, 30, "train.checkpoint_every=3", "scale.max_failures=3")
+def test_training_on_the_bucket_survives_the_loss_of_a_worker_node(cluster, bucket, tiny_dataset):
+    """The data set, the run and Ray Train's checkpoints on the bucket: the new worker group resumes from there."""
+    run, dataset = f"{bucket}/node-lost", storage.upload_dir(tiny_dataset, f"{bucket}/data")
+    entrypoint = _pretrain(run, dataset, 30, "train.checkpoint_every=3", "scale.max_failures=3")
     assert _submit(cluster, entrypoint, "node-lost", wait=False).returncode == 0
-    _wait_for_checkpoint(tmp_path)
+    _wait_for_checkpoint(run)
     lost = next(node for node in cluster.alive_nodes() if node.name != "head")
     before = _alive_node_ids(cluster)
     cluster.remove_node(lost)
@@ -280,4 +282,6 @@ def test_training_survives_the_loss_of_a_worker_node(cluster, tiny_dataset, tmp_
     assert status == "SUCCEEDED", logs[-3000:]
     assert logs.count("Attempting to start training worker group") >= 2, "the worker group was restarted"
     assert replacement & _train_worker_nodes(cluster), "a worker of the new group ran on the replacement node"
-    assert _history(tmp_path) == list(range(1, 31))
+    assert re.search(r"resumed pretraining at step (\d+)", logs), "the new group started from scratch"
+    assert _history(run) == list(range(1, 31))
+    assert any(f.startswith("pretrain/checkpoint_") for f in storage.list_files(run, recursive=True))
