@@ -15,6 +15,7 @@ from PIL import Image
 
 from pathalign_ray.evaluation.classifier import ClassifierConfig, extract_features, train_classifier
 from pathalign_ray.evaluation.metrics import frechet_distance_of, precision_recall_density_coverage
+from pathalign_ray.experts.checklist import CRITERIA
 
 TINY_CLASSIFIER = ["steps=30", "batch_size=16", "channels=[8,16]"]
 
@@ -253,4 +254,7 @@ def test_report_for_the_tiny_model_its_samples_and_real_images(
         "## Plausibility: experts",
     ):
         assert title in report
+    classes = json.loads((dataset / "dataset.json").read_text())["class_names"]
+    for row in [*(f"| plausible: {name} |" for name in classes), *(f"| fails {c} |" for c in CRITERIA)]:
+        assert report.count(row) == 2, row  # in the simulated pathologist's section and the experts'
     assert f"grids/{names[0]}.png" in report and "<table>" in (out / "report.html").read_text()

@@ -121,19 +121,11 @@ def _sections(metrics: dict) -> list[tuple[str, str, list[str], list[list[str]]]
     simulated = metrics["plausibility"]["simulated"]
     if simulated:
         get = lambda c: simulated.get(c)
-        rows = [["plausible (all classes)", *[_rate(get(c) and get(c)["plausible"]) for c in metrics["columns"]]]]
-        rows.append(["no cell found", *[_rate(get(c) and get(c)["no_cell"]) for c in metrics["columns"]]])
-        for name in metrics["dataset"]["class_names"]:
-            rows.append(
-                [f"plausible: {name}", *[_rate(get(c) and get(c)["per_class"].get(name)) for c in metrics["columns"]]]
-            )
-        for criterion in CRITERIA:
-            rows.append(
-                [
-                    f"fails {criterion}",
-                    *[_rate(get(c) and get(c)["failure_rate"][criterion]) for c in metrics["columns"]],
-                ]
-            )
+        rows = [
+            ["plausible (all classes)", *[_rate(get(c) and get(c)["plausible"]) for c in metrics["columns"]]],
+            ["no cell found", *[_rate(get(c) and get(c)["no_cell"]) for c in metrics["columns"]]],
+            *_class_and_criterion_rows(get, metrics),
+        ]
         confidence = metrics["config"]["confidence"]
         sections.append(
             (
@@ -156,18 +148,8 @@ def _sections(metrics: dict) -> list[tuple[str, str, list[str], list[list[str]]]
                 "samples judged / ties",
                 *[f"{get(c)['samples']} / {get(c)['ties']}" if get(c) else "n/a" for c in metrics["columns"]],
             ],
+            *_class_and_criterion_rows(get, metrics),
         ]
-        for name in metrics["dataset"]["class_names"]:
-            rows.append(
-                [f"plausible: {name}", *[_rate(get(c) and get(c)["per_class"].get(name)) for c in metrics["columns"]]]
-            )
-        for criterion in CRITERIA:
-            rows.append(
-                [
-                    f"fails {criterion}",
-                    *[_rate(get(c) and get(c)["failure_rate"][criterion]) for c in metrics["columns"]],
-                ]
-            )
         sections.append(
             (
                 "Plausibility: experts",
@@ -195,6 +177,20 @@ def _sections(metrics: dict) -> list[tuple[str, str, list[str], list[list[str]]]
     rows = [[name, f"{seconds:.1f}"] for name, seconds in metrics["timings"].items()]
     sections.append(("Timings", "Wall time per stage, seconds.", ["stage", "s"], rows))
     return sections
+
+
+def _class_and_criterion_rows(get, metrics: dict) -> list[list[str]]:
+    """A plausibility section's rows per declared class and per checklist criterion; get(column) is the
+    column's verdict summary or None."""
+    columns = metrics["columns"]
+    rows = [
+        [f"plausible: {name}", *[_rate(get(c) and get(c)["per_class"].get(name)) for c in columns]]
+        for name in metrics["dataset"]["class_names"]
+    ]
+    return rows + [
+        [f"fails {criterion}", *[_rate(get(c) and get(c)["failure_rate"][criterion]) for c in columns]]
+        for criterion in CRITERIA
+    ]
 
 
 # ---------------------------------------------------------------- plots
