@@ -51,10 +51,6 @@ OBJECTIVES = {
     # centred reward weights, each synthetic loss relative to the round's starting model, clipped to 1 +- 0.3
     "rwl": [*ROUND, "finetune.objective.weighting=centred", "finetune.objective.ratio_clip=0.3",
             "finetune.train.lr=0.0001", "finetune.train.steps=600"],
-    # rwl scored by the margin: each pool image's reward less its best reward as any other class, so border
-    # images between neighbouring stages (which blur the classes a train-on-synthetic classifier learns) count less
-    "rwl_contrast": [*ROUND, "finetune.objective.weighting=centred", "finetune.objective.ratio_clip=0.3",
-                     "finetune.objective.contrast=1.0", "finetune.train.lr=0.0001", "finetune.train.steps=600"],
     # the control: rwl's run with every synthetic weight 0 (a threshold above any reward), so only the beta
     # term trains: the same steps on real images alone, to tell what the feedback adds to more training
     "real_only": [*ROUND, "finetune.objective.weighting=threshold", "finetune.objective.threshold=2.0",

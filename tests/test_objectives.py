@@ -7,7 +7,6 @@ from pathalign_ray.generator.objectives import (
     PerClassRewardStats,
     class_means,
     clipped_policy_loss,
-    contrasted_rewards,
     ddim_step_with_log_prob,
     reward_weighted_loss,
     reward_weights,
@@ -92,44 +91,6 @@ def test_reward_weights():
         reward_weights(rewards, "centred")
     with pytest.raises(ValueError, match="unknown reward weighting"):
         reward_weights(rewards, "cubic")
-
-
-def test_contrasted_rewards_subtract_the_best_other_class():
-    by_class = torch.tensor(
-        [
-            [0.9, 0.1, 0.2],  # typical of class 0
-            [0.8, 0.7, 0.1],  # plausible as class 0 and as class 1: a border image
-            [0.3, 0.9, 0.95],  # declared 1, but passes better as 2: floored at 0
-        ]
-    )
-    declared = torch.tensor([0, 0, 1])
-    torch.testing.assert_close(contrasted_rewards(by_class, declared, 0.5), torch.tensor([0.8, 0.45, 0.425]))
-    torch.testing.assert_close(contrasted_rewards(by_class, declared, 1.0), torch.tensor([0.7, 0.1, 0.0]))
-    torch.testing.assert_close(contrasted_rewards(by_class, declared, 0.0), torch.tensor([0.9, 0.8, 0.9]))
-
-
-def test_pool_rewards_score_every_class_only_when_contrasted():
-    from pathalign_ray.generator.finetune import ObjectiveConfig, pool_rewards
-
-    table = {"a": 0.9, "b": 0.6, "c": 0.2}  # a reward that depends on the class asked only
-    calls = []
-
-    def reward_fn(images, classes):
-        calls.append(list(classes))
-        return np.array([table[c] for c in classes]), {"source": "table"}
-
-    images, classes = np.zeros((2, 4, 4, 3), np.uint8), ["a", "c"]
-    rewards, info = pool_rewards(reward_fn, images, classes, ["a", "b", "c"], ObjectiveConfig())
-    np.testing.assert_allclose(rewards, [0.9, 0.2])
-    assert calls == [["a", "c"]]
-    calls.clear()
-    rewards, info = pool_rewards(
-        reward_fn, images, classes, ["a", "b", "c"], ObjectiveConfig(weighting="threshold", contrast=0.5)
-    )
-    np.testing.assert_allclose(rewards, [0.9 - 0.5 * 0.6, 0.0])  # c's 0.2 less half of a's 0.9: floored
-    assert calls == [["a", "a"], ["b", "b"], ["c", "c"]] and info == {"source": "table", "contrast": 0.5}
-    with pytest.raises(ValueError, match="contrast applies to rwl"):
-        ObjectiveConfig(kind="ddpo", contrast=0.5)
 
 
 def test_ratio_clipped_reward_weighted_loss_golden():

@@ -40,10 +40,10 @@ from pathalign_ray.config import (
 from pathalign_ray.data.shards import ray_dataset, read_dataset, read_dataset_info
 from pathalign_ray.generator import load_generator
 from pathalign_ray.generator.lora import LoraSettings, adapter_config
-from pathalign_ray.generator.objectives import class_means, contrasted_rewards
+from pathalign_ray.generator.objectives import class_means
 from pathalign_ray.images import decode_image
 from pathalign_ray.progress import watch
-from pathalign_ray.reward.functions import RewardFn, RewardSourceConfig, make_reward_fn
+from pathalign_ray.reward.functions import RewardSourceConfig, make_reward_fn
 from pathalign_ray.training import TrainResult, ema_weights, read_checkpoint
 
 
@@ -57,8 +57,6 @@ class ObjectiveConfig:
     temperature: float = 1.0  # weighting=class_normalized: softmax temperature
     # rwl: synthetic losses relative to the pretrained model's, clipped to 1 +- this (0: off)
     ratio_clip: FractionBelowOne = 0.0
-    # rwl: each pool image's reward minus this times its highest reward as any other class (0: off)
-    contrast: NonNegativeFloat = 0.0
     clip_range: PositiveFloat = 1e-4  # ddpo: importance-ratio clip (DDPO's default)
     ddim_steps: Annotated[int, Field(ge=2)] = 10  # ddpo: denoising steps per trajectory
     eta: float = 1.0  # ddpo: DDIM stochasticity of the policy (> 0)
@@ -68,8 +66,6 @@ class ObjectiveConfig:
     kl_coef: float = 0.0  # ddpo: weight of the drift penalty towards the pretrained model
 
     def __post_init__(self) -> None:
-        if self.kind == "ddpo" and self.contrast > 0:
-            raise ValueError("contrast applies to rwl's pool: ddpo scores each trajectory as its declared class")
         if self.kind == "ddpo" and self.eta <= 0:
             raise ValueError("ddpo needs eta > 0: a deterministic DDIM step has no log-probability")
         if self.weighting == "centred" and self.ratio_clip == 0:
@@ -251,7 +247,7 @@ def _synthetic_pool(config: FinetuneConfig, generator):
             images.append(decode_image(storage.read_bytes(path), size, name=path))
             classes.append(row["declared_class"])
     images = np.stack(images)
-    rewards, reward_info = pool_rewards(make_reward_fn(config.reward), images, classes, class_names, config.objective)
+    rewards, reward_info = make_reward_fn(config.reward)(images, classes)
     print(f"scored {len(images)} synthetic samples with {reward_info.get('source')}: mean reward {rewards.mean():.3f}")
     tensors = generator.encode(to_model_input(images)).cpu().numpy()
     labels = [class_names.index(name) for name in classes]
@@ -262,20 +258,6 @@ def _synthetic_pool(config: FinetuneConfig, generator):
             for i in range(len(images))
         ]
     ).materialize()
-
-
-def pool_rewards(
-    reward_fn: RewardFn, images: np.ndarray, classes: list[str], class_names: list[str], objective: ObjectiveConfig
-) -> tuple[np.ndarray, dict]:
-    """The pool's rewards as its declared classes, contrasted with every other class where objective.contrast
-    is set (objectives.contrasted_rewards; K times the scoring)."""
-    if objective.contrast == 0:
-        return reward_fn(images, classes)
-    by_class = [reward_fn(images, [name] * len(images)) for name in class_names]
-    declared = torch.tensor([class_names.index(name) for name in classes])
-    scores = torch.as_tensor(np.stack([rewards for rewards, _ in by_class], axis=1), dtype=torch.float64)
-    contrasted = contrasted_rewards(scores, declared, objective.contrast).numpy()
-    return contrasted, {**by_class[0][1], "contrast": objective.contrast}
 
 
 def _export(checkpoint_dir: Path, generator, config: FinetuneConfig, run_dir: str) -> TrainResult:

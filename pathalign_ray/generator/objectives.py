@@ -65,19 +65,6 @@ def class_means(values: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
     return (sums / counts)[class_ids]
 
 
-def contrasted_rewards(rewards_by_class: torch.Tensor, declared: torch.Tensor, weight: float) -> torch.Tensor:
-    """(N,) r(x, c) - weight * max over c' != c of r(x, c'), floored at 0.
-
-    rewards_by_class: (N, K) the reward of each image as each of the K classes; declared: (N,) int64,
-    the class c each image was drawn as. The reward asks whether x is plausible as c; the subtracted term
-    asks whether it would pass as another class too, so images typical of their class score above those
-    on the border with a neighbouring one (which a classifier trained on the images then confuses).
-    """
-    own = rewards_by_class.gather(1, declared[:, None]).squeeze(1)
-    others = rewards_by_class.scatter(1, declared[:, None], float("-inf")).amax(1)
-    return (own - weight * others).clamp(min=0.0)
-
-
 def reward_weighted_loss(
     synthetic_losses: torch.Tensor,
     weights: torch.Tensor,

@@ -42,7 +42,7 @@ from pathalign_ray.generator.finetune import FinetuneConfig, ObjectiveConfig
 # The objective fields each kind reads (finetune.train_loop); in a trial of the other kind they keep their defaults.
 KIND_FIELDS = {
     "rwl": ("objective.beta", "objective.weighting", "objective.threshold", "objective.temperature",
-            "objective.ratio_clip", "objective.contrast"),
+            "objective.ratio_clip"),
     "ddpo": ("objective.clip_range", "objective.kl_coef", "objective.eta", "objective.ddim_steps",
              "objective.trajectories_per_step", "objective.inner_epochs", "objective.advantage_clip"),
 }  # fmt: skip
