@@ -7,6 +7,8 @@ Runs, with pytest and outside CI (so the slow ones run too):
   (c) tests/test_cluster.py: a submitted job stopped with `ray job stop`, submitted again, resumed;
   (d) tests/test_cluster.py: a worker node SIGKILLed mid-run with its run and checkpoints on the bucket, a
       replacement node added, the run resumed from the bucket and finished;
+  (e) tests/test_cluster.py: a job's S3 server stopped mid-run: the job fails naming the bucket and key, and
+      sent again once the server is back it resumes from the bucket's checkpoint;
 and, since they share the two-node cluster, the multi-node `ray job submit` test. (a) is
 tests/test_finetune.py's killed Ray Train worker.
 """

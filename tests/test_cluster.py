@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -90,14 +91,16 @@ def _pretrain(run_dir: str | Path, dataset: str | Path, steps: int, *overrides: 
     return ["python", "jobs/pretrain.py", *overrides]
 
 
-def _submit(cluster: LocalCluster, entrypoint: list[str], job_id: str, wait: bool = True):
-    """`ray job submit` from the project's root, as a user does; waits for the end unless wait=False."""
+def _submit(cluster: LocalCluster, entrypoint: list[str], job_id: str, wait: bool = True, env: dict | None = None):
+    """`ray job submit` from the project's root, as a user does; waits for the end unless wait=False.
+    env: environment variables of the job's processes, over the nodes' own."""
+    runtime_env = {**RUNTIME_ENV, **({"env_vars": env} if env else {})}
     args = [
         "job",
         "submit",
         f"--submission-id={job_id}",
         f"--working-dir={ROOT}",
-        f"--runtime-env-json={json.dumps(RUNTIME_ENV)}",
+        f"--runtime-env-json={json.dumps(runtime_env)}",
     ]
     return cluster.cli(*args, *([] if wait else ["--no-wait"]), "--", *entrypoint, timeout=JOB_TIMEOUT_S, check=False)
 
@@ -285,3 +288,43 @@ def test_training_on_the_bucket_survives_the_loss_of_a_worker_node(cluster, buck
     assert re.search(r"resumed pretraining at step (\d+)", logs), "the new group started from scratch"
     assert _history(run) == list(range(1, 31))
     assert any(f.startswith("pretrain/checkpoint_") for f in storage.list_files(run, recursive=True))
+
+
+@pytest.mark.slow  # bench/faults.py
+@pytest.mark.timeout(1500)
+def test_a_job_whose_storage_server_stops_fails_naming_the_uri_and_resumes_once_it_is_back(cluster, tiny_dataset):
+    """Its own S3 server (moto keeps the objects in this process across a stop and a start on the same port)."""
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1",
+                          allow_bucket_creation=True).create_dir("outage")  # fmt: skip
+        env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+        run = "s3://outage/run"
+        entrypoint = _pretrain(run, tiny_dataset, 30, "train.checkpoint_every=3", "scale.max_failures=0")
+        assert _submit(cluster, entrypoint, "outage", wait=False, env=env).returncode == 0
+        with pytest.MonkeyPatch.context() as patch:  # the test reads the run where the job writes it
+            patch.setenv("AWS_ENDPOINT_URL", env["AWS_ENDPOINT_URL"])
+            _wait_for_checkpoint(run)
+            server.stop()
+            assert _wait_for_end(cluster, "outage") == "FAILED"
+            logs = cluster.cli("job", "logs", "outage").stdout
+            # an error line names where it could not write: as the URI (this project's) or as pyarrow's key and bucket
+            named = re.compile(r"[Ee]rror.*(s3://outage/run|key 'run/[^']*' in bucket 'outage')")
+            errors = [line for line in logs.splitlines() if named.search(line)]
+            assert errors, logs[-3000:]
+
+            server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+            server.start()  # back, with what it held
+            again = _submit(cluster, entrypoint, "outage-again", env=env)
+            assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
+            assert re.search(r"resumed pretraining at step (\d+)", again.stdout), again.stdout[-3000:]
+            assert _history(run) == list(range(1, 31))
+    finally:
+        server.stop()
