@@ -1,7 +1,8 @@
 """The feedback loop on the 32 px benchmark, judged on held-out noise, round after round, over seeds.
 
     .venv/bin/python bench/align_benchmark.py [--objectives rwl ddpo] [--seeds 0 1 2] [--rounds 3]
-        [--select all|uncertain] [--allocation even|weakest_first] [--merge-only] [key.sub=value ...]   # overrides apply to configs/align.yaml
+        [--select all|uncertain] [--allocation even|weakest_first] [--tag NAME] [--merge-only] [key.sub=value ...]
+        # overrides apply to configs/align.yaml, after the objective's recipe; --tag names them (a part and row apart)
 
 Each (objective, seed) is its own resumable part: the align loop in runs/align32-OBJ-sSEED (started
 from models/cells32 on the procedural 32 px data set in runs/pretrain32/data, made here if missing)
@@ -103,7 +104,7 @@ def run_part(
     part = (
         json.loads(part_path.read_text())
         if part_path.is_file()
-        else {"name": name, "objective": objective, "seed": seed, "rows": []}
+        else {"name": name, "objective": objective, "seed": seed, "tag": tag, "rows": []}
     )
     if not (run_dir / "model").exists():
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -193,9 +194,12 @@ def noise_disjoint(run_dir: Path) -> bool:
 
 
 def merge(parts: list[dict]) -> dict:
-    """Per objective (and selection, allocation), one row per round over the seeds that reached it."""
+    """Per objective (and selection, allocation, tag), one row per round over the seeds that reached it."""
     table = {}
-    keys = {p["name"]: (p["objective"], p.get("select", "all"), p.get("allocation", "even")) for p in parts}
+    keys = {
+        p["name"]: (p["objective"], p.get("select", "all"), p.get("allocation", "even"), p.get("tag", ""))
+        for p in parts
+    }
     for key in sorted(set(keys.values())):
         mine = [p for p in parts if keys[p["name"]] == key]
         rows = []
@@ -280,6 +284,7 @@ def main() -> None:
         choices=["even", "weakest_first"],
         help="how later rounds split the pool over classes",
     )
+    parser.add_argument("--tag", default="", help="a name for the overrides: their parts and rows are kept apart")
     parser.add_argument("--merge-only", action="store_true", help="merge the parts already written; run nothing")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of configs/align.yaml")
     args = parser.parse_args()
@@ -288,7 +293,15 @@ def main() -> None:
     if not args.merge_only:
         for objective in args.objectives:
             for seed in args.seeds:
-                run_part(objective, seed, [ROUND_SAMPLES] * args.rounds, args.select, args.allocation, args.overrides)
+                run_part(
+                    objective,
+                    seed,
+                    [ROUND_SAMPLES] * args.rounds,
+                    args.select,
+                    args.allocation,
+                    args.overrides,
+                    tag=args.tag,
+                )
     parts = [json.loads(path.read_text()) for path in sorted(PARTS.glob("*.json"))]
     rows = [row for part in parts for row in part["rows"]]
     write_result("align_rounds", {

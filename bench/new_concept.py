@@ -1,6 +1,6 @@
 """The paper's Algorithm 4: expert feedback names a concept the generator's labels never did.
 
-    .venv/bin/python bench/new_concept.py [--variants merged unseen] [--rounds 3] [--steps 1800] [key.sub=value ...]
+    .venv/bin/python bench/new_concept.py [--variants merged unseen] [--rounds 3] [--steps 7200] [key.sub=value ...]
         # overrides apply to configs/align.yaml, after the align benchmark's RWL recipe (bench/align_benchmark.py)
 
 Two variants, each its own resumable part (bench/results/new_concept_parts/VARIANT.json, one dated row
@@ -84,6 +84,8 @@ def run_variant(variant: str, rounds: int, steps: int, n_eval: int, overrides: l
     pre, run = Path(f"runs/concept32-{variant}-pre"), Path(f"runs/concept32-{variant}")
     part_path = PARTS / f"{variant}.json"
     part = json.loads(part_path.read_text()) if part_path.is_file() else {"variant": variant, **spec, "rows": []}
+    if part.get("pretraining", {}).get("steps", steps) != steps:
+        raise SystemExit(f"{part_path} was pretrained {part['pretraining']['steps']} steps, not {steps}: move it away")
     data_dir = pre / "data"
     if not (data_dir / "dataset.json").is_file():
         make_dataset(
@@ -130,7 +132,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=1800, help="pretraining steps")
+    parser.add_argument("--steps", type=int, default=7200, help="pretraining steps (configs/pretrain.yaml's)")
     parser.add_argument("--eval-per-class", type=int, default=64)
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of configs/align.yaml")
     args = parser.parse_args()
