@@ -282,3 +282,32 @@ def test_inclusions_are_measurable():
     with_vacuoles, without_vacuoles = _with_and_without("monocyte", "vacuoles", 30)
     assert with_vacuoles and np.mean([_pale_pixels(image) > 0 for image in with_vacuoles]) >= 0.8
     assert all(_pale_pixels(image) == 0 for image in without_vacuoles)
+
+
+def test_artefacts_replace_a_share_of_each_class_and_leave_the_clean_images_as_they_were():
+    from pathalign_ray.data.procedural import BROKEN_KINDS
+    from pathalign_ray.experts.pathologist import judge
+
+    classes = ("myelocyte", "segmented_neutrophil")
+    clean = generate(40, 32, 3, classes)
+    mixed = generate(40, 32, 3, classes, artefact_fraction=0.25)
+    kinds = [(f or {}).get("artefact") for f in mixed.features]
+    for class_index, cell_type in enumerate(classes):
+        own = [k for k, y in zip(kinds, mixed.labels) if y == class_index]
+        assert 0.1 <= np.mean([k is not None for k in own]) <= 0.45
+        assert {k for k in own if k} <= {k for k, (_, types) in BROKEN_KINDS.items() if cell_type in types}
+    is_artefact = np.array([k is not None for k in kinds])
+    assert np.array_equal(mixed.images[~is_artefact], clean.images[~is_artefact])
+    assert not np.array_equal(mixed.images[is_artefact], clean.images[is_artefact])
+    verdicts = [judge(mixed.images[i], classes[mixed.labels[i]]) for i in np.flatnonzero(is_artefact)]
+    assert not any(v.plausible for v in verdicts)
+    assert np.array_equal(generate(40, 32, 3, classes, artefact_fraction=0.25).images, mixed.images)
+    with pytest.raises(ValueError, match="artefact_fraction"):
+        generate(4, 32, 3, classes, artefact_fraction=1.0)
+
+
+def test_a_data_set_with_artefacts_is_procedural_only():
+    from pathalign_ray.data.make import MakeDatasetConfig
+
+    with pytest.raises(ValueError, match="artefact_fraction is drawn for source 'procedural'"):
+        MakeDatasetConfig(source="folder", path="x", artefact_fraction=0.1)

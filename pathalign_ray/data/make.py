@@ -26,12 +26,17 @@ class MakeDatasetConfig:
     # class -> parent: that class's images are labelled as the parent's, e.g. {band_neutrophil: segmented_neutrophil}
     # (a concept in the images that no label names: the paper's Algorithm 4, pathalign_ray.generator.concepts)
     merge: dict[str, str] = dataclasses.field(default_factory=dict)
+    # procedural: about this share of each class drawn as an artefact (a broken cell labelled as the class, as real
+    # smears hold): data whose likelihood alone does not give plausible samples
+    artefact_fraction: FractionBelowOne = 0.0
     test_fraction: FractionBelowOne = 0.2  # held-out share of each class
     seed: int = 0  # generation and the train/test split
 
     def __post_init__(self) -> None:
         if self.source in SOURCES_WITH_PATH and not self.path:
             raise ValueError(f"source {self.source!r} needs path=")
+        if self.artefact_fraction and self.source != "procedural":
+            raise ValueError(f"artefact_fraction is drawn for source 'procedural', not {self.source!r}")
 
 
 def load_source(config: MakeDatasetConfig) -> LabeledImages:
@@ -40,7 +45,11 @@ def load_source(config: MakeDatasetConfig) -> LabeledImages:
     classes = config.classes or None
     if config.source == "procedural":
         return procedural.generate(
-            config.n_per_class, config.image_size, config.seed, classes or procedural.DEFAULT_CELL_TYPES
+            config.n_per_class,
+            config.image_size,
+            config.seed,
+            classes or procedural.DEFAULT_CELL_TYPES,
+            artefact_fraction=config.artefact_fraction,
         )
     if config.source == "folder":
         return sources.read_image_folder(config.path, config.image_size, classes=classes)

@@ -62,11 +62,20 @@ def _image_rng(seed: int, cell_type: str, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(cell_type.encode()), index]))
 
 
-def generate(n_per_class: int, size: int, seed: int, classes: Sequence[str] = DEFAULT_CELL_TYPES) -> LabeledImages:
+def generate(
+    n_per_class: int,
+    size: int,
+    seed: int,
+    classes: Sequence[str] = DEFAULT_CELL_TYPES,
+    artefact_fraction: float = 0.0,
+) -> LabeledImages:
     """n_per_class images of each class in `classes`, size x size px, labels indexing `classes`.
 
     Deterministic: the image of (class, j) depends only on (seed, class name, j), not on
-    n_per_class nor on the other classes requested.
+    n_per_class nor on the other classes requested. artefact_fraction > 0 replaces about that share
+    of each class's images with an artefact labelled as the class, as real smears hold broken cells:
+    a broken image (`render_broken`, a kind drawn for that type, never blank or noise) whose feature
+    record is {"cell_type", "artefact": kind}; the other images stay what they are without artefacts.
     """
     classes = tuple(classes)
     for cell_type in classes:
@@ -79,16 +88,35 @@ def generate(n_per_class: int, size: int, seed: int, classes: Sequence[str] = DE
         raise ValueError(f"size must be >= {MIN_SIZE}, got {size}")
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
+    if not 0.0 <= artefact_fraction < 1.0:
+        raise ValueError(f"artefact_fraction must be in [0, 1), got {artefact_fraction}")
     images = np.empty((len(classes) * n_per_class, size, size, 3), np.uint8)
     features = []
     for label, cell_type in enumerate(classes):
         for j in range(n_per_class):
+            artefact = _artefact_kind(seed, cell_type, j, artefact_fraction)
             rng = _image_rng(seed, cell_type, j)
+            if artefact:
+                images[label * n_per_class + j] = render_broken(artefact, cell_type, size, rng)
+                features.append({"cell_type": cell_type, "artefact": artefact})
+                continue
             drawn = draw_features(cell_type, rng)
             images[label * n_per_class + j] = render_cell(drawn, size, rng)
             features.append(drawn)
     labels = np.repeat(np.arange(len(classes), dtype=np.int64), n_per_class)
     return LabeledImages(images, labels, classes, features)
+
+
+def _artefact_kind(seed: int, cell_type: str, index: int, fraction: float) -> str | None:
+    """The broken kind image (class, index) is drawn as, or None: its own rng, so the clean images
+    of a set with artefacts are those of the set without."""
+    if fraction <= 0:
+        return None
+    rng = _image_rng(seed, f"artefact:{cell_type}", index)
+    if rng.random() >= fraction:
+        return None
+    kinds = [kind for kind, (_, types) in BROKEN_KINDS.items() if cell_type in types]
+    return str(rng.choice(kinds))
 
 
 # ---------------------------------------------------------------- broken images
