@@ -1,8 +1,10 @@
 """The feedback loop on the 32 px benchmark, judged on held-out noise, round after round, over seeds.
 
     .venv/bin/python bench/align_benchmark.py [--objectives rwl ddpo] [--seeds 0 1 2] [--rounds 3]
-        [--select all|uncertain] [--allocation even|weakest_first] [--tag NAME] [--merge-only] [key.sub=value ...]
-        # overrides apply to configs/align.yaml, after the objective's recipe; --tag names them (a part and row apart)
+        [--select all|uncertain] [--allocation even|weakest_first] [--tag NAME] [--base MODEL --data DATASET]
+        [--merge-only] [key.sub=value ...]
+        # overrides apply to configs/align.yaml, after the objective's recipe; --tag names them (a part and row
+        # apart), and names another base model and data set (for example one drawn with make_dataset's artefacts)
 
 Each (objective, seed) is its own resumable part: the align loop in runs/align32-OBJ-sSEED (started
 from models/cells32 on the procedural 32 px data set in runs/pretrain32/data, made here if missing)
@@ -95,6 +97,8 @@ def run_part(
     overrides: list[str],
     parts_dir: Path = PARTS,
     tag: str = "",
+    base: Path = BASE_MODEL,
+    data: Path = DATA,
 ) -> Path:
     """Rounds not yet in the part's file (round r's experts judge round_samples[r] images): run each (align
     resumes) and judge its model; returns the part file, parts_dir/NAME.json."""
@@ -104,22 +108,30 @@ def run_part(
     part = (
         json.loads(part_path.read_text())
         if part_path.is_file()
-        else {"name": name, "objective": objective, "seed": seed, "tag": tag, "rows": []}
+        else {
+            "name": name,
+            "objective": objective,
+            "seed": seed,
+            "tag": tag,
+            "base": str(base),
+            "data": str(data),
+            "rows": [],
+        }
     )
     if not (run_dir / "model").exists():
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "model").symlink_to(BASE_MODEL.resolve())
+        (run_dir / "model").symlink_to(base.resolve())
     for round_index in range(len(part["rows"]), len(round_samples)):
         selection = selection_overrides(round_samples[round_index], select, round_index, run_dir)
         config = load_config(
             AlignConfig, "configs/align.yaml",
-            [f"run_dir={run_dir}", f"reward.data.dataset={DATA.resolve()}", f"rounds={round_index + 1}",
+            [f"run_dir={run_dir}", f"reward.data.dataset={data.resolve()}", f"rounds={round_index + 1}",
              *OBJECTIVES[objective], *seed_overrides(seed), *selection, *overrides],
         )  # fmt: skip
         started = time.perf_counter()
         row = align(config)[round_index]
         model = run_dir / f"round{round_index}-model"
-        judged = {sampler: judge(model, run_dir / f"eval-{sampler}", sampler) for sampler in EVAL_SAMPLERS}
+        judged = {s: judge(model, run_dir / f"eval-{s}", s, base, data) for s in EVAL_SAMPLERS}
         part["rows"].append(
             {**row, "judged": judged, "eval_noise_disjoint": noise_disjoint(run_dir), "round_wall_s": row["wall_s"],
              "evaluation_wall_s": time.perf_counter() - started - row["wall_s"],
@@ -136,29 +148,29 @@ def run_part(
     return part_path
 
 
-def judge(model: Path, out_dir: Path, sampler: str) -> dict:
+def judge(model: Path, out_dir: Path, sampler: str, base: Path = BASE_MODEL, data: Path = DATA) -> dict:
     """The base model and `model` on the held-out noise under one sampler: {"base": figures, "model": figures}.
 
     Every figure of a column depends on its own samples alone, so the base model, the same on the same
-    noise in every round and seed, is judged once per sampler and kept in PARTS/base/SAMPLER.json.
+    noise in every round and seed, is judged once per sampler and kept in PARTS/base/BASE-SAMPLER.json.
     """
-    base_path = PARTS / "base" / f"{sampler}.json"
+    base_path = PARTS / "base" / f"{base.name}-{sampler}.json"
     if not base_path.is_file():
         base_path.parent.mkdir(parents=True, exist_ok=True)
-        base = {**evaluated(BASE_MODEL, out_dir.with_name(f"eval-base-{sampler}"), sampler),
+        figures = {**evaluated(base, out_dir.with_name(f"eval-base-{sampler}"), sampler, data),
                 "date": datetime.datetime.now().isoformat(timespec="seconds")}  # fmt: skip
-        base_path.write_text(json.dumps(base, indent=2) + "\n")
-    return {"base": json.loads(base_path.read_text()), "model": evaluated(model, out_dir, sampler)}
+        base_path.write_text(json.dumps(figures, indent=2) + "\n")
+    return {"base": json.loads(base_path.read_text()), "model": evaluated(model, out_dir, sampler, data)}
 
 
-def evaluated(model: Path, out_dir: Path, sampler: str) -> dict:
-    """One model's figures on the held-out noise under one sampler."""
+def evaluated(model: Path, out_dir: Path, sampler: str, data: Path = DATA) -> dict:
+    """One model's figures on the held-out noise under one sampler, against the real images of `data`."""
     steps, eta = EVAL_SAMPLERS[sampler]
     sampling = [f"sampling.{key}={value}" for key, value in EVAL_SAMPLING.items()]
     config = load_config(
         EvaluateConfig, "configs/evaluate.yaml", [*sampling, f"sampling.ddim_steps={steps}", f"sampling.eta={eta}"]
     )
-    report = evaluate(dataclasses.replace(config, models=(str(model),), real=str(DATA), out_dir=str(out_dir)))
+    report = evaluate(dataclasses.replace(config, models=(str(model),), real=str(data), out_dir=str(out_dir)))
     metrics = json.loads((report / "metrics.json").read_text())
     return figures(metrics, metrics["columns"][0])
 
@@ -285,9 +297,13 @@ def main() -> None:
         help="how later rounds split the pool over classes",
     )
     parser.add_argument("--tag", default="", help="a name for the overrides: their parts and rows are kept apart")
+    parser.add_argument("--base", type=Path, default=BASE_MODEL, help="the model round 0 starts from (with --tag)")
+    parser.add_argument("--data", type=Path, default=DATA, help="the real images: reward, beta term, evaluation")
     parser.add_argument("--merge-only", action="store_true", help="merge the parts already written; run nothing")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of configs/align.yaml")
     args = parser.parse_args()
+    if (args.base, args.data) != (BASE_MODEL, DATA) and not args.tag:
+        parser.error("--base and --data need a --tag: their rows must not merge with the default benchmark's")
     if not (DATA / "dataset.json").is_file():
         make_dataset(MakeDatasetConfig(out_dir=str(DATA), image_size=32, n_per_class=160))
     if not args.merge_only:
@@ -301,6 +317,8 @@ def main() -> None:
                     args.allocation,
                     args.overrides,
                     tag=args.tag,
+                    base=args.base,
+                    data=args.data,
                 )
     parts = [json.loads(path.read_text()) for path in sorted(PARTS.glob("*.json"))]
     rows = [row for part in parts for row in part["rows"]]
@@ -314,8 +332,9 @@ def main() -> None:
         "objective_overrides": {name: OBJECTIVES[name] for name in args.objectives},
     })  # fmt: skip
     plot_rounds(merge(parts), RESULTS_DIR / "align_rounds.png")
-    if not (RESULTS_DIR / "align_rounds_base.png").is_file():
-        held_out_sheet(BASE_MODEL, "base")
+    base_sheet = "base" if args.base == BASE_MODEL else f"{args.tag}_base"
+    if not (RESULTS_DIR / f"align_rounds_{base_sheet}.png").is_file():
+        held_out_sheet(args.base, base_sheet)
     for part in parts:  # the last round of each part whose run is on this machine
         last = Path(f"runs/align32-{part['name']}") / f"round{len(part['rows']) - 1}-model"
         if part["rows"] and last.is_dir():
