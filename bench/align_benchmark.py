@@ -306,6 +306,8 @@ def main() -> None:
         parser.error("--base and --data need a --tag: their rows must not merge with the default benchmark's")
     if not (DATA / "dataset.json").is_file():
         make_dataset(MakeDatasetConfig(out_dir=str(DATA), image_size=32, n_per_class=160))
+    if not (args.data / "dataset.json").is_file():
+        parser.error(f"--data {args.data} holds no data set: make it with jobs/make_dataset.py out_dir={args.data} ...")
     if not args.merge_only:
         for objective in args.objectives:
             for seed in args.seeds:
