@@ -142,6 +142,22 @@ def serve_port(ray_cluster):
     serve.shutdown()
 
 
+def start_moto_server(port: int = 0, bucket: str = ""):
+    """A moto S3 server on 127.0.0.1 (a free port unless given), holding an empty `bucket` if named:
+    (server, port). moto keeps its objects in this process, so a server started again on the same port
+    after server.stop() serves what it held: how the tests take storage away and bring it back."""
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    port = server.get_host_and_port()[1]
+    if bucket:
+        pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1",
+                          allow_bucket_creation=True).create_dir(bucket)  # fmt: skip
+    return server, port
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3-compatible server (moto's, in a thread of this process) on 127.0.0.1 at a free port.

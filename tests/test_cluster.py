@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from conftest import TINY_ALIGN_OVERRIDES, TINY_PRETRAIN_OVERRIDES
+from conftest import TINY_ALIGN_OVERRIDES, TINY_PRETRAIN_OVERRIDES, start_moto_server
 
 from pathalign_ray import storage
 from pathalign_ray.local_cluster import LocalCluster
@@ -294,17 +293,8 @@ def test_training_on_the_bucket_survives_the_loss_of_a_worker_node(cluster, buck
 @pytest.mark.timeout(1500)
 def test_a_job_whose_storage_server_stops_fails_naming_the_uri_and_resumes_once_it_is_back(cluster, tiny_dataset):
     """Its own S3 server (moto keeps the objects in this process across a stop and a start on the same port)."""
-    import pyarrow.fs as pafs
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    server, port = start_moto_server(bucket="outage")
     try:
-        pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1",
-                          allow_bucket_creation=True).create_dir("outage")  # fmt: skip
         env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
         run = "s3://outage/run"
         entrypoint = _pretrain(run, tiny_dataset, 30, "train.checkpoint_every=3", "scale.max_failures=0")
@@ -320,8 +310,7 @@ def test_a_job_whose_storage_server_stops_fails_naming_the_uri_and_resumes_once_
             errors = [line for line in logs.splitlines() if named.search(line)]
             assert errors, logs[-3000:]
 
-            server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-            server.start()  # back, with what it held
+            server, _ = start_moto_server(port)  # back, with what it held
             again = _submit(cluster, entrypoint, "outage-again", env=env)
             assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
             assert re.search(r"resumed pretraining at step (\d+)", again.stdout), again.stdout[-3000:]

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
+from conftest import start_moto_server
 from test_feedback import (
     _acknowledged,
     _batch_ends,
@@ -210,17 +211,9 @@ def test_an_unreachable_endpoint_is_an_error_naming_the_uri_and_endpoint(s3_serv
 
 
 def test_a_server_stopped_mid_job_is_an_error_naming_the_uri_and_reads_resume_when_it_is_back(s3_server, monkeypatch):
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    server, port = start_moto_server(bucket="stopped")
     try:
         monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
-        pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1",
-                          allow_bucket_creation=True).create_dir("stopped")  # fmt: skip
         uri = "s3://stopped/run/rounds/0/samples"
         for i in range(3):
             storage.write_bytes(f"{uri}/images/{i}.png", b"png %d" % i)
@@ -229,8 +222,7 @@ def test_a_server_stopped_mid_job_is_an_error_naming_the_uri_and_reads_resume_wh
         server.stop()  # the job has listed the folder and read one image
         with pytest.raises(StorageError, match=f"{uri}/images/1.png: cannot reach the storage endpoint"):
             storage.read_bytes(f"{uri}/images/{names[1]}")
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-        server.start()  # back, with what it held (moto keeps its state in this process)
+        server, _ = start_moto_server(port)  # back, with what it held (moto keeps its state in this process)
         assert [storage.read_bytes(f"{uri}/images/{name}") for name in names[1:]] == [b"png 1", b"png 2"]
     finally:
         server.stop()
