@@ -282,6 +282,22 @@ def plot_rounds(table: dict, path: Path) -> Path:
     return path
 
 
+def add_base_arguments(parser: argparse.ArgumentParser) -> None:
+    """--base, --data and --tag: the benchmark on another model and data set, its parts kept apart by the tag."""
+    parser.add_argument("--tag", default="", help="a name for the overrides: their parts and rows are kept apart")
+    parser.add_argument("--base", type=Path, default=BASE_MODEL, help="the model round 0 starts from (with --tag)")
+    parser.add_argument("--data", type=Path, default=DATA, help="the real images: reward, beta term, evaluation")
+
+
+def check_base_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if (args.base, args.data) != (BASE_MODEL, DATA) and not args.tag:
+        parser.error("--base and --data need a --tag: their rows must not merge with the default benchmark's")
+    if not (DATA / "dataset.json").is_file():
+        make_dataset(MakeDatasetConfig(out_dir=str(DATA), image_size=32, n_per_class=160))
+    if not (args.data / "dataset.json").is_file():
+        parser.error(f"--data {args.data} holds no data set: make it with jobs/make_dataset.py out_dir={args.data} ...")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=list(OBJECTIVES))
@@ -296,18 +312,11 @@ def main() -> None:
         choices=["even", "weakest_first"],
         help="how later rounds split the pool over classes",
     )
-    parser.add_argument("--tag", default="", help="a name for the overrides: their parts and rows are kept apart")
-    parser.add_argument("--base", type=Path, default=BASE_MODEL, help="the model round 0 starts from (with --tag)")
-    parser.add_argument("--data", type=Path, default=DATA, help="the real images: reward, beta term, evaluation")
+    add_base_arguments(parser)
     parser.add_argument("--merge-only", action="store_true", help="merge the parts already written; run nothing")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of configs/align.yaml")
     args = parser.parse_args()
-    if (args.base, args.data) != (BASE_MODEL, DATA) and not args.tag:
-        parser.error("--base and --data need a --tag: their rows must not merge with the default benchmark's")
-    if not (DATA / "dataset.json").is_file():
-        make_dataset(MakeDatasetConfig(out_dir=str(DATA), image_size=32, n_per_class=160))
-    if not (args.data / "dataset.json").is_file():
-        parser.error(f"--data {args.data} holds no data set: make it with jobs/make_dataset.py out_dir={args.data} ...")
+    check_base_arguments(parser, args)
     if not args.merge_only:
         for objective in args.objectives:
             for seed in args.seeds:

@@ -19,9 +19,17 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-from pathlib import Path
 
-from align_benchmark import BASE_MODEL, DATA, EVAL_SAMPLERS, OBJECTIVES, ROUND_SAMPLES, merge, plot_rounds, run_part
+from align_benchmark import (
+    EVAL_SAMPLERS,
+    OBJECTIVES,
+    ROUND_SAMPLES,
+    add_base_arguments,
+    check_base_arguments,
+    merge,
+    plot_rounds,
+    run_part,
+)
 from bench_common import RESULTS_DIR, write_result
 
 PARTS = RESULTS_DIR / "label_efficiency_parts"
@@ -44,14 +52,11 @@ def main() -> None:
     parser.add_argument("--selects", nargs="+", default=["all", "uncertain"], choices=["all", "uncertain"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--objective", default="rwl", choices=list(OBJECTIVES))
-    parser.add_argument("--base", type=Path, default=BASE_MODEL, help="the model round 0 starts from (with --tag)")
-    parser.add_argument("--data", type=Path, default=DATA, help="the real images: reward, beta term, evaluation")
-    parser.add_argument("--tag", default="", help="names another base and data set: parts labels-TAG")
+    add_base_arguments(parser)  # parts labels[-TAG]
     parser.add_argument("--merge-only", action="store_true", help="merge the parts already written; run nothing")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of configs/align.yaml")
     args = parser.parse_args()
-    if (args.base, args.data) != (BASE_MODEL, DATA) and not args.tag:
-        parser.error("--base and --data need a --tag: their curves must not merge with the default benchmark's")
+    check_base_arguments(parser, args)
     tag = "-".join(["labels", *([args.tag] if args.tag else [])])
     if not args.merge_only:
         for seed in args.seeds:

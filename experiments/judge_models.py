@@ -21,7 +21,7 @@ from align_benchmark import EVAL_SAMPLERS, evaluated
 from bench_common import RESULTS_DIR
 
 
-def judge(model: Path, name: str) -> dict:
+def judged_under_both_samplers(model: Path, name: str) -> dict:
     figures = {}
     for sampler in EVAL_SAMPLERS:
         started = time.perf_counter()
@@ -37,7 +37,7 @@ def main(pairs: list[str]) -> None:
     out = RESULTS_DIR / "pretrain32_steps"
     out.mkdir(parents=True, exist_ok=True)
     for model, name in zip(pairs[::2], pairs[1::2]):
-        (out / f"{name}.json").write_text(json.dumps(judge(Path(model), name), indent=1))
+        (out / f"{name}.json").write_text(json.dumps(judged_under_both_samplers(Path(model), name), indent=1))
 
 
 if __name__ == "__main__":
