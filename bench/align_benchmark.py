@@ -342,7 +342,9 @@ def main() -> None:
         "parts": {p["name"]: [r["date"] for r in p["rows"]] for p in parts},
         "objective_overrides": {name: OBJECTIVES[name] for name in args.objectives},
     })  # fmt: skip
-    plot_rounds(merge(parts), RESULTS_DIR / "align_rounds.png")
+    for tag in sorted({part.get("tag", "") for part in parts}):  # one plot per base and data set
+        name = f"align_rounds-{tag}" if tag else "align_rounds"
+        plot_rounds(merge([p for p in parts if p.get("tag", "") == tag]), RESULTS_DIR / f"{name}.png")
     base_sheet = "base" if args.base == BASE_MODEL else f"{args.tag}_base"
     if not (RESULTS_DIR / f"align_rounds_{base_sheet}.png").is_file():
         held_out_sheet(args.base, base_sheet)
