@@ -3,11 +3,13 @@
     .venv/bin/python bench/tune_search.py [--base MODEL --data DATASET --tag NAME] [key.sub=value ...]
         # overrides apply to configs/tune.yaml; --base/--data/--tag as bench/align_benchmark.py's
 
-1. One feedback round: bench/align_benchmark.py's RWL part at seed 0 (run_part, runs/align32-rwl-s0[-TAG],
-   resumed or reused if done): 256 samples (DDIM 50, eta 1) from the base model, 768 simulated labels,
-   a reward model, and the hand-set form finetuned on them (centred weights, ratio clip 0.3, lr 1e-4,
-   600 steps: align_benchmark.OBJECTIVES["rwl"]), judged on held-out noise.
-2. The search (configs/tune.yaml's conditional space, SEARCH below: a 90-minute budget) on that
+1. One feedback round: bench/align_benchmark.py's RWL part at seed 0 (run_part, runs/align32-rwl-s0[-TAG]),
+   its part file in runs/tune32[-TAG]/feedback-round, not bench/results: the search needs the round's
+   pool and reward model on this machine, so a fresh machine runs the round again (resumed, or reused
+   if done): 256 samples (DDIM 50, eta 1) from the base model, 768 simulated labels, a reward model,
+   and the hand-set form finetuned on them (centred weights, ratio clip 0.3, lr 1e-4, 600 steps:
+   align_benchmark.OBJECTIVES["rwl"]), judged on held-out noise.
+2. The search (configs/tune.yaml's conditional space, search_overrides below: a 90-minute budget) on that
    round's pool with that round's reward model for every trial. It is not told the hand-set values:
    its first trial is the paper's setting (beta 0.3, raw weights); each trial's probe draws the
    "probe" noise namespace, which no pool, check or evaluation draws. Rerun to resume it.
@@ -89,7 +91,8 @@ def main() -> None:
     overrides = [*search_overrides(run_dir, round_dir, args.data.resolve()), *args.overrides]
     config = load_config(SearchConfig, "configs/tune.yaml", overrides)  # before the round: fail early
     clock = time.perf_counter()
-    part_path = run_part("rwl", 0, [ROUND_SAMPLES], "all", "even", [], tag=args.tag, base=args.base, data=args.data)
+    feedback_parts = run_dir / "feedback-round"
+    part_path = run_part("rwl", 0, [ROUND_SAMPLES], "all", "even", [], feedback_parts, args.tag, args.base, args.data)
     round_row = json.loads(part_path.read_text())["rows"][0]
     run_dir.mkdir(parents=True, exist_ok=True)
     round0_reward(round_dir, run_dir)
