@@ -269,9 +269,9 @@ def plot_rounds(table: dict, path: Path) -> Path:
                 [m - (row[sampler]["plausibility_ci"] or [m, m])[0], (row[sampler]["plausibility_ci"] or [m, m])[1] - m]
                 for m, row in zip(means[1:], rows)
             ]
-            seeds = len(rows[-1]["seeds"])
+            seeds = "/".join(str(len(row["seeds"])) for row in rows)  # per round: later rounds may have fewer
             ax.errorbar(
-                labels, means, yerr=list(zip(*spread)), marker="o", capsize=3, label=f"{name} ({seeds} seed(s))"
+                labels, means, yerr=list(zip(*spread)), marker="o", capsize=3, label=f"{name} (seeds per round {seeds})"
             )
         ax.axhline(0.9, color="grey", linestyle="--", linewidth=0.8, label="target 90%")
         ax.set(title=f"judged under {sampler}", xlabel="labels spent", ylabel="plausible (held-out noise)")
