@@ -26,12 +26,13 @@ import argparse
 import dataclasses
 import datetime
 import json
+import shutil
 import time
 from pathlib import Path
 
 from bench_common import RESULTS_DIR, machine, write_result
 
-from pathalign_ray.align import AlignConfig, align
+from pathalign_ray.align import AlignConfig, align, read_rounds
 from pathalign_ray.config import load_config
 from pathalign_ray.data.make import MakeDatasetConfig, make_dataset
 from pathalign_ray.evaluation.evaluate import EvaluateConfig, evaluate
@@ -99,25 +100,21 @@ def run_part(
     tag: str = "",
     base: Path = BASE_MODEL,
     data: Path = DATA,
+    round0_from: Path | None = None,
 ) -> Path:
     """Rounds not yet in the part's file (round r's experts judge round_samples[r] images): run each (align
-    resumes) and judge its model; returns the part file, parts_dir/NAME.json."""
+    resumes) and judge its model; returns the part file, parts_dir/NAME.json. round0_from: the file of a
+    part whose round 0 this one shares (it differs only from round 1 on: select, allocation)."""
     name = part_name(objective, seed, select, allocation, tag)
-    overrides = [f"allocation={allocation}", *overrides]
+    settings = {"overrides": [*OBJECTIVES[objective], *seed_overrides(seed), *overrides], "select": select,
+                "allocation": allocation}  # fmt: skip
     run_dir, part_path = Path(f"runs/align32-{name}").resolve(), parts_dir / f"{name}.json"
-    part = (
-        json.loads(part_path.read_text())
-        if part_path.is_file()
-        else {
-            "name": name,
-            "objective": objective,
-            "seed": seed,
-            "tag": tag,
-            "base": str(base),
-            "data": str(data),
-            "rows": [],
-        }
-    )
+    new_part = {"name": name, "objective": objective, "seed": seed, "tag": tag, "base": str(base), "data": str(data)}
+    part = json.loads(part_path.read_text()) if part_path.is_file() else {**new_part, "rows": []}
+    shares = {**new_part, "overrides": settings["overrides"], "round0_samples": round_samples[0]}
+    if round0_from is not None and not part["rows"] and (row := shared_round0(round0_from, shares, run_dir)):
+        part["rows"].append(row)
+        write_part(part_path, part, settings, round_samples[:1])
     if not (run_dir / "model").exists():
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "model").symlink_to(base.resolve())
@@ -126,7 +123,7 @@ def run_part(
         config = load_config(
             AlignConfig, "configs/align.yaml",
             [f"run_dir={run_dir}", f"reward.data.dataset={data.resolve()}", f"rounds={round_index + 1}",
-             *OBJECTIVES[objective], *seed_overrides(seed), *selection, *overrides],
+             f"allocation={allocation}", *settings["overrides"], *selection],
         )  # fmt: skip
         started = time.perf_counter()
         row = align(config)[round_index]
@@ -137,15 +134,37 @@ def run_part(
              "evaluation_wall_s": time.perf_counter() - started - row["wall_s"],
              "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine()}
         )  # fmt: skip
-        part.update(overrides=[*OBJECTIVES[objective], *seed_overrides(seed), *overrides], select=select,
-                    allocation=allocation, round_samples=round_samples[: round_index + 1])  # fmt: skip
-        parts_dir.mkdir(parents=True, exist_ok=True)
-        part_path.write_text(json.dumps(part, indent=2) + "\n")
+        write_part(part_path, part, settings, round_samples[: round_index + 1])
         print(
             f"[bench] {name} round {round_index}: "
             + json.dumps({s: j["model"]["plausibility"] for s, j in judged.items()})
         )
     return part_path
+
+
+def write_part(path: Path, part: dict, settings: dict, round_samples: list[int]) -> None:
+    part.update(settings, round_samples=round_samples)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(part, indent=2) + "\n")
+
+
+def shared_round0(source: Path, shares: dict, run_dir: Path) -> dict | None:
+    """Round 0's row of the part in `source` and its run folder copied to run_dir (paths in it are relative
+    to the run), or None (round 0 runs here) where that run is not on this machine or has gone past round 0:
+    its feedback store and reward model are then no longer round 0's. `shares`: what round 0 depends on."""
+    other = json.loads(source.read_text())
+    other["round0_samples"] = other["round_samples"][0]
+    if differ := [key for key in shares if key != "name" and other[key] != shares[key]]:
+        raise ValueError(f"{source} differs from part {shares['name']} in {differ}: a part shares round 0 only "
+                         "with one that differs from round 1 on (select, allocation)")  # fmt: skip
+    other_run = Path(f"runs/align32-{other['name']}").resolve()
+    finished = len(read_rounds(str(other_run))) if other_run.is_dir() else 0
+    if finished != 1 or run_dir.exists():
+        why = f"{run_dir} exists" if run_dir.exists() else f"{other_run}: {finished} round(s) finished"
+        print(f"[bench] {shares['name']}: round 0 runs here, not shared ({why})")
+        return None
+    shutil.copytree(other_run, run_dir, symlinks=True)
+    return {**other["rows"][0], "shared_from": other["name"]}
 
 
 def judge(model: Path, out_dir: Path, sampler: str, base: Path = BASE_MODEL, data: Path = DATA) -> dict:
@@ -313,10 +332,24 @@ def main() -> None:
         help="how later rounds split the pool over classes",
     )
     add_base_arguments(parser)
+    parser.add_argument(
+        "--round0-from",
+        type=Path,
+        help="a parts folder: each part shares round 0 of the plain (all, even) part of its objective and seed there "
+        "if that part's run is on this machine and has finished round 0 alone (for --select or --allocation)",
+    )
     parser.add_argument("--merge-only", action="store_true", help="merge the parts already written; run nothing")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of configs/align.yaml")
     args = parser.parse_args()
     check_base_arguments(parser, args)
+    sources = {
+        (objective, seed): args.round0_from / f"{part_name(objective, seed, 'all', 'even', args.tag)}.json"
+        for objective in args.objectives
+        for seed in args.seeds
+        if args.round0_from
+    }
+    if missing := [str(path) for path in sources.values() if not path.is_file()]:
+        parser.error(f"--round0-from: no part file {', '.join(missing)}")
     if not args.merge_only:
         for objective in args.objectives:
             for seed in args.seeds:
@@ -330,6 +363,7 @@ def main() -> None:
                     tag=args.tag,
                     base=args.base,
                     data=args.data,
+                    round0_from=sources.get((objective, seed)),
                 )
     parts = [json.loads(path.read_text()) for path in sorted(PARTS.glob("*.json"))]
     rows = [row for part in parts for row in part["rows"]]

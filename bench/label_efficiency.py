@@ -5,7 +5,8 @@
 
 The align benchmark's loop (bench/align_benchmark.py: its objective recipe, seeds, held-out noise and
 judging) with rounds of SCHEDULE samples, each judged by 3 simulated pathologists: 192, 384, 768 and
-1,536 labels spent after rounds 0-3. Round 0 is the same random pool for both selections; from round 1
+1,536 labels spent after rounds 0-3. Round 0 is the same random pool for both selections, run once (the
+uncertain part copies the random part's run after round 0: align_benchmark.run_part's round0_from); from round 1
 on, `uncertain` draws 3 times the round's samples and the experts judge those the last reward model is
 least sure of (sample.select=uncertain), `all` draws the round's samples alone. Each (selection, seed)
 is a resumable part, bench/results/label_efficiency_parts/OBJ-sSEED[-uncertain]-labels.json (run
@@ -60,10 +61,11 @@ def main() -> None:
     tag = "-".join(["labels", *([args.tag] if args.tag else [])])
     if not args.merge_only:
         for seed in args.seeds:
-            for select in args.selects:
-                run_part(
-                    args.objective, seed, SCHEDULE, select, "even", args.overrides, PARTS, tag, args.base, args.data
-                )
+            part = [args.objective, seed]
+            settings = ["even", args.overrides, PARTS, tag, args.base, args.data]
+            round0 = run_part(*part, SCHEDULE[:1], "all", *settings)  # round 0's random pool, for both selections
+            for select in sorted(args.selects, key=lambda name: name == "all"):  # "all" last: it shares its round 0
+                run_part(*part, SCHEDULE, select, *settings, round0_from=round0 if select != "all" else None)
     parts = [json.loads(path.read_text()) for path in sorted(PARTS.glob("*.json"))]
     table = merge(parts)
     write_result("label_efficiency", {
