@@ -183,8 +183,9 @@ def test_a_stuck_search_fails_with_a_message_then_resumes_three_trials_and_jobs_
 def test_every_draw_of_the_conditional_space_is_a_valid_config_with_only_its_branch_fields(algorithm, draws):
     """The searcher the search builds (Optuna, define-by-run), asked as Tune asks it, draws only valid
     FinetuneConfigs, and a field exists only in its branch: no ratio_clip without centred weights, no
-    ddpo field without kind ddpo, no rwl field with it. The first draw is the as-written trial. TPE is
-    told a result after each draw, so its draws after the first 10 come from its model."""
+    ddpo field without kind ddpo, no rwl field with it. The first draw is the as-written trial, the next
+    ones try every other branch once (every_branch_first). TPE is told a result after each draw, so its
+    draws after the first 10 come from its model."""
     config = load_config(SearchConfig, TUNE_YAML, [f"algorithm={algorithm}"])
     from pathalign_ray.tune.search import _tune_config
 
@@ -210,7 +211,7 @@ def test_every_draw_of_the_conditional_space_is_a_valid_config_with_only_its_bra
             assert getattr(objective, name) == getattr(defaults, name), (key, params)
         assert (objective.ratio_clip > 0) == (objective.kind == "rwl" and objective.weighting == "centred")
         drawn.append(params["branch"])
-    assert set(drawn) == set(config.space), "every branch drawn"
+    assert sorted(drawn[: len(config.space)]) == sorted(config.space), "every branch once, first"
 
 
 def test_every_objective_field_belongs_to_one_kind():

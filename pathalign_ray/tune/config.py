@@ -117,6 +117,9 @@ class SearchConfig:
     # the first trial runs the finetune section's own values (the paper's beta 0.3, raw reward weights, its lr
     # and steps) in the branch that fixes nothing else: the baseline the best trial is measured against
     as_written_trial: bool = True
+    # then one trial in each other branch (its values drawn) before free draws: a dozen random draws over five
+    # branches can miss one entirely (the 2026-12-07 search drew no centred trial in its first 9)
+    every_branch_first: bool = True
 
     def __post_init__(self) -> None:
         if not self.space:

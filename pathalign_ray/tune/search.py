@@ -135,13 +135,15 @@ def _tune_config(config: SearchConfig, concurrency: int):
         sampler = optuna.samplers.TPESampler(seed=config.seed, multivariate=True, group=True)
     else:
         sampler = optuna.samplers.RandomSampler(seed=config.seed)
-    first = [searcher_point(config, as_written_params(config))] if config.as_written_trial else None
+    first = [searcher_point(config, as_written_params(config))] if config.as_written_trial else []
+    if config.every_branch_first:  # Optuna draws the rest of a point that fixes only the branch
+        first += [{"branch": name} for name in config.space if name not in {point["branch"] for point in first}]
     searcher = OptunaSearch(
         space=functools.partial(define_by_run, space=config.space),
         metric="objective",
         mode="max",
         sampler=sampler,
-        points_to_evaluate=first,
+        points_to_evaluate=first or None,
     )
     scheduler = None
     if config.asha.enabled:
