@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from bench_common import write_result
 
-from pathalign_ray.config import load_config
+from pathalign_ray.config import config_to_dict, load_config
 from pathalign_ray.evaluation.probe import build_reference, probe
 from pathalign_ray.tune.config import SearchConfig
 
@@ -32,7 +32,7 @@ def main() -> None:
         print(seed, draws[seed], flush=True)
     fids = [draw["fid"] for draw in draws.values()]
     write_result("probe_noise", {
-        "model": model, "dataset": dataset, "probe": dataclasses.asdict(config) | {"encoder": None},
+        "model": model, "dataset": dataset, "probe": config_to_dict(config),
         "draws": {str(seed): draw for seed, draw in draws.items()},
         "fid_spread": (max(fids) - min(fids)) / min(fids),
     })  # fmt: skip
