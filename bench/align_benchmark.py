@@ -79,6 +79,11 @@ def part_name(objective: str, seed: int | None, select: str, allocation: str, ta
     return "-".join([objective, *([f"s{seed}"] if seed is not None else []), *choices])
 
 
+def part_run(name: str) -> Path:
+    """The align loop's run folder of part `name` (absolute)."""
+    return Path(f"runs/align32-{name}").resolve()
+
+
 def selection_overrides(samples: int, select: str, round_index: int, run_dir: Path) -> list[str]:
     """A round whose experts judge `samples` images: a fresh pool of that many, or (select uncertain, from
     round 1 on) the `samples` the last reward model is least sure of among UNCERTAIN_POOL times as many."""
@@ -108,7 +113,7 @@ def run_part(
     name = part_name(objective, seed, select, allocation, tag)
     settings = {"overrides": [*OBJECTIVES[objective], *seed_overrides(seed), *overrides], "select": select,
                 "allocation": allocation}  # fmt: skip
-    run_dir, part_path = Path(f"runs/align32-{name}").resolve(), parts_dir / f"{name}.json"
+    run_dir, part_path = part_run(name), parts_dir / f"{name}.json"
     new_part = {"name": name, "objective": objective, "seed": seed, "tag": tag, "base": str(base), "data": str(data)}
     part = json.loads(part_path.read_text()) if part_path.is_file() else {**new_part, "rows": []}
     shares = {**new_part, "overrides": settings["overrides"], "round0_samples": round_samples[0]}
@@ -153,11 +158,11 @@ def shared_round0(source: Path, shares: dict, run_dir: Path) -> dict | None:
     to the run), or None (round 0 runs here) where that run is not on this machine or has gone past round 0:
     its feedback store and reward model are then no longer round 0's. `shares`: what round 0 depends on."""
     other = json.loads(source.read_text())
-    other["round0_samples"] = other["round_samples"][0]
-    if differ := [key for key in shares if key != "name" and other[key] != shares[key]]:
+    other_shares = {**other, "round0_samples": other["round_samples"][0]}
+    if differ := [key for key in shares if key != "name" and other_shares[key] != shares[key]]:
         raise ValueError(f"{source} differs from part {shares['name']} in {differ}: a part shares round 0 only "
                          "with one that differs from round 1 on (select, allocation)")  # fmt: skip
-    other_run = Path(f"runs/align32-{other['name']}").resolve()
+    other_run = part_run(other["name"])
     finished = len(read_rounds(str(other_run))) if other_run.is_dir() else 0
     if finished != 1 or run_dir.exists():
         why = f"{run_dir} exists" if run_dir.exists() else f"{other_run}: {finished} round(s) finished"
@@ -383,7 +388,7 @@ def main() -> None:
     if not (RESULTS_DIR / f"align_rounds_{base_sheet}.png").is_file():
         held_out_sheet(args.base, base_sheet)
     for part in parts:  # the last round of each part whose run is on this machine
-        last = Path(f"runs/align32-{part['name']}") / f"round{len(part['rows']) - 1}-model"
+        last = part_run(part["name"]) / f"round{len(part['rows']) - 1}-model"
         if part["rows"] and last.is_dir():
             held_out_sheet(last, f"{part['name']}_round{len(part['rows']) - 1}")
     print(json.dumps(merge(parts), indent=1)[:4000])

@@ -41,6 +41,7 @@ from align_benchmark import (
     check_base_arguments,
     judge,
     part_name,
+    part_run,
     run_part,
 )
 from bench_common import RESULTS_DIR, write_result
@@ -87,7 +88,7 @@ def main() -> None:
     check_base_arguments(parser, args)
     suffix = f"-{args.tag}" if args.tag else ""
     run_dir = Path(f"runs/tune32{suffix}").resolve()
-    round_dir = Path(f"runs/align32-{part_name('rwl', 0, 'all', 'even', args.tag)}").resolve()  # run_part's run
+    round_dir = part_run(part_name("rwl", 0, "all", "even", args.tag))
     overrides = [*search_overrides(run_dir, round_dir, args.data.resolve()), *args.overrides]
     config = load_config(SearchConfig, "configs/tune.yaml", overrides)  # before the round: fail early
     clock = time.perf_counter()

@@ -3,9 +3,8 @@ and after on held-out noise, with a report a person can look at.
 
 Stages: the procedural data set (the real images: weak feedback, the beta term, the evaluation's
 reference); the generator (`model`: configs/demo.yaml ships models/cells32-artefacts15; or pretrained here
-with a `pretrain` section); the loop
-(pool sampled, simulated pathologists' verdicts, reward model on Ray Train, served on Ray Serve,
-finetuning on Ray Train with DeepSpeed, scored over HTTP); the evaluation of both models on noise no
+with a `pretrain` section); the loop (pool sampled, simulated pathologists' verdicts, reward model on Ray
+Train, served on Ray Serve, finetuning on Ray Train with DeepSpeed, scored over HTTP); the evaluation of both models on noise no
 round drew; RUN_DIR/demo.json and RUN_DIR/report.html. Every path comes from run_dir, which may be a
 URI (s3://bucket/run: everything then lives on the bucket). A rerun reuses the data set, skips
 finished rounds and (on a local run_dir) reuses the evaluation's samples.
