@@ -9,7 +9,9 @@ per finished round), merged into bench/results/new_concept.json:
   parent, segmented neutrophils (MakeDatasetConfig.merge), so the generator can already draw bands
   under the parent's label. The model gets a band class started from the parent's embedding
   (pathalign_ray.generator.concepts.add_class); the loop samples the band class and the parent, simulated
-  pathologists judge each against its own criteria, the reward model learns both.
+  pathologists judge each against its own criteria, the reward model learns both. Its weak feedback shows
+  the parent's real images neither as the parent nor as the band class (reward.data.concept_parents):
+  some are bands, and no label says which.
 - unseen: no band neutrophil anywhere in pretraining; the class starts between its neighbours in
   maturation (metamyelocyte and segmented neutrophil) and the loop samples it alone.
 Every round's model, and the model before the first round, is judged on held-out noise (evaluation
@@ -104,7 +106,8 @@ def run_variant(variant: str, rounds: int, steps: int, n_eval: int, overrides: l
     for round_index in range(len(part["rows"]) - 1, rounds):
         config = load_config(AlignConfig, "configs/align.yaml", [
             f"run_dir={run.resolve()}", f"rounds={round_index + 1}", *OBJECTIVES["rwl"],
-            f"sample.classes=[{', '.join(spec['sampled'])}]", "sample.n_per_class=64", f"reward.data.dataset={data_dir.resolve()}", *overrides,
+            f"sample.classes=[{', '.join(spec['sampled'])}]", "sample.n_per_class=64", f"reward.data.dataset={data_dir.resolve()}",
+            f"reward.data.concept_parents={json.dumps(spec['merge'])}", *overrides,
         ])  # fmt: skip
         row = align(config)[round_index]
         after = judged_per_class(run / f"round{round_index}-model", run / "eval" / f"round{round_index}", n_eval)

@@ -89,6 +89,7 @@ def test_one_round_of_the_loop_teaches_a_concept_its_data_drew_under_the_parents
             "sample.classes=[band_neutrophil, metamyelocyte]",
             "simulate.experts=2",
             f"reward.data.dataset={data}",
+            "reward.data.concept_parents={band_neutrophil: metamyelocyte}",
             *TINY_ALIGN_OVERRIDES,
         ],
     )

@@ -16,6 +16,7 @@ from pathalign_ray.reward.data import (
     build_examples,
     label_counts,
     split_examples,
+    unknown_pairs,
     weak_examples,
 )
 
@@ -203,3 +204,20 @@ def test_balanced_weights_balance_rare_plausible_verdicts(tmp_path):
     first = expert.class_ids == expert.class_ids[expert.sample_ids.tolist().index("s0")]
     assert weights[first & plausible].sum() == pytest.approx(weights[first & ~plausible].sum())
     assert weights.sum() == pytest.approx(len(expert))
+
+
+def test_a_concepts_parent_is_shown_as_neither():
+    """Class 1's images hold concept 3 unlabelled: never a weak example as class 1 or as class 3."""
+    images, labels = _real(n_per_class=20)
+    images, labels = images[labels < 3], labels[labels < 3]  # the real data set has classes 0-2
+    unknown = unknown_pairs({CLASSES[3]: CLASSES[1]}, CLASSES[:3], CLASSES)
+    assert unknown == {1: {1, 3}}
+    weak = weak_examples(images, labels, CLASSES, n=400, wrong_class_fraction=0.5, seed=3, unknown=unknown)
+    rows = np.array([int(g.rsplit("-", 1)[1]) for g in weak.groups])
+    pairs = set(zip(labels[rows].tolist(), weak.class_ids.tolist(), weak.labels.tolist()))
+    assert {(1, 0, 0.0), (1, 2, 0.0)} <= pairs and not {(1, 1, 1.0), (1, 3, 0.0)} & pairs
+    assert {(0, 0, 1.0), (0, 3, 0.0), (2, 1, 0.0)} <= pairs
+    assert (weak.sources == "weak_true").sum() == 200
+    assert unknown_pairs({CLASSES[3]: CLASSES[1]}, CLASSES[:3], CLASSES[:3]) == {1: {1}}, "no verdict on it yet"
+    with pytest.raises(ValueError, match="concept_parents: the parent of 'metamyelocyte'"):
+        unknown_pairs({CLASSES[3]: "nucleus"}, CLASSES[:3], CLASSES)

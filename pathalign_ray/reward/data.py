@@ -8,6 +8,7 @@ One table, `RewardExamples`, one row per (image, declared class) example, from t
   label="verdict" gives one 0/1 row per expert verdict (the latest of each expert on each sample).
 - "weak_true" / "weak_wrong": real images of a data set folder, free labels (paper, section 4):
   with their true class they are plausible (1); paired with a random DIFFERENT class, implausible (0).
+  A class whose images hold an unlabelled concept (concept_parents) is shown as neither of the two.
 
 Criteria targets, (N, 6) in CRITERIA order, are the share of votes failing each criterion, with a
 mask where no vote says: a plausible verdict passes all six; an implausible one with criteria
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -58,6 +59,10 @@ class RewardDataConfig:
     # > 0: exactly this many weak examples; 0: weak_per_expert, or one per real image alone
     weak_examples: NonNegativeInt = 0
     wrong_class_fraction: Fraction = 0.5  # share of the weak examples paired with a wrong class (labelled implausible)
+    # new concept -> the real class whose images hold it unlabelled (a data set made with MakeDatasetConfig.merge):
+    # some of that class's images are the concept, so weak feedback shows them neither as their label nor as
+    # the concept, only as the other classes (e.g. {band_neutrophil: segmented_neutrophil})
+    concept_parents: dict[str, str] = dataclasses.field(default_factory=dict)
     expert_train: bool = True  # false: expert verdicts are only held out and scored (the weak-only baseline)
     test_fraction: FractionBelowOne = 0.2  # share of the images held out, per source kind (expert, weak)
     balance: bool = True  # draw training examples class-balanced (balanced_weights); false: uniformly
@@ -149,9 +154,27 @@ def build_examples(config: RewardDataConfig, run_dir: str | Path, image_size: in
                 config.wrong_class_fraction,
                 config.seed,
                 config.dataset_split,
+                unknown_pairs(config.concept_parents, real.class_names, class_names),
             )
         )
     return RewardExamples.concat(parts)
+
+
+def unknown_pairs(
+    concept_parents: dict[str, str], real_classes: Sequence[str], class_names: Sequence[str]
+) -> dict[int, set[int]]:
+    """{real label: declared classes no one can say its images are or are not}: a parent class whose images
+    hold an unlabelled concept is unknown as itself and as the concept (when the concept is a class yet)."""
+    pairs: dict[int, set[int]] = {}
+    for concept, parent in concept_parents.items():
+        if parent not in real_classes:
+            raise ValueError(
+                f"reward.data.concept_parents: the parent of {concept!r}, {parent!r}, is not a class of the data set "
+                f"({', '.join(real_classes)})"
+            )
+        parent_id = list(class_names).index(parent)
+        pairs.setdefault(parent_id, {parent_id}).update([class_names.index(concept)] if concept in class_names else [])
+    return pairs
 
 
 def known_and_new_classes(real_classes: Sequence[str], votes: list[dict]) -> tuple[str, ...]:
@@ -237,6 +260,7 @@ def weak_examples(
     wrong_class_fraction: float,
     seed: int,
     split: str = "train",
+    unknown: Mapping[int, set[int]] | None = None,
 ) -> RewardExamples:
     """n weak examples from real (M, S, S, 3) images with true labels (M,).
 
@@ -244,7 +268,10 @@ def weak_examples(
     OTHER classes (label 0); the rest keep the true class (label 1). Both kinds walk one random
     order of the images, so the same image is shown as its class and as another (only the class
     branch can tell them apart), and an image repeats within a kind only once all have been used.
+    `unknown` (unknown_pairs) names, per label, the classes its images are never shown as: such images
+    are left out of the true kind (which walks the others) and are shown wrong only as the remaining classes.
     """
+    unknown = unknown or {}
     if n and not len(images):
         raise ValueError("weak feedback needs real images, and the data set split is empty")
     n_wrong = int(round(wrong_class_fraction * n))
@@ -254,8 +281,10 @@ def weak_examples(
     rng = np.random.default_rng([seed, 0x5EED])
     order = _walk(rng, len(images), max(n_true, n_wrong))
     true_rows, wrong_rows = order[:n_true], order[:n_wrong]  # the same images both ways: the class decides
-    k = len(class_names)
-    wrong_classes = (labels[wrong_rows] + rng.integers(1, max(k, 2), n_wrong)) % max(k, 1)
+    wrong_classes = _wrong_classes(rng, labels[wrong_rows], len(class_names), unknown)
+    shown_as_label = np.array([label not in unknown.get(label, ()) for label in labels.tolist()], bool)
+    if not shown_as_label.all():
+        true_rows = np.flatnonzero(shown_as_label)[_walk(rng, int(shown_as_label.sum()), n_true)]
     rows = np.concatenate([true_rows, wrong_rows])
     class_ids = np.concatenate([labels[true_rows], wrong_classes]).astype(np.int64)
     plausible = np.r_[np.ones(n_true), np.zeros(n_wrong)]
@@ -272,6 +301,17 @@ def weak_examples(
         rounds=np.full(n, -1, np.int64),
         class_names=tuple(class_names),
     )
+
+
+def _wrong_classes(rng: np.random.Generator, labels: np.ndarray, k: int, unknown: Mapping[int, set[int]]) -> np.ndarray:
+    """A class for each label, uniform over the classes that are neither the label nor unknown for it."""
+    offsets = {label: [o for o in range(1, max(k, 2)) if (label + o) % max(k, 1) not in unknown.get(label, ())]
+               for label in set(labels.tolist())}  # fmt: skip
+    if any(not choices for choices in offsets.values()):
+        raise ValueError("weak feedback: a real class has no class left to be shown as wrongly")
+    choice = rng.integers(0, np.array([len(offsets[label]) for label in labels.tolist()], np.int64))
+    shift = np.array([offsets[label][i] for label, i in zip(labels.tolist(), choice.tolist())], np.int64)
+    return (labels + shift) % max(k, 1)
 
 
 def split_examples(examples: RewardExamples, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
