@@ -1,6 +1,8 @@
 """The paper's Algorithm 4: expert feedback names a concept the generator's labels never did.
 
-    .venv/bin/python bench/new_concept.py [--variants merged unseen] [--rounds 3] [--steps 7200] [key.sub=value ...]
+    .venv/bin/python bench/new_concept.py [--variants merged unseen] [--rounds 3] [--steps 7200]
+        [--pretrained MODEL] [key.sub=value ...]
+        # --pretrained: one variant's model pretrained before (models/cells32-merged-bands for merged), not again
         # overrides apply to configs/align.yaml, after the align benchmark's RWL recipe (bench/align_benchmark.py)
 
 Two variants, each its own resumable part (bench/results/new_concept_parts/VARIANT.json, one dated row
@@ -80,8 +82,11 @@ def figures(verdicts: dict[str, list[bool]]) -> dict:
     }
 
 
-def run_variant(variant: str, rounds: int, steps: int, n_eval: int, overrides: list[str]) -> dict:
-    """Pretrain, add the class, judge the start, then each round not yet in the part; returns the part."""
+def run_variant(
+    variant: str, rounds: int, steps: int, n_eval: int, overrides: list[str], pretrained: Path | None = None
+) -> dict:
+    """Pretrain (or take `pretrained`), add the class, judge the start, then each round not yet in the part;
+    returns the part."""
     spec = VARIANTS[variant]
     pre, run = Path(f"runs/concept32-{variant}-pre"), Path(f"runs/concept32-{variant}")
     part_path = PARTS / f"{variant}.json"
@@ -94,9 +99,13 @@ def run_variant(variant: str, rounds: int, steps: int, n_eval: int, overrides: l
             MakeDatasetConfig(out_dir=str(data_dir), image_size=32, classes=spec["classes"], merge=spec["merge"])
         )
     started = time.perf_counter()
-    pre_model = pretrain(load_config(PretrainConfig, "configs/pretrain.yaml",
-                                     [f"run_dir={pre}", f"data.dataset={data_dir}", f"train.steps={steps}"])).model_dir  # fmt: skip
-    part.setdefault("pretraining", {"steps": steps, "wall_s": time.perf_counter() - started})
+    if pretrained is not None:
+        pre_model = pretrained
+        part.setdefault("pretraining", {"steps": _pretrained_steps(pretrained, spec, steps), "model": str(pretrained)})
+    else:
+        pre_model = pretrain(load_config(PretrainConfig, "configs/pretrain.yaml",
+                                         [f"run_dir={pre}", f"data.dataset={data_dir}", f"train.steps={steps}"])).model_dir  # fmt: skip
+        part.setdefault("pretraining", {"steps": steps, "wall_s": time.perf_counter() - started})
     if not (run / "model").is_dir():
         add_class(pre_model, CONCEPT, run / "model", init_from=spec["init_from"])
     if not part["rows"]:
@@ -122,6 +131,16 @@ def run_variant(variant: str, rounds: int, steps: int, n_eval: int, overrides: l
     return part
 
 
+def _pretrained_steps(model: Path, spec: dict, steps: int) -> int:
+    """The steps `model` was pretrained, refused unless they are `steps` and its classes are the variant's."""
+    info = json.loads((model / "pathalign.json").read_text())
+    classes = json.loads((model / "class_names.json").read_text())
+    expected = [name for name in spec["classes"] if name not in spec["merge"]]
+    if classes != expected or info.get("step") != steps:
+        raise SystemExit(f"--pretrained {model}: {info.get('step')} steps of {classes}, not {steps} of {expected}")
+    return steps
+
+
 def _now() -> str:
     return datetime.datetime.now().isoformat(timespec="seconds")
 
@@ -137,10 +156,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=7200, help="pretraining steps (configs/pretrain.yaml's)")
     parser.add_argument("--eval-per-class", type=int, default=64)
+    parser.add_argument("--pretrained", type=Path, help="the (one) variant's pretrained model: skip pretraining")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of configs/align.yaml")
     args = parser.parse_args()
+    if args.pretrained and len(args.variants) != 1:
+        parser.error("--pretrained is one variant's model: name that variant alone with --variants")
     for variant in args.variants:
-        run_variant(variant, args.rounds, args.steps, args.eval_per_class, args.overrides)
+        run_variant(variant, args.rounds, args.steps, args.eval_per_class, args.overrides, args.pretrained)
     parts = {path.stem: json.loads(path.read_text()) for path in sorted(PARTS.glob("*.json"))}
     write_result("new_concept", {"concept": CONCEPT, "parent": PARENT, "eval_sampling": EVAL,
                                  "eval_per_class": args.eval_per_class, "variants": parts})  # fmt: skip
