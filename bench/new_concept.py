@@ -98,11 +98,12 @@ def run_variant(
         make_dataset(
             MakeDatasetConfig(out_dir=str(data_dir), image_size=32, classes=spec["classes"], merge=spec["merge"])
         )
-    started = time.perf_counter()
     if pretrained is not None:
+        _check_pretrained(pretrained, spec, steps)
         pre_model = pretrained
-        part.setdefault("pretraining", {"steps": _pretrained_steps(pretrained, spec, steps), "model": str(pretrained)})
+        part.setdefault("pretraining", {"steps": steps, "model": str(pretrained)})
     else:
+        started = time.perf_counter()
         pre_model = pretrain(load_config(PretrainConfig, "configs/pretrain.yaml",
                                          [f"run_dir={pre}", f"data.dataset={data_dir}", f"train.steps={steps}"])).model_dir  # fmt: skip
         part.setdefault("pretraining", {"steps": steps, "wall_s": time.perf_counter() - started})
@@ -131,14 +132,13 @@ def run_variant(
     return part
 
 
-def _pretrained_steps(model: Path, spec: dict, steps: int) -> int:
-    """The steps `model` was pretrained, refused unless they are `steps` and its classes are the variant's."""
+def _check_pretrained(model: Path, spec: dict, steps: int) -> None:
+    """Refuse `model` unless it was pretrained `steps` steps on the variant's classes."""
     info = json.loads((model / "pathalign.json").read_text())
     classes = json.loads((model / "class_names.json").read_text())
     expected = [name for name in spec["classes"] if name not in spec["merge"]]
     if classes != expected or info.get("step") != steps:
         raise SystemExit(f"--pretrained {model}: {info.get('step')} steps of {classes}, not {steps} of {expected}")
-    return steps
 
 
 def _now() -> str:
